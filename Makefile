@@ -1,0 +1,64 @@
+# apiserver-proxy build, test and demo entry points.
+# Every target installs what it needs when it is missing, so a fresh Debian
+# machine (or CI, as root) needs nothing but this checkout and rustup.
+
+SHELL := /bin/bash
+MUSL_TARGET := x86_64-unknown-linux-musl
+RELEASE_DIR := target/$(MUSL_TARGET)/release
+BINARIES := apiserver-proxy-sidecar
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: all build test lint unit integration demo deps deps-build deps-test clean
+
+all: build
+
+# --- installing what is missing -------------------------------------------
+# apt-get update runs once, before the first install of this make run.
+APT_STAMP := target/.apt-updated
+define apt_install
+	@missing=""; for spec in $(1); do cmd=$${spec%%:*}; pkg=$${spec##*:}; \
+	  command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; mkdir -p target; \
+	  [ -f $(APT_STAMP) ] || { $(SUDO) apt-get update -qq && touch $(APT_STAMP); }; \
+	  DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
+	fi
+endef
+
+deps-build:
+	$(call apt_install,musl-gcc:musl-tools file:file)
+	@rustup target list --installed | grep -qx $(MUSL_TARGET) || rustup target add $(MUSL_TARGET)
+
+deps-test: deps-build
+	$(call apt_install,ip:iproute2 iptables:iptables ip6tables:iptables curl:curl openssl:openssl jq:jq)
+
+deps: deps-test
+
+# --- building -------------------------------------------------------------
+build: deps-build
+	cargo build --release --locked --target $(MUSL_TARGET) --bins
+	@for b in $(BINARIES); do \
+	  printf '%-32s %8s bytes  ' $$b $$(stat -c %s $(RELEASE_DIR)/$$b); \
+	  file -b $(RELEASE_DIR)/$$b | cut -d, -f1-2,5-; done
+
+# --- testing ----------------------------------------------------------------
+lint:
+	cargo fmt --all --check
+	cargo clippy --locked --all-targets -- -D warnings
+
+unit:
+	cargo test --locked --lib --bins
+
+# Integration tests run the real binaries in network namespaces (root) and
+# the static release binaries in empty roots.
+integration: deps-test build
+	APISERVER_PROXY_RELEASE_DIR=$(CURDIR)/$(RELEASE_DIR) cargo test --locked --tests
+
+test: deps-test lint integration
+
+# --- demo -------------------------------------------------------------------
+demo: deps-test build
+	RELEASE_DIR=$(CURDIR)/$(RELEASE_DIR) ./scripts/demo.sh
+
+clean:
+	cargo clean

@@ -1,0 +1,43 @@
+//! apiserver-proxy: small static binaries for the network path between
+//! Kubernetes workloads, nodes and the kube-apiserver.
+//!
+//! Synchronous by design: every component is plain threads and blocking
+//! sockets with timeouts. There is no async runtime, so the dependency tree
+//! stays short enough to audit and the binaries stay small enough for
+//! `FROM scratch` images.
+//!
+//! # Codemap
+//!
+//! - `src/bin/*.rs`: thin mains. Parse flags into a typed config, init
+//!   logging, call the role's `run`, map the result to an exit code
+//!   (0 ok, 1 runtime error, 2 bad usage) through [`cli::main_with`].
+//! - [`cli`]: pflag-compatible parsing helpers, klog-compatible logging flags.
+//! - [`sys`]: the only `unsafe` code: signal masks, signalfd, eventfd, poll.
+//! - [`shutdown`]: the shutdown flag, the signal watcher, join-on-drop workers.
+//! - [`sidecar`]: `apiserver-proxy-sidecar`. [`sidecar::plan`] decides (pure),
+//!   [`sidecar::netlink`] talks rtnetlink, [`sidecar::iptables`] runs the
+//!   iptables binaries, [`sidecar::run`] is the reconcile loop.
+//!
+//! # Invariants
+//!
+//! - Decision code does no I/O: the sidecar's plan is a pure function of the
+//!   observed state and is unit-tested with literal inputs.
+//! - Only `sidecar::netlink` opens netlink sockets; only `sidecar::iptables`
+//!   starts processes; only `sys` contains `unsafe`.
+//! - Roles share only `cli`, `sys` and `shutdown` (and later the TLS, HTTP
+//!   and metrics modules); no role imports another.
+//! - Every thread has an owner that joins it ([`shutdown::Worker`]); shutdown
+//!   has one path, driven by SIGTERM/SIGINT, and wakes blocked calls.
+//! - Input from the network, files or the kernel never panics; an `expect`
+//!   states the invariant that makes it unreachable.
+//!
+//! # Deliberately absent
+//!
+//! No async runtime, no OpenSSL, no iptables library (the kernel tables are
+//! only touched through the `iptables`/`ip6tables` binaries, as kube-proxy
+//! does), no log files (stderr only, as in containers).
+
+pub mod cli;
+pub mod shutdown;
+pub mod sidecar;
+pub mod sys;

@@ -1,0 +1,213 @@
+//! The one shutdown path: SIGTERM/SIGINT (or an internal fatal error) trips a
+//! shared [`Shutdown`], which wakes every waiter explicitly.
+//!
+//! Owns: the shutdown flag, its wake-up descriptor, the signal watcher thread
+//! and [`Worker`], the join-on-drop thread handle every role uses.
+//! Must not: decide what a role does on shutdown; roles register wake-ups
+//! (closing a listener, say) with [`Shutdown::on_trigger`].
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use crate::sys::{self, EventFd, SignalFd};
+
+type Waker = Box<dyn Fn() + Send>;
+
+struct Inner {
+    state: Mutex<State>,
+    changed: Condvar,
+    event: EventFd,
+}
+
+struct State {
+    triggered: bool,
+    reason: Option<String>,
+    wakers: Vec<Waker>,
+}
+
+/// A cloneable shutdown flag. Waiters block on [`Shutdown::wait_timeout`],
+/// poll on [`Shutdown::as_raw_fd`], or register a waker.
+#[derive(Clone)]
+pub struct Shutdown {
+    inner: Arc<Inner>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic elsewhere must not turn shutdown into a second panic.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Shutdown {
+    pub fn new() -> io::Result<Self> {
+        Ok(Shutdown {
+            inner: Arc::new(Inner {
+                state: Mutex::new(State { triggered: false, reason: None, wakers: Vec::new() }),
+                changed: Condvar::new(),
+                event: EventFd::new()?,
+            }),
+        })
+    }
+
+    /// Trips the flag (first reason wins) and runs every registered waker.
+    pub fn trigger(&self, reason: &str) {
+        let wakers = {
+            let mut state = lock(&self.inner.state);
+            if state.triggered {
+                return;
+            }
+            state.triggered = true;
+            state.reason = Some(reason.to_string());
+            std::mem::take(&mut state.wakers)
+        };
+        self.inner.event.signal();
+        self.inner.changed.notify_all();
+        for wake in wakers {
+            wake();
+        }
+    }
+
+    pub fn is_triggered(&self) -> bool {
+        lock(&self.inner.state).triggered
+    }
+
+    /// Why shutdown was triggered, once it was.
+    pub fn reason(&self) -> Option<String> {
+        lock(&self.inner.state).reason.clone()
+    }
+
+    /// Runs `wake` when shutdown triggers (at once if it already has).
+    pub fn on_trigger(&self, wake: impl Fn() + Send + 'static) {
+        let mut state = lock(&self.inner.state);
+        if state.triggered {
+            drop(state);
+            wake();
+        } else {
+            state.wakers.push(Box::new(wake));
+        }
+    }
+
+    /// Sleeps up to `timeout`; returns true as soon as shutdown triggers.
+    pub fn wait_timeout(&self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        let mut state = lock(&self.inner.state);
+        while !state.triggered {
+            let now = Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            state = self
+                .inner
+                .changed
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        true
+    }
+}
+
+impl AsRawFd for Shutdown {
+    /// Readable once shutdown has triggered.
+    fn as_raw_fd(&self) -> RawFd {
+        self.inner.event.as_raw_fd()
+    }
+}
+
+/// A thread that is joined when its handle drops, so no thread outlives its
+/// owner. Panics inside the thread are logged, not propagated.
+pub struct Worker {
+    name: String,
+    handle: Option<JoinHandle<()>>,
+}
+
+impl Worker {
+    pub fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> io::Result<Self> {
+        let handle = thread::Builder::new().name(name.to_string()).spawn(body)?;
+        Ok(Worker { name: name.to_string(), handle: Some(handle) })
+    }
+
+    /// Joins now (the same as dropping, but explicit at the call site).
+    pub fn join(mut self) {
+        self.join_inner();
+    }
+
+    fn join_inner(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            if handle.join().is_err() {
+                log::error!("thread {} panicked", self.name);
+            }
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        self.join_inner();
+    }
+}
+
+/// Blocks SIGTERM/SIGINT and starts a thread that trips `shutdown` when one
+/// arrives. Call from `main` before spawning other threads. The thread ends
+/// when shutdown triggers for any reason.
+pub fn watch_signals(shutdown: &Shutdown) -> io::Result<Worker> {
+    let signals = SignalFd::new()?;
+    let shutdown = shutdown.clone();
+    Worker::spawn("signals", move || {
+        let fds = [signals.as_raw_fd(), shutdown.as_raw_fd()];
+        loop {
+            match signals.take() {
+                Ok(Some(signo)) => {
+                    let name = if signo == libc::SIGTERM { "SIGTERM" } else { "SIGINT" };
+                    log::info!("received {name}, shutting down");
+                    shutdown.trigger(name);
+                    return;
+                }
+                Ok(None) => {}
+                Err(err) => {
+                    log::error!("reading signals: {err}");
+                    return;
+                }
+            }
+            if shutdown.is_triggered() {
+                return;
+            }
+            if let Err(err) = sys::poll_readable(&fds, None) {
+                log::error!("waiting for signals: {err}");
+                return;
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trigger_wakes_waiters_and_runs_wakers_once() {
+        let shutdown = Shutdown::new().unwrap();
+        let count = Arc::new(Mutex::new(0));
+        let c = count.clone();
+        shutdown.on_trigger(move || *c.lock().unwrap() += 1);
+        let waiter = {
+            let s = shutdown.clone();
+            Worker::spawn("waiter", move || assert!(s.wait_timeout(Duration::from_secs(30))))
+                .unwrap()
+        };
+        assert!(!shutdown.wait_timeout(Duration::from_millis(1)));
+        shutdown.trigger("test");
+        shutdown.trigger("again");
+        waiter.join();
+        assert_eq!(*count.lock().unwrap(), 1);
+        assert_eq!(shutdown.reason().as_deref(), Some("test"));
+        let ready = sys::poll_readable(&[shutdown.as_raw_fd()], Some(Duration::ZERO)).unwrap();
+        assert_eq!(ready, vec![true]);
+        // A waker registered late runs at once.
+        let c = count.clone();
+        shutdown.on_trigger(move || *c.lock().unwrap() += 1);
+        assert_eq!(*count.lock().unwrap(), 2);
+    }
+}

@@ -1,0 +1,1 @@
+//! apiserver-proxy-sidecar (placeholder, being written).

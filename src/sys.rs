@@ -1,0 +1,154 @@
+//! Thin, safe wrappers over the few Linux calls std does not expose.
+//!
+//! Owns: every `unsafe` block of the crate (signal masks, signalfd, eventfd,
+//! poll). Must not: hold policy; callers decide what a signal or a wake-up
+//! means.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
+
+fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn termination_mask() -> libc::sigset_t {
+    // SAFETY: sigemptyset initialises the zeroed set; sigaddset with valid
+    // signal numbers cannot fail.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        set
+    }
+}
+
+/// A signalfd for SIGTERM and SIGINT. Creating it blocks both signals in the
+/// calling thread, and threads spawned afterwards inherit the mask, so the
+/// signals are only ever delivered through this descriptor. Create it in
+/// `main` before any thread starts.
+#[derive(Debug)]
+pub struct SignalFd {
+    fd: OwnedFd,
+}
+
+impl SignalFd {
+    pub fn new() -> io::Result<Self> {
+        let mask = termination_mask();
+        // SAFETY: mask is a valid, initialised sigset_t.
+        let ret = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &mask, std::ptr::null_mut()) };
+        if ret != 0 {
+            return Err(io::Error::from_raw_os_error(ret));
+        }
+        // SAFETY: -1 asks for a new descriptor; the mask is valid.
+        let fd = check(unsafe {
+            libc::signalfd(-1, &mask, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK)
+        })?;
+        // SAFETY: fd was just returned by signalfd and is owned by nobody else.
+        Ok(SignalFd { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
+    }
+
+    /// The next pending signal number, or `None` when none is pending.
+    pub fn take(&self) -> io::Result<Option<i32>> {
+        // SAFETY: zeroed is a valid bit pattern for this plain C struct.
+        let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+        let size = std::mem::size_of::<libc::signalfd_siginfo>();
+        // SAFETY: the buffer is exactly one siginfo long and writable.
+        let n = unsafe {
+            libc::read(self.fd.as_raw_fd(), (&mut info as *mut libc::signalfd_siginfo).cast(), size)
+        };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            return match err.kind() {
+                io::ErrorKind::WouldBlock => Ok(None),
+                io::ErrorKind::Interrupted => Ok(None),
+                _ => Err(err),
+            };
+        }
+        Ok((n as usize == size).then_some(info.ssi_signo as i32))
+    }
+}
+
+impl AsRawFd for SignalFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+/// An eventfd used as a level-triggered "something happened" flag that
+/// `poll` can wait on beside sockets.
+#[derive(Debug)]
+pub struct EventFd {
+    fd: OwnedFd,
+}
+
+impl EventFd {
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: plain syscall with constant flags.
+        let fd = check(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })?;
+        // SAFETY: fd was just returned by eventfd and is owned by nobody else.
+        Ok(EventFd { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
+    }
+
+    /// Makes the descriptor readable (it stays readable: nobody drains it).
+    pub fn signal(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes exactly 8 bytes from a valid u64. A full counter
+        // (EAGAIN) still leaves the descriptor readable, which is all we need.
+        unsafe { libc::write(self.fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+}
+
+impl AsRawFd for EventFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+/// Waits until one of `fds` is readable or `timeout` passes (`None`: no
+/// limit). Returns one flag per descriptor; all false on timeout. EINTR is
+/// reported as a timeout so callers simply loop.
+pub fn poll_readable(fds: &[RawFd], timeout: Option<Duration>) -> io::Result<Vec<bool>> {
+    let mut pollfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|&fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 })
+        .collect();
+    let millis = match timeout {
+        None => -1,
+        // Round up so a 0.4 ms remainder does not become a busy loop.
+        Some(d) => d.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128) as libc::c_int,
+    };
+    // SAFETY: pollfds is a valid array of the given length.
+    let ret = unsafe { libc::poll(pollfds.as_mut_ptr(), pollfds.len() as libc::nfds_t, millis) };
+    if ret < 0 {
+        let err = io::Error::last_os_error();
+        if err.kind() == io::ErrorKind::Interrupted {
+            return Ok(vec![false; fds.len()]);
+        }
+        return Err(err);
+    }
+    Ok(pollfds
+        .iter()
+        .map(|p| p.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0)
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn eventfd_wakes_poll() {
+        let event = EventFd::new().unwrap();
+        let ready = poll_readable(&[event.as_raw_fd()], Some(Duration::ZERO)).unwrap();
+        assert_eq!(ready, vec![false]);
+        event.signal();
+        let ready = poll_readable(&[event.as_raw_fd()], Some(Duration::from_secs(5))).unwrap();
+        assert_eq!(ready, vec![true]);
+    }
+}
