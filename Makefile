@@ -8,7 +8,7 @@ RELEASE_DIR := target/$(MUSL_TARGET)/release
 BINARIES := apiserver-proxy-sidecar
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all build test lint unit integration demo deps deps-build deps-test clean
+.PHONY: all build test lint unit integration demo deps deps-build deps-test clean venv
 
 all: build
 
@@ -51,8 +51,8 @@ unit:
 
 # Integration tests run the real binaries in network namespaces (root) and
 # the static release binaries in empty roots.
-integration: deps-test build
-	APISERVER_PROXY_RELEASE_DIR=$(CURDIR)/$(RELEASE_DIR) cargo test --locked --tests
+integration: deps-test build venv
+	APISERVER_PROXY_RELEASE_DIR=$(CURDIR)/$(RELEASE_DIR) APISERVER_PROXY_PYTHON=$(VENV)/bin/python cargo test --locked --tests
 
 test: deps-test lint integration
 
@@ -62,3 +62,11 @@ demo: deps-test build
 
 clean:
 	cargo clean
+
+# --- Python peers (grpcio, jsonpatch) for the interop tests -----------------
+VENV := $(CURDIR)/.venv
+venv: $(VENV)/.ready
+$(VENV)/.ready: tests/requirements.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check -r tests/requirements.txt
+	touch $@
