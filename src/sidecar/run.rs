@@ -1,0 +1,380 @@
+//! The sidecar's reconcile loop: a full pass (addresses and rules) at start
+//! and every `--sync-interval`, an address pass at once whenever netlink
+//! reports that an address or link changed, and the undo on shutdown.
+//!
+//! Owns: the [`Ledger`] of what this process added, and the timing of
+//! passes. It is single-threaded: one `poll` waits on the netlink watcher,
+//! the shutdown descriptor and the next tick.
+
+use std::fmt;
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
+
+use super::Config;
+use super::iptables::{self, Iptables};
+use super::netlink::{self, Netlink, Watcher};
+use super::plan::{self, Ledger, Step};
+use crate::cli::format_duration;
+use crate::shutdown::Shutdown;
+use crate::sys;
+
+/// How many plan-and-apply rounds one pass may take (create the link, then
+/// raise it and add addresses) before it gives up.
+const MAX_ROUNDS: usize = 4;
+/// First retry delay after a failed pass; doubles up to the sync interval.
+const FIRST_RETRY: Duration = Duration::from_secs(1);
+
+/// A failed pass or a failed set-up.
+#[derive(Debug)]
+pub enum Error {
+    Netlink(netlink::Error),
+    Iptables(iptables::Error),
+    /// The interface is missing and this kernel cannot create dummy links.
+    NoDummySupport {
+        interface: String,
+    },
+    /// The kernel state kept changing under us.
+    NotConverged {
+        remaining: Vec<Step>,
+    },
+    Setup(String),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Netlink(e) => e.fmt(f),
+            Error::Iptables(e) => e.fmt(f),
+            Error::NoDummySupport { interface } => write!(
+                f,
+                "interface {interface} does not exist and this kernel cannot create dummy links \
+                 (no 'dummy' link type: load the dummy module or create the interface first)"
+            ),
+            Error::NotConverged { remaining } => {
+                write!(
+                    f,
+                    "addresses kept changing during the pass; still to do: {remaining:?}"
+                )
+            }
+            Error::Setup(e) => f.write_str(e),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl From<netlink::Error> for Error {
+    fn from(e: netlink::Error) -> Self {
+        Error::Netlink(e)
+    }
+}
+
+impl From<iptables::Error> for Error {
+    fn from(e: iptables::Error) -> Self {
+        Error::Iptables(e)
+    }
+}
+
+/// What `/healthz` reports: the last successful full pass.
+#[derive(Debug, Clone, Default)]
+pub struct Health {
+    inner: Arc<Mutex<Option<SystemTime>>>,
+}
+
+impl Health {
+    pub fn last_success(&self) -> Option<SystemTime> {
+        *self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn record_success(&self) {
+        *self.inner.lock().unwrap_or_else(PoisonError::into_inner) = Some(SystemTime::now());
+    }
+}
+
+/// Applies plans to the kernel and remembers what it added.
+struct Reconciler {
+    interface: String,
+    ips: Vec<std::net::IpAddr>,
+    rules: Vec<plan::Rule>,
+    netlink: Netlink,
+    iptables: Option<Iptables>,
+    ledger: Ledger,
+}
+
+impl Reconciler {
+    fn new(config: &Config) -> Result<Self, Error> {
+        let iptables = config
+            .iptables
+            .as_ref()
+            .map(|b| Iptables::new(b.v4.clone(), b.v6.clone()));
+        let rules = if iptables.is_some() {
+            plan::rules(config.ip_address, config.port)
+        } else {
+            Vec::new()
+        };
+        Ok(Reconciler {
+            interface: config.interface.clone(),
+            ips: config.addresses(),
+            rules,
+            netlink: Netlink::open()?,
+            iptables,
+            ledger: Ledger::default(),
+        })
+    }
+
+    /// Addresses and rules.
+    fn full_pass(&mut self) -> Result<(), Error> {
+        self.pin_addresses()?;
+        self.ensure_rules()
+    }
+
+    /// Makes the interface and addresses match the plan.
+    fn pin_addresses(&mut self) -> Result<(), Error> {
+        for _ in 0..MAX_ROUNDS {
+            let links = self.netlink.links()?;
+            let addresses = self.netlink.addresses()?;
+            let steps = plan::plan(&self.interface, &self.ips, &links, &addresses);
+            if steps.is_empty() {
+                return Ok(());
+            }
+            for step in steps {
+                self.apply(&step)?;
+            }
+        }
+        let links = self.netlink.links()?;
+        let addresses = self.netlink.addresses()?;
+        let remaining = plan::plan(&self.interface, &self.ips, &links, &addresses);
+        if remaining.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::NotConverged { remaining })
+        }
+    }
+
+    fn apply(&mut self, step: &Step) -> Result<(), Error> {
+        let tolerate = |result: Result<(), netlink::Error>, benign: &[i32]| match result {
+            Err(e) if e.errno().is_some_and(|errno| benign.contains(&errno)) => Ok(false),
+            Err(e) => Err(e),
+            Ok(()) => Ok(true),
+        };
+        match step {
+            Step::CreateDummy { name } => {
+                match tolerate(self.netlink.create_dummy(name), &[libc::EEXIST]) {
+                    Ok(true) => {
+                        log::info!("created dummy interface {name}");
+                        self.ledger.created_link = Some(name.clone());
+                    }
+                    Ok(false) => {}
+                    Err(e) if e.errno() == Some(libc::EOPNOTSUPP) => {
+                        return Err(Error::NoDummySupport {
+                            interface: name.clone(),
+                        });
+                    }
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Step::SetUp { index, name } => {
+                self.netlink.set_up(*index)?;
+                log::info!("set interface {name} (index {index}) up");
+            }
+            Step::AddAddress(address) => {
+                if tolerate(self.netlink.add_address(address), &[libc::EEXIST])? {
+                    log::info!(
+                        "added {}/{} to {}",
+                        address.ip,
+                        address.prefix,
+                        self.interface
+                    );
+                    self.ledger.addresses.insert(address.ip);
+                }
+            }
+            Step::RemoveAddress(address) => {
+                let gone = [libc::EADDRNOTAVAIL, libc::ENOENT, libc::ENODEV];
+                if tolerate(self.netlink.delete_address(address), &gone)? {
+                    log::info!(
+                        "removed {}/{} from link {}",
+                        address.ip,
+                        address.prefix,
+                        address.index
+                    );
+                }
+            }
+            Step::DeleteLink { index, name } => {
+                if tolerate(self.netlink.delete_link(*index), &[libc::ENODEV])? {
+                    log::info!("deleted interface {name}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Inserts every missing rule, checking each with `-C` first.
+    fn ensure_rules(&mut self) -> Result<(), Error> {
+        let Some(iptables) = &self.iptables else {
+            return Ok(());
+        };
+        for rule in &self.rules {
+            if !iptables.exists(rule)? {
+                iptables.insert(rule)?;
+                log::info!("inserted {} rule: {}", rule.table, rule.saved_form());
+                self.ledger.rules.insert(rule.clone());
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes what this process added; keeps going past failures and
+    /// reports the first.
+    fn clean_up(&mut self) -> Result<(), Error> {
+        let mut first_error = None;
+        if let Some(iptables) = &self.iptables {
+            for rule in std::mem::take(&mut self.ledger.rules) {
+                // Another writer may have inserted a copy: remove them all.
+                let removed = (|| -> Result<(), iptables::Error> {
+                    while iptables.exists(&rule)? {
+                        iptables.delete(&rule)?;
+                    }
+                    Ok(())
+                })();
+                match removed {
+                    Ok(()) => log::info!("deleted {} rule: {}", rule.table, rule.saved_form()),
+                    Err(e) => {
+                        log::error!("cleanup: {e}");
+                        first_error.get_or_insert(Error::from(e));
+                    }
+                }
+            }
+        }
+        let undo = (|| -> Result<(), Error> {
+            let links = self.netlink.links()?;
+            let addresses = self.netlink.addresses()?;
+            for step in plan::plan_cleanup(&self.ledger, &self.interface, &links, &addresses) {
+                self.apply(&step)?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = undo {
+            log::error!("cleanup: {e}");
+            first_error.get_or_insert(e);
+        }
+        match first_error {
+            None => Ok(()),
+            Some(e) => Err(e),
+        }
+    }
+}
+
+/// Runs the sidecar until shutdown (daemon mode) or for one pass.
+pub fn run(config: &Config, shutdown: &Shutdown, health: &Health) -> Result<(), Error> {
+    let mut reconciler = Reconciler::new(config)?;
+    log::info!(
+        "pinning {} on {}{}, full check every {}",
+        config
+            .addresses()
+            .iter()
+            .map(|ip| ip.to_string())
+            .collect::<Vec<_>>()
+            .join(" and "),
+        config.interface,
+        if config.iptables.is_some() {
+            format!(" with iptables rules for port {}", config.port)
+        } else {
+            String::new()
+        },
+        format_duration(config.sync_interval),
+    );
+    if !config.daemon {
+        if config.cleanup {
+            log::warn!("--cleanup has no effect with --daemon=false: the pass's work is kept");
+        }
+        reconciler.full_pass()?;
+        health.record_success();
+        log::info!(
+            "addresses{} in place",
+            if config.iptables.is_some() {
+                " and rules"
+            } else {
+                ""
+            }
+        );
+        return Ok(());
+    }
+
+    // Subscribe before the first pass so that no change slips between them.
+    let mut watcher = open_watcher();
+    let mut retry = FIRST_RETRY;
+    let mut next_full = Instant::now();
+    loop {
+        let now = Instant::now();
+        if now >= next_full {
+            match reconciler.full_pass() {
+                Ok(()) => {
+                    log::debug!("full check passed");
+                    health.record_success();
+                    retry = FIRST_RETRY;
+                    next_full = now + config.sync_interval;
+                }
+                Err(e) => {
+                    let wait = retry.min(config.sync_interval);
+                    log::error!(
+                        "reconcile failed: {e}; retrying in {}",
+                        format_duration(wait)
+                    );
+                    next_full = now + wait;
+                    retry = (retry * 2).min(config.sync_interval);
+                }
+            }
+            if watcher.is_none() {
+                watcher = open_watcher();
+            }
+        }
+
+        let mut fds = vec![shutdown.as_raw_fd()];
+        if let Some(w) = &watcher {
+            fds.push(w.as_raw_fd());
+        }
+        let timeout = next_full.saturating_duration_since(Instant::now());
+        let ready = sys::poll_readable(&fds, Some(timeout))
+            .map_err(|e| Error::Setup(format!("waiting for events: {e}")))?;
+        if shutdown.is_triggered() {
+            break;
+        }
+        if ready.get(1).copied().unwrap_or(false) {
+            let events = match watcher.as_ref().map(Watcher::drain) {
+                Some(Ok(events)) => events,
+                Some(Err(e)) => {
+                    log::error!("{e}; reopening the event socket at the next pass");
+                    watcher = None;
+                    next_full = Instant::now();
+                    continue;
+                }
+                None => Vec::new(),
+            };
+            if !events.is_empty() {
+                log::debug!("netlink events {events:?}: checking addresses");
+                if let Err(e) = reconciler.pin_addresses() {
+                    log::error!("repair failed: {e}; retrying in {}", format_duration(retry));
+                    next_full = next_full.min(Instant::now() + retry);
+                }
+            }
+        }
+    }
+
+    if config.cleanup {
+        log::info!("cleaning up what this process added");
+        reconciler.clean_up()?;
+        log::info!("cleanup done");
+    }
+    Ok(())
+}
+
+fn open_watcher() -> Option<Watcher> {
+    match Watcher::open() {
+        Ok(w) => Some(w),
+        Err(e) => {
+            log::error!("{e}; repairs wait for the periodic check");
+            None
+        }
+    }
+}
