@@ -39,7 +39,7 @@ build: deps-build
 	cargo build --release --locked --target $(MUSL_TARGET) --bins
 	@for b in $(BINARIES); do \
 	  printf '%-32s %8s bytes  ' $$b $$(stat -c %s $(RELEASE_DIR)/$$b); \
-	  file -b $(RELEASE_DIR)/$$b | cut -d, -f1-2,5-; done
+	  file -b $(RELEASE_DIR)/$$b | cut -d, -f1-2,4; done
 
 # --- testing ----------------------------------------------------------------
 lint:
