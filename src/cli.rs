@@ -268,31 +268,34 @@ Logging (klog-compatible; logs always go to stderr, RUST_LOG overrides -v):
       --skip_headers[=BOOL], --skip_log_headers[=BOOL], --one_output[=BOOL]
       --log_dir DIR, --log_file FILE, --log_file_max_size MB, --stderrthreshold SEV,
       --vmodule SPEC, --log_backtrace_at FILE:N, --log-flush-frequency DURATION
-                                 accepted for compatibility and ignored
+                                 accepted for compatibility and ignored (with
+                                 underscores or dashes: --log-dir = --log_dir)
 ";
 
 impl LogFlags {
     /// Consumes `flag` if it is a logging flag; returns whether it did.
     pub fn accept(&mut self, flag: &Flag, parser: &mut Parser) -> Result<bool, UsageError> {
         let name = match flag {
-            Flag::Short('v') => "v",
-            Flag::Long(name) => name.as_str(),
+            Flag::Short('v') => "v".to_string(),
+            // Gardener's binaries spell klog flags with underscores,
+            // Konnectivity's normalise them to dashes: accept both.
+            Flag::Long(name) => name.replace('_', "-"),
             _ => return Ok(false),
         };
-        match name {
+        match name.as_str() {
             "v" => self.verbosity = parsed_value(parser, "v", |s| s.parse::<u8>())?,
-            "logtostderr" | "alsologtostderr" | "add_dir_header" | "skip_headers"
-            | "skip_log_headers" | "one_output" => {
-                bool_value(parser, name)?;
+            "logtostderr" | "alsologtostderr" | "add-dir-header" | "skip-headers"
+            | "skip-log-headers" | "one-output" => {
+                bool_value(parser, &name)?;
             }
-            "log_dir"
-            | "log_file"
-            | "log_file_max_size"
+            "log-dir"
+            | "log-file"
+            | "log-file-max-size"
             | "stderrthreshold"
             | "vmodule"
-            | "log_backtrace_at"
+            | "log-backtrace-at"
             | "log-flush-frequency" => {
-                string_value(parser, name)?;
+                string_value(parser, &name)?;
             }
             _ => return Ok(false),
         }
@@ -383,6 +386,8 @@ mod tests {
             "--log_dir",
             "/tmp",
             "--log_file=x",
+            "--log-file-max-size=1800",
+            "--skip-headers",
             "--stderrthreshold=2",
             "--vmodule=a=1",
         ];
