@@ -8,7 +8,7 @@ RELEASE_DIR := target/$(MUSL_TARGET)/release
 BINARIES := apiserver-proxy-sidecar
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all build test lint unit integration demo deps deps-build deps-test clean venv
+.PHONY: all build test lint unit integration demo deps deps-build deps-test clean venv certs
 
 all: build
 
@@ -70,3 +70,8 @@ $(VENV)/.ready: tests/requirements.txt
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check -r tests/requirements.txt
 	touch $@
+
+# --- certificates (upstream layout) for the tunnel demo and tests -------------
+certs:
+	$(call apt_install,openssl:openssl)
+	./scripts/make-certs.sh certs
