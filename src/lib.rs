@@ -17,11 +17,15 @@
 //! - [`sidecar`]: `apiserver-proxy-sidecar`. [`sidecar::plan`] decides (pure),
 //!   [`sidecar::netlink`] talks rtnetlink, [`sidecar::iptables`] runs the
 //!   iptables binaries, [`sidecar::run`] is the reconcile loop.
+//! - [`tunnel`]: Konnectivity. [`tunnel::message`] is the protocol's
+//!   vocabulary, [`tunnel::router`] the server's routing state machine (pure),
+//!   [`tunnel::connect`] the HTTP CONNECT request parser (pure).
 //!
 //! # Invariants
 //!
-//! - Decision code does no I/O: the sidecar's plan is a pure function of the
-//!   observed state and is unit-tested with literal inputs.
+//! - Decision code does no I/O: the sidecar's plan and the tunnel's router
+//!   and CONNECT parser are pure functions of their inputs (the caller passes
+//!   clocks and random picks) and are unit-tested with literal inputs.
 //! - Only `sidecar::netlink` opens netlink sockets; only `sidecar::iptables`
 //!   starts processes; only `sys` contains `unsafe`.
 //! - Roles share only `cli`, `sys` and `shutdown` (and later the TLS, HTTP
@@ -41,3 +45,4 @@ pub mod cli;
 pub mod shutdown;
 pub mod sidecar;
 pub mod sys;
+pub mod tunnel;

@@ -1,0 +1,8 @@
+//! Konnectivity: proxy-server and proxy-agent (being built). The pure
+//! parts come first: [`message`] (the protocol's vocabulary),
+//! [`identifiers`] (agent identifiers and selection strategies) and
+//! [`router`] (the server's routing state machine).
+
+pub mod identifiers;
+pub mod message;
+pub mod router;
