@@ -149,9 +149,65 @@ pub fn poll_readable(fds: &[RawFd], timeout: Option<Duration>) -> io::Result<Vec
         .collect())
 }
 
+/// Fills `buf` from the kernel's random source (getrandom(2): no /dev
+/// needed, so it works in an empty root).
+pub fn random_bytes(buf: &mut [u8]) -> io::Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        let rest = &mut buf[filled..];
+        // SAFETY: writes at most rest.len() bytes into rest.
+        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        if n < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        filled += n as usize;
+    }
+    Ok(())
+}
+
+/// A random u64 (dial ids, ids, jitter).
+pub fn random_u64() -> u64 {
+    let mut bytes = [0u8; 8];
+    // getrandom only fails on kernels older than 3.17 (ENOSYS); fall back
+    // to the clock, which is enough for jitter and ids that must differ.
+    if random_bytes(&mut bytes).is_err() {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        return nanos ^ (std::process::id() as u64).rotate_left(32);
+    }
+    u64::from_ne_bytes(bytes)
+}
+
+/// A random version-4 UUID in its text form (upstream's default ids).
+pub fn random_uuid() -> String {
+    let mut b = [0u8; 16];
+    let hi = random_u64().to_be_bytes();
+    let lo = random_u64().to_be_bytes();
+    b[..8].copy_from_slice(&hi);
+    b[8..].copy_from_slice(&lo);
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let hex: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn uuids_look_like_uuids_and_differ() {
+        let (a, b) = (random_uuid(), random_uuid());
+        assert_ne!(a, b);
+        assert_eq!(a.len(), 36);
+        assert_eq!(&a[14..15], "4");
+    }
 
     #[test]
     fn eventfd_wakes_poll() {
