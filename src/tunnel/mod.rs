@@ -7,3 +7,4 @@ pub mod connect;
 pub mod identifiers;
 pub mod message;
 pub mod router;
+pub mod server;
