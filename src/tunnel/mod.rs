@@ -3,6 +3,7 @@
 //! [`identifiers`] (agent identifiers and selection strategies) and
 //! [`router`] (the server's routing state machine).
 
+pub mod agent;
 pub mod connect;
 pub mod identifiers;
 pub mod message;
