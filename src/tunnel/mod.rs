@@ -7,5 +7,6 @@ pub mod agent;
 pub mod connect;
 pub mod identifiers;
 pub mod message;
+pub mod queue;
 pub mod router;
 pub mod server;

@@ -1,0 +1,284 @@
+//! The bounded queue between a tunnel's producer (the thread that reads an
+//! agent stream, a frontend or a destination) and the one writer thread of
+//! its consumer.
+//!
+//! Owns: the rule that a reader multiplexing many connections never blocks
+//! on one of them: it uses [`Queue::try_push`] and treats `Full` as "this
+//! connection is too slow, close it". Producers that serve one connection
+//! only (a frontend's socket reader) may wait with [`Queue::push_timeout`].
+//! Control messages that must not be lost (CLOSE_RSP, DIAL_RSP) use
+//! [`Queue::push_control`], which ignores the bound: there is at most a
+//! handful of them per connection.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+/// Why an item was not queued; the item comes back.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Rejected<T> {
+    Full(T),
+    Closed(T),
+}
+
+/// What a pop found.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Pop<T> {
+    Item(T),
+    /// Closed and drained.
+    Closed,
+    TimedOut,
+}
+
+struct State<T> {
+    items: VecDeque<T>,
+    capacity: usize,
+    closed: bool,
+}
+
+struct Shared<T> {
+    state: Mutex<State<T>>,
+    readable: Condvar,
+    writable: Condvar,
+}
+
+/// A bounded multi-producer queue with a close flag. Clones share it.
+pub struct Queue<T> {
+    shared: Arc<Shared<T>>,
+}
+
+impl<T> Clone for Queue<T> {
+    fn clone(&self) -> Self {
+        Queue {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<T> Queue<T> {
+    pub fn new(capacity: usize) -> Self {
+        Queue {
+            shared: Arc::new(Shared {
+                state: Mutex::new(State {
+                    items: VecDeque::new(),
+                    capacity: capacity.max(1),
+                    closed: false,
+                }),
+                readable: Condvar::new(),
+                writable: Condvar::new(),
+            }),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State<T>> {
+        self.shared
+            .state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues without waiting.
+    pub fn try_push(&self, item: T) -> Result<(), Rejected<T>> {
+        let mut state = self.lock();
+        if state.closed {
+            return Err(Rejected::Closed(item));
+        }
+        if state.items.len() >= state.capacity {
+            return Err(Rejected::Full(item));
+        }
+        state.items.push_back(item);
+        drop(state);
+        self.shared.readable.notify_one();
+        Ok(())
+    }
+
+    /// Queues, waiting up to `timeout` for room.
+    pub fn push_timeout(&self, item: T, timeout: Duration) -> Result<(), Rejected<T>> {
+        let deadline = Instant::now() + timeout;
+        let mut state = self.lock();
+        loop {
+            if state.closed {
+                return Err(Rejected::Closed(item));
+            }
+            if state.items.len() < state.capacity {
+                state.items.push_back(item);
+                drop(state);
+                self.shared.readable.notify_one();
+                return Ok(());
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Rejected::Full(item));
+            }
+            state = self
+                .shared
+                .writable
+                .wait_timeout(state, deadline - now)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// Queues past the bound (control messages only; see the module docs).
+    pub fn push_control(&self, item: T) -> Result<(), Rejected<T>> {
+        let mut state = self.lock();
+        if state.closed {
+            return Err(Rejected::Closed(item));
+        }
+        state.items.push_back(item);
+        drop(state);
+        self.shared.readable.notify_one();
+        Ok(())
+    }
+
+    /// Takes the next item, waiting up to `timeout` (None: no limit). Items
+    /// queued before `close` are still delivered, then `Closed`.
+    pub fn pop_timeout(&self, timeout: Option<Duration>) -> Pop<T> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut state = self.lock();
+        loop {
+            if let Some(item) = state.items.pop_front() {
+                drop(state);
+                self.shared.writable.notify_one();
+                return Pop::Item(item);
+            }
+            if state.closed {
+                return Pop::Closed;
+            }
+            state = match deadline {
+                None => self
+                    .shared
+                    .readable
+                    .wait(state)
+                    .unwrap_or_else(PoisonError::into_inner),
+                Some(deadline) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return Pop::TimedOut;
+                    }
+                    self.shared
+                        .readable
+                        .wait_timeout(state, deadline - now)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0
+                }
+            };
+        }
+    }
+
+    /// Closes the queue: pushes fail from now on, waiters wake.
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.shared.readable.notify_all();
+        self.shared.writable.notify_all();
+    }
+
+    /// Closes and drops whatever is still queued (the consumer is gone).
+    pub fn close_and_clear(&self) {
+        {
+            let mut state = self.lock();
+            state.closed = true;
+            state.items.clear();
+        }
+        self.shared.readable.notify_all();
+        self.shared.writable.notify_all();
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.lock().closed
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shutdown::Worker;
+
+    #[test]
+    fn bounded_with_control_messages_past_the_bound() {
+        let q = Queue::new(2);
+        assert_eq!(q.try_push(1), Ok(()));
+        assert_eq!(q.try_push(2), Ok(()));
+        assert_eq!(q.try_push(3), Err(Rejected::Full(3)));
+        assert_eq!(
+            q.push_timeout(3, Duration::from_millis(1)),
+            Err(Rejected::Full(3))
+        );
+        assert_eq!(q.push_control(99), Ok(()));
+        assert_eq!(q.len(), 3);
+        assert_eq!(q.pop_timeout(None), Pop::Item(1));
+        assert_eq!(
+            q.try_push(4),
+            Err(Rejected::Full(4)),
+            "control item still counts"
+        );
+    }
+
+    #[test]
+    fn close_delivers_the_rest_then_reports_closed() {
+        let q = Queue::new(4);
+        q.try_push("a").unwrap();
+        q.close();
+        assert_eq!(q.try_push("b"), Err(Rejected::Closed("b")));
+        assert_eq!(q.push_control("c"), Err(Rejected::Closed("c")));
+        assert_eq!(q.pop_timeout(Some(Duration::ZERO)), Pop::Item("a"));
+        assert_eq!(q.pop_timeout(None), Pop::Closed);
+        let cleared = Queue::new(4);
+        cleared.try_push(1).unwrap();
+        cleared.close_and_clear();
+        assert_eq!(cleared.pop_timeout(None), Pop::Closed);
+    }
+
+    #[test]
+    fn waiters_wake_on_room_items_and_close() {
+        let q = Queue::new(1);
+        q.try_push(0u32).unwrap();
+        let producer = {
+            let q = q.clone();
+            Worker::spawn("producer", move || {
+                for i in 1..=100 {
+                    q.push_timeout(i, Duration::from_secs(30)).unwrap();
+                }
+                q.close();
+            })
+            .unwrap()
+        };
+        let mut seen = Vec::new();
+        loop {
+            match q.pop_timeout(Some(Duration::from_secs(30))) {
+                Pop::Item(i) => seen.push(i),
+                Pop::Closed => break,
+                Pop::TimedOut => panic!("producer stalled"),
+            }
+        }
+        producer.join();
+        assert_eq!(seen, (0..=100).collect::<Vec<_>>());
+        assert_eq!(
+            Queue::<u8>::new(1).pop_timeout(Some(Duration::from_millis(1))),
+            Pop::TimedOut
+        );
+        // A blocked producer wakes when the queue closes.
+        let q = Queue::new(1);
+        q.try_push(0).unwrap();
+        let blocked = {
+            let q = q.clone();
+            Worker::spawn("blocked", move || {
+                assert_eq!(
+                    q.push_timeout(1, Duration::from_secs(30)),
+                    Err(Rejected::Closed(1))
+                );
+            })
+            .unwrap()
+        };
+        q.close();
+        blocked.join();
+    }
+}
