@@ -17,11 +17,19 @@
 //! - [`sidecar`]: `apiserver-proxy-sidecar`. [`sidecar::plan`] decides (pure),
 //!   [`sidecar::netlink`] talks rtnetlink, [`sidecar::iptables`] runs the
 //!   iptables binaries, [`sidecar::run`] is the reconcile loop.
+//! - [`tls`]: the only TLS module: rustls configs from PEM files (ring
+//!   provider), client-CA verification, certificate reload on file change.
+//! - [`http`]: the shared HTTP/1.1 server (TLS or plain TCP) with rouille
+//!   handlers, a bounded thread-per-connection pool, limits and timeouts.
+//! - [`metrics`]: hand-written Prometheus text exposition.
 //!
 //! # Invariants
 //!
 //! - Decision code does no I/O: the sidecar's plan is a pure function of the
 //!   observed state and is unit-tested with literal inputs.
+//! - Only `http` touches HTTP sockets, only `tls` builds TLS configs.
+//! - Every buffer filled from the network is bounded (`http::Limits`), and
+//!   every socket has a timeout.
 //! - Only `sidecar::netlink` opens netlink sockets; only `sidecar::iptables`
 //!   starts processes; only `sys` contains `unsafe`.
 //! - Roles share only `cli`, `sys` and `shutdown` (and later the TLS, HTTP
@@ -38,6 +46,9 @@
 //! does), no log files (stderr only, as in containers).
 
 pub mod cli;
+pub mod http;
+pub mod metrics;
 pub mod shutdown;
 pub mod sidecar;
 pub mod sys;
+pub mod tls;
