@@ -22,12 +22,16 @@
 //! - [`http`]: the shared HTTP/1.1 server (TLS or plain TCP) with rouille
 //!   handlers, a bounded thread-per-connection pool, limits and timeouts.
 //! - [`metrics`]: hand-written Prometheus text exposition.
+//! - [`webhook`]: `apiserver-proxy-pod-webhook`. [`webhook::review`] turns an
+//!   AdmissionReview into its answer (pure), [`webhook::server`] routes and
+//!   counts, [`webhook::run`] serves.
 //!
 //! # Invariants
 //!
 //! - Decision code does no I/O: the sidecar's plan is a pure function of the
 //!   observed state and is unit-tested with literal inputs.
-//! - Only `http` touches HTTP sockets, only `tls` builds TLS configs.
+//! - The webhook's review is a pure function of the review JSON and the
+//!   FQDN; only `http` touches its sockets, only `tls` builds TLS configs.
 //! - Every buffer filled from the network is bounded (`http::Limits`), and
 //!   every socket has a timeout.
 //! - Only `sidecar::netlink` opens netlink sockets; only `sidecar::iptables`
@@ -52,3 +56,4 @@ pub mod shutdown;
 pub mod sidecar;
 pub mod sys;
 pub mod tls;
+pub mod webhook;
