@@ -7,7 +7,7 @@ use std::fs;
 use std::path::Path;
 
 /// Every binary the crate ships. Keep in step with src/bin and the Makefile.
-const BINARIES: &[&str] = &["apiserver-proxy-sidecar"];
+const BINARIES: &[&str] = &["apiserver-proxy-sidecar", "apiserver-proxy-pod-webhook"];
 
 fn empty_root_with(binary: &Path) -> tempdir::Root {
     let root = tempdir::Root::new();

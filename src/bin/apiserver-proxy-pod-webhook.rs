@@ -8,7 +8,7 @@ use apiserver_proxy::{cli, webhook};
 fn main() -> ExitCode {
     cli::main_with(
         webhook::NAME,
-        webhook::HELP,
+        &webhook::help(),
         webhook::parse,
         |config| config.log.verbosity,
         |config| {

@@ -28,7 +28,7 @@ use crate::tls;
 /// The binary's name, for messages.
 pub const NAME: &str = "apiserver-proxy-pod-webhook";
 
-/// `--help` output.
+/// `--help` output, without the logging flags (see [`help`]).
 pub const HELP: &str = "\
 apiserver-proxy-pod-webhook: a mutating admission webhook that sets
 KUBERNETES_SERVICE_HOST to the API server's FQDN in every container and
@@ -56,6 +56,11 @@ Endpoints: POST /webhook/pod-apiserver-env, GET /healthz, GET /readyz, GET /metr
 The certificate and key are reloaded when their files change.
 
 ";
+
+/// The whole `--help` text: [`HELP`] and the klog-compatible flags.
+pub fn help() -> String {
+    format!("{HELP}{}", cli::LOG_FLAGS_HELP)
+}
 
 /// A validated command line.
 #[derive(Debug)]
