@@ -66,6 +66,9 @@ pub struct Exchange<'a> {
     pub elapsed: Duration,
 }
 
+/// The most headers [`Limits::max_headers`] can allow (parsed on the stack).
+pub const MAX_HEADERS: usize = 256;
+
 /// Bounds on what a client may make the server hold.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -73,6 +76,7 @@ pub struct Limits {
     pub max_connections: usize,
     /// Request line plus headers, in bytes.
     pub max_head_bytes: usize,
+    /// At most [`MAX_HEADERS`].
     pub max_headers: usize,
     pub max_body_bytes: usize,
     /// For the TLS handshake and the first head; for later heads, from the
@@ -382,6 +386,8 @@ struct Conn<'a> {
     peer: SocketAddr,
     /// Bytes read but not yet consumed (the next request's start).
     buf: Vec<u8>,
+    /// Where each read lands before it is appended to `buf`.
+    scratch: Box<[u8]>,
 }
 
 fn serve(shared: &Shared, stream: TcpStream, peer: SocketAddr) -> io::Result<()> {
@@ -401,6 +407,7 @@ fn serve(shared: &Shared, stream: TcpStream, peer: SocketAddr) -> io::Result<()>
         transport,
         peer,
         buf: Vec::with_capacity(4096),
+        scratch: vec![0; 16 * 1024].into_boxed_slice(),
     };
     let result = conn.serve_requests();
     conn.transport.close();
@@ -492,17 +499,19 @@ impl Conn<'_> {
             } else {
                 head.has_token("connection", "keep-alive")
             } && !self.shared.shutdown.is_triggered();
+            let head_only = head.method == "HEAD";
             let request = rouille::Request::fake_http_from(
                 self.peer,
-                head.method.clone(),
-                head.url.clone(),
-                head.headers.clone(),
+                head.method,
+                head.url,
+                head.headers,
                 body,
             );
             let response = (self.shared.handler)(&request);
             let status = response.status_code;
-            self.write_response(response, head.method == "HEAD", keep_alive)?;
-            self.observe(&head.method, head.path(), status, started.elapsed());
+            self.write_response(response, head_only, keep_alive)?;
+            let path = request.raw_url().split('?').next().unwrap_or("");
+            self.observe(request.method(), path, status, started.elapsed());
             if !keep_alive {
                 return Ok(());
             }
@@ -543,14 +552,12 @@ impl Conn<'_> {
             .socket()
             .set_read_timeout(Some(remaining))
             .map_err(ReadError::Io)?;
-        let start = self.buf.len();
-        self.buf.resize(start + 16 * 1024, 0);
-        let result = self.transport.read(&mut self.buf[start..]);
-        let n = *result.as_ref().unwrap_or(&0);
-        self.buf.truncate(start + n);
-        match result {
+        match self.transport.read(&mut self.scratch[..]) {
             Ok(0) => Err(ReadError::Closed),
-            Ok(_) => Ok(()),
+            Ok(n) => {
+                self.buf.extend_from_slice(&self.scratch[..n]);
+                Ok(())
+            }
             Err(err) => match err.kind() {
                 io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => Err(ReadError::TimedOut),
                 io::ErrorKind::UnexpectedEof
@@ -567,8 +574,9 @@ impl Conn<'_> {
         let limits = &self.shared.limits;
         loop {
             if !self.buf.is_empty() {
-                let mut headers = vec![httparse::EMPTY_HEADER; limits.max_headers];
-                let mut request = httparse::Request::new(&mut headers);
+                let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                let slots = limits.max_headers.min(MAX_HEADERS);
+                let mut request = httparse::Request::new(&mut headers[..slots]);
                 let scan = &self.buf[..self.buf.len().min(limits.max_head_bytes)];
                 match request.parse(scan) {
                     Ok(httparse::Status::Complete(len)) => {
@@ -680,8 +688,9 @@ impl Conn<'_> {
         while self.buf.len() < length {
             self.read_more(deadline)?;
         }
-        let rest = self.buf.split_off(length);
-        Ok(Ok(std::mem::replace(&mut self.buf, rest)))
+        let body = self.buf[..length].to_vec();
+        self.buf.drain(..length);
+        Ok(Ok(body))
     }
 
     /// Answers with the server's own error and closes after a short linger.
@@ -736,16 +745,39 @@ impl Conn<'_> {
             let _ = write!(out, "{name}: {value}\r\n");
         }
         let (reader, size) = response.data.into_reader_and_size();
-        let mut body = Vec::with_capacity(size.unwrap_or(0).min(1 << 20));
         // Handlers are ours; the bound only stops a runaway reader.
-        reader.take(64 << 20).read_to_end(&mut body)?;
-        let _ = write!(out, "Content-Length: {}\r\n", body.len());
-        if !keep_alive {
-            out.extend_from_slice(b"Connection: close\r\n");
-        }
-        out.extend_from_slice(b"\r\n");
-        if !head_only {
-            out.extend_from_slice(&body);
+        let mut reader = reader.take(64 << 20);
+        let body_start = match size {
+            Some(size) => {
+                let _ = write!(out, "Content-Length: {size}\r\n");
+                if !keep_alive {
+                    out.extend_from_slice(b"Connection: close\r\n");
+                }
+                out.extend_from_slice(b"\r\n");
+                let start = out.len();
+                reader.read_to_end(&mut out)?;
+                if out.len() - start != size {
+                    return Err(io::Error::other(
+                        "response body length differs from its size",
+                    ));
+                }
+                start
+            }
+            None => {
+                let mut body = Vec::new();
+                reader.read_to_end(&mut body)?;
+                let _ = write!(out, "Content-Length: {}\r\n", body.len());
+                if !keep_alive {
+                    out.extend_from_slice(b"Connection: close\r\n");
+                }
+                out.extend_from_slice(b"\r\n");
+                let start = out.len();
+                out.extend_from_slice(&body);
+                start
+            }
+        };
+        if head_only {
+            out.truncate(body_start);
         }
         self.transport.write_all(&out)
     }

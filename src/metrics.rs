@@ -15,7 +15,6 @@
 //! assert!(registry.render().contains("demo_requests_total{code=\"200\"} 1\n"));
 //! ```
 
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -65,18 +64,40 @@ struct Family {
     kind: Kind,
     labels: Vec<String>,
     bounds: Vec<f64>,
-    series: Mutex<BTreeMap<Vec<String>, Series>>,
+    /// Few label sets per family: a list scanned without allocating beats
+    /// a map that needs an owned key for every lookup.
+    series: Mutex<Vec<(Vec<String>, Series)>>,
 }
 
 impl Family {
     fn update(&self, values: &[&str], change: impl FnOnce(&mut Series)) {
-        let key = self.key(values);
         let mut series = lock(&self.series);
-        let entry = series.entry(key).or_insert_with(|| Series {
-            buckets: vec![0; self.bounds.len()],
-            ..Series::default()
-        });
-        change(entry);
+        let index = match series.iter().position(|(key, _)| self.matches(key, values)) {
+            Some(index) => index,
+            None => {
+                let fresh = Series {
+                    buckets: vec![0; self.bounds.len()],
+                    ..Series::default()
+                };
+                series.push((self.key(values), fresh));
+                series.len() - 1
+            }
+        };
+        change(&mut series[index].1);
+    }
+
+    fn matches(&self, key: &[String], values: &[&str]) -> bool {
+        key.iter()
+            .enumerate()
+            .all(|(i, k)| k == values.get(i).copied().unwrap_or(""))
+    }
+
+    fn read<T>(&self, values: &[&str], read: impl FnOnce(&Series) -> T) -> Option<T> {
+        let series = lock(&self.series);
+        series
+            .iter()
+            .find(|(key, _)| self.matches(key, values))
+            .map(|(_, s)| read(s))
     }
 
     /// Label values padded or cut to the declared label count, so a caller's
@@ -90,7 +111,8 @@ impl Family {
     fn render(&self, out: &mut String) {
         let _ = writeln!(out, "# HELP {} {}", self.name, escape_help(&self.help));
         let _ = writeln!(out, "# TYPE {} {}", self.name, self.kind.name());
-        let series = lock(&self.series);
+        let mut series = lock(&self.series).clone();
+        series.sort_by(|a, b| a.0.cmp(&b.0));
         if series.is_empty() && self.labels.is_empty() {
             // An unlabelled metric exists from registration on, at zero.
             self.render_series(
@@ -102,7 +124,7 @@ impl Family {
                 },
             );
         }
-        for (values, s) in series.iter() {
+        for (values, s) in &series {
             self.render_series(out, values, s);
         }
     }
@@ -193,7 +215,7 @@ impl Registry {
             kind,
             labels: labels.iter().map(|l| l.to_string()).collect(),
             bounds: bounds.to_vec(),
-            series: Mutex::new(BTreeMap::new()),
+            series: Mutex::new(Vec::new()),
         });
         lock(&self.families).push(family.clone());
         family
@@ -241,8 +263,7 @@ impl Counter {
 
     /// The current value (0 for a label set never used).
     pub fn value(&self, labels: &[&str]) -> f64 {
-        let key = self.0.key(labels);
-        lock(&self.0.series).get(&key).map_or(0.0, |s| s.value)
+        self.0.read(labels, |s| s.value).unwrap_or(0.0)
     }
 }
 
@@ -260,8 +281,7 @@ impl Gauge {
     }
 
     pub fn value(&self, labels: &[&str]) -> f64 {
-        let key = self.0.key(labels);
-        lock(&self.0.series).get(&key).map_or(0.0, |s| s.value)
+        self.0.read(labels, |s| s.value).unwrap_or(0.0)
     }
 }
 
@@ -283,8 +303,7 @@ impl Histogram {
 
     /// How many observations the label set has.
     pub fn count(&self, labels: &[&str]) -> u64 {
-        let key = self.0.key(labels);
-        lock(&self.0.series).get(&key).map_or(0, |s| s.count)
+        self.0.read(labels, |s| s.count).unwrap_or(0)
     }
 }
 

@@ -57,41 +57,58 @@ pub struct Answer {
 }
 
 /// Answers the review in `body` (JSON bytes) for the given FQDN.
+///
+/// The common case is parsed into borrowed structs that skip every field
+/// the decision does not need (few allocations); anything those structs
+/// cannot take (odd types, duplicate keys) falls back to the untyped path,
+/// [`review_value`], which gives the same answer or the precise error.
 pub fn review(body: &[u8], fqdn: &str) -> Result<Answer, Error> {
+    if let Ok(typed) = serde_json::from_slice::<typed::Review<'_>>(body) {
+        return review_typed(&typed, fqdn);
+    }
     let review: Value = serde_json::from_slice(body).map_err(Error::Json)?;
     review_value(&review, fqdn)
 }
 
-/// [`review`] for an already parsed review.
-pub fn review_value(review: &Value, fqdn: &str) -> Result<Answer, Error> {
-    let review = review.as_object().ok_or(Error::NotAnObject)?;
-    let api_version = review
-        .get("apiVersion")
-        .and_then(Value::as_str)
-        .unwrap_or("");
-    if !API_VERSIONS.contains(&api_version) {
-        return Err(Error::ApiVersion(api_version.to_string()));
+/// What the decision needs to know about one container's `env`.
+enum Env {
+    /// Absent or null.
+    Missing,
+    /// A list; whether one entry is named [`VARIABLE`].
+    List { defined: bool },
+    /// Anything else: the API server rejects such a pod anyway.
+    Malformed,
+}
+
+/// Whether the request is a CREATE or UPDATE of a Pod itself (not of a
+/// subresource such as `pods/status` or `pods/ephemeralcontainers`).
+fn wants_patch(operation: &str, group: &str, kind: &str, sub_resource: &str) -> bool {
+    matches!(operation, "CREATE" | "UPDATE")
+        && kind == "Pod"
+        && group.is_empty()
+        && sub_resource.is_empty()
+}
+
+/// The operation for container `i` of `kind` (`initContainers` or
+/// `containers`), if it needs one.
+fn env_op(kind: &str, i: usize, env: Env, fqdn: &str) -> Option<Value> {
+    let variable = json!({ "name": VARIABLE, "value": fqdn });
+    match env {
+        Env::Missing => Some(json!({
+            "op": "add",
+            "path": format!("/spec/{kind}/{i}/env"),
+            "value": [variable],
+        })),
+        Env::List { defined: false } => Some(json!({
+            "op": "add",
+            "path": format!("/spec/{kind}/{i}/env/-"),
+            "value": variable,
+        })),
+        Env::List { defined: true } | Env::Malformed => None,
     }
-    let kind = review.get("kind").and_then(Value::as_str).unwrap_or("");
-    if kind != "AdmissionReview" {
-        return Err(Error::Kind(kind.to_string()));
-    }
-    let request = match review.get("request") {
-        Some(Value::Object(request)) => request,
-        _ => return Err(Error::MissingRequest),
-    };
-    let uid = request
-        .get("uid")
-        .and_then(Value::as_str)
-        .ok_or(Error::MissingUid)?;
-    let patch = if wants_patch(request) {
-        request
-            .get("object")
-            .map(|pod| pod_patch(pod, fqdn))
-            .unwrap_or_default()
-    } else {
-        Vec::new()
-    };
+}
+
+fn answer(api_version: &str, uid: &str, patch: Vec<Value>) -> Answer {
     let mut response = Map::new();
     response.insert("uid".into(), Value::String(uid.to_string()));
     response.insert("allowed".into(), Value::Bool(true));
@@ -101,36 +118,55 @@ pub fn review_value(review: &Value, fqdn: &str) -> Result<Answer, Error> {
         response.insert("patchType".into(), Value::String("JSONPatch".into()));
         response.insert("patch".into(), Value::String(base64(&bytes)));
     }
-    let answer = json!({
+    let review = json!({
         "apiVersion": api_version,
         "kind": "AdmissionReview",
         "response": Value::Object(response),
     });
-    Ok(Answer {
-        review: answer,
-        patch,
-    })
+    Answer { review, patch }
 }
 
-/// CREATE or UPDATE of a Pod itself (not a subresource such as
-/// `pods/status` or `pods/ephemeralcontainers`).
-fn wants_patch(request: &Map<String, Value>) -> bool {
-    let operation = request
-        .get("operation")
-        .and_then(Value::as_str)
-        .unwrap_or("");
+fn check_envelope<'a>(api_version: Option<&'a str>, kind: Option<&str>) -> Result<&'a str, Error> {
+    let api_version = api_version.unwrap_or("");
+    if !API_VERSIONS.contains(&api_version) {
+        return Err(Error::ApiVersion(api_version.to_string()));
+    }
+    let kind = kind.unwrap_or("");
+    if kind != "AdmissionReview" {
+        return Err(Error::Kind(kind.to_string()));
+    }
+    Ok(api_version)
+}
+
+fn text(value: Option<&Value>) -> Option<&str> {
+    value.and_then(Value::as_str)
+}
+
+/// [`review`] for an already parsed review: the reference implementation,
+/// lenient about any shape JSON allows.
+pub fn review_value(review: &Value, fqdn: &str) -> Result<Answer, Error> {
+    let review = review.as_object().ok_or(Error::NotAnObject)?;
+    let api_version = check_envelope(text(review.get("apiVersion")), text(review.get("kind")))?;
+    let request = match review.get("request") {
+        Some(Value::Object(request)) => request,
+        _ => return Err(Error::MissingRequest),
+    };
+    let uid = text(request.get("uid")).ok_or(Error::MissingUid)?;
     let kind = request.get("kind");
-    let is_pod = kind.and_then(|k| k.get("kind")).and_then(Value::as_str) == Some("Pod")
-        && kind
-            .and_then(|k| k.get("group"))
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .is_empty();
-    let sub_resource = request
-        .get("subResource")
-        .and_then(Value::as_str)
-        .unwrap_or("");
-    matches!(operation, "CREATE" | "UPDATE") && is_pod && sub_resource.is_empty()
+    let patch = if wants_patch(
+        text(request.get("operation")).unwrap_or(""),
+        text(kind.and_then(|k| k.get("group"))).unwrap_or(""),
+        text(kind.and_then(|k| k.get("kind"))).unwrap_or(""),
+        text(request.get("subResource")).unwrap_or(""),
+    ) {
+        request
+            .get("object")
+            .map(|pod| pod_patch(pod, fqdn))
+            .unwrap_or_default()
+    } else {
+        Vec::new()
+    };
+    Ok(answer(api_version, uid, patch))
 }
 
 /// The operations that give every init container and container of `pod`
@@ -140,7 +176,8 @@ pub fn pod_patch(pod: &Value, fqdn: &str) -> Vec<Value> {
     let mut ops = Vec::new();
     for kind in ["initContainers", "containers"] {
         let Some(containers) = pod
-            .pointer(&format!("/spec/{kind}"))
+            .get("spec")
+            .and_then(|spec| spec.get(kind))
             .and_then(Value::as_array)
         else {
             continue;
@@ -149,31 +186,123 @@ pub fn pod_patch(pod: &Value, fqdn: &str) -> Vec<Value> {
             let Some(container) = container.as_object() else {
                 continue;
             };
-            let variable = json!({ "name": VARIABLE, "value": fqdn });
-            match container.get("env") {
-                None | Some(Value::Null) => ops.push(json!({
-                    "op": "add",
-                    "path": format!("/spec/{kind}/{i}/env"),
-                    "value": [variable],
-                })),
-                Some(Value::Array(env)) => {
-                    let defined = env
+            let env = match container.get("env") {
+                None | Some(Value::Null) => Env::Missing,
+                Some(Value::Array(env)) => Env::List {
+                    defined: env
                         .iter()
-                        .any(|var| var.get("name").and_then(Value::as_str) == Some(VARIABLE));
-                    if !defined {
-                        ops.push(json!({
-                            "op": "add",
-                            "path": format!("/spec/{kind}/{i}/env/-"),
-                            "value": variable,
-                        }));
-                    }
-                }
-                // Not a list: the API server rejects such a pod anyway.
-                Some(_) => {}
-            }
+                        .any(|var| var.get("name").and_then(Value::as_str) == Some(VARIABLE)),
+                },
+                Some(_) => Env::Malformed,
+            };
+            ops.extend(env_op(kind, i, env, fqdn));
         }
     }
     ops
+}
+
+fn review_typed(review: &typed::Review<'_>, fqdn: &str) -> Result<Answer, Error> {
+    let api_version = check_envelope(review.api_version.as_deref(), review.kind.as_deref())?;
+    let request = review.request.as_ref().ok_or(Error::MissingRequest)?;
+    let uid = request.uid.as_deref().ok_or(Error::MissingUid)?;
+    let kind = request.kind.as_ref();
+    let mut patch = Vec::new();
+    if wants_patch(
+        request.operation.as_deref().unwrap_or(""),
+        kind.and_then(|k| k.group.as_deref()).unwrap_or(""),
+        kind.and_then(|k| k.kind.as_deref()).unwrap_or(""),
+        request.sub_resource.as_deref().unwrap_or(""),
+    ) {
+        let spec = request.object.as_ref().and_then(|pod| pod.spec.as_ref());
+        for (kind, containers) in [
+            (
+                "initContainers",
+                spec.and_then(|s| s.init_containers.as_ref()),
+            ),
+            ("containers", spec.and_then(|s| s.containers.as_ref())),
+        ] {
+            for (i, container) in containers.into_iter().flatten().enumerate() {
+                let env = match &container.env {
+                    None => Env::Missing,
+                    Some(env) => Env::List {
+                        defined: env.iter().any(|var| var.name.as_deref() == Some(VARIABLE)),
+                    },
+                };
+                patch.extend(env_op(kind, i, env, fqdn));
+            }
+        }
+    }
+    Ok(answer(api_version, uid, patch))
+}
+
+/// Borrowed views of the few fields the decision reads. Unknown fields are
+/// skipped without being stored; any type surprise is a parse error, which
+/// sends the review down the untyped path instead.
+mod typed {
+    use std::borrow::Cow;
+
+    use serde::Deserialize;
+
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct Review<'a> {
+        #[serde(borrow)]
+        pub api_version: Option<Cow<'a, str>>,
+        #[serde(borrow)]
+        pub kind: Option<Cow<'a, str>>,
+        #[serde(borrow)]
+        pub request: Option<Request<'a>>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct Request<'a> {
+        #[serde(borrow)]
+        pub uid: Option<Cow<'a, str>>,
+        #[serde(borrow)]
+        pub kind: Option<GroupKind<'a>>,
+        #[serde(borrow)]
+        pub operation: Option<Cow<'a, str>>,
+        #[serde(borrow)]
+        pub sub_resource: Option<Cow<'a, str>>,
+        #[serde(borrow)]
+        pub object: Option<Pod<'a>>,
+    }
+
+    #[derive(Deserialize)]
+    pub struct GroupKind<'a> {
+        #[serde(borrow)]
+        pub group: Option<Cow<'a, str>>,
+        #[serde(borrow)]
+        pub kind: Option<Cow<'a, str>>,
+    }
+
+    #[derive(Deserialize)]
+    pub struct Pod<'a> {
+        #[serde(borrow)]
+        pub spec: Option<Spec<'a>>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    pub struct Spec<'a> {
+        #[serde(borrow)]
+        pub init_containers: Option<Vec<Container<'a>>>,
+        #[serde(borrow)]
+        pub containers: Option<Vec<Container<'a>>>,
+    }
+
+    #[derive(Deserialize)]
+    pub struct Container<'a> {
+        #[serde(borrow)]
+        pub env: Option<Vec<EnvVar<'a>>>,
+    }
+
+    #[derive(Deserialize)]
+    pub struct EnvVar<'a> {
+        #[serde(borrow)]
+        pub name: Option<Cow<'a, str>>,
+    }
 }
 
 /// Standard base64 with padding (RFC 4648), as Kubernetes expects `patch`.
@@ -390,6 +519,50 @@ mod tests {
         // Deep nesting is an error, not a stack overflow.
         let deep = "[".repeat(100_000);
         assert!(review(deep.as_bytes(), FQDN).is_err());
+    }
+
+    /// The typed fast path and the untyped reference agree on every input
+    /// the other tests use, and on inputs only the reference can take.
+    #[test]
+    fn fast_path_agrees_with_the_reference() {
+        let pod = json!({"spec": {"containers": [{"name": "a", "env": [{"name": VARIABLE}]}, {"name": "b"}]}});
+        let inputs: Vec<Value> = vec![
+            serde_json::from_slice(include_bytes!("../../tests/data/admission.json")).unwrap(),
+            serde_json::from_slice(include_bytes!("../../tests/data/pod-4k.json")).unwrap(),
+            serde_json::from_slice(include_bytes!("../../tests/data/delete.json")).unwrap(),
+            review_of("admission.k8s.io/v1beta1", "CREATE", pod.clone()),
+            review_of(
+                "admission.k8s.io/v1",
+                "UPDATE",
+                json!({"spec": {"initContainers": [{"env": null}], "containers": null}}),
+            ),
+            review_of(
+                "admission.k8s.io/v1",
+                "CREATE",
+                json!({"spec": {"containers": [7, {"env": "x"}, {"env": [{"name": 3}]}, {}]}}),
+            ),
+            review_of("admission.k8s.io/v1", "CREATE", json!("not a pod")),
+            review_of("admission.k8s.io/v1", "CREATE", json!({"spec": null})),
+            json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {"uid": 5}}),
+            json!({"apiVersion": 1, "kind": "AdmissionReview"}),
+            json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {"uid": "x", "kind": {"group": 1, "kind": "Pod"}, "operation": "CREATE", "object": pod}}),
+        ];
+        for input in inputs {
+            let body = input.to_string();
+            let fast = review(body.as_bytes(), FQDN).map_err(|e| e.to_string());
+            let reference = review_value(&input, FQDN).map_err(|e| e.to_string());
+            assert_eq!(fast, reference, "{body}");
+        }
+        // Escaped strings cannot be borrowed; they are still read right.
+        let body = r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"u\"\u00e9","kind":{"group":"","kind":"Pod"},"operation":"CREATE","object":{"spec":{"containers":[{"env":[{"name":"KUBERNETES_\u0053ERVICE_HOST"}]},{"env":[]}]}}}}"#;
+        let fast = review(body.as_bytes(), FQDN).unwrap();
+        let reference = review_value(&serde_json::from_str(body).unwrap(), FQDN).unwrap();
+        assert_eq!(fast, reference);
+        assert_eq!(fast.review["response"]["uid"], "u\"\u{e9}");
+        assert_eq!(fast.patch.len(), 1);
+        // A duplicate key is taken by the reference (last one wins).
+        let body = br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","kind":"AdmissionReview","request":{"uid":"d"}}"#;
+        assert_eq!(review(body, FQDN).unwrap().review["response"]["uid"], "d");
     }
 
     #[test]
