@@ -32,9 +32,10 @@
 //! still sending for up to a second, so that it sees the answer.
 //!
 //! Shutdown: when the [`Shutdown`] triggers, the listener closes, idle
-//! keep-alive connections close, requests in flight finish (answered with
-//! `Connection: close`), and [`Server::wait`] returns once all threads are
-//! joined.
+//! keep-alive connections and connections that have sent nothing close,
+//! requests in flight finish (answered with `Connection: close`), and
+//! [`Server::wait`] returns once all threads are joined. A TLS handshake
+//! already under way is not interrupted; [`Limits::header_timeout`] bounds it.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -467,8 +468,7 @@ impl Conn<'_> {
                 }
                 Instant::now() + limits.header_timeout
             };
-            first = false;
-            let head = match self.read_head(deadline) {
+            let head = match self.read_head(deadline, std::mem::take(&mut first)) {
                 Ok(Ok(head)) => head,
                 Ok(Err(reject)) => return self.reject(reject, "-", "-"),
                 Err(ReadError::Closed) => return Ok(()),
@@ -537,7 +537,8 @@ impl Conn<'_> {
             self.shared.shutdown.as_raw_fd(),
         ];
         let ready = sys::poll_readable(&fds, Some(self.shared.limits.idle_timeout))?;
-        Ok(ready[0] && !ready[1])
+        // Bytes that already arrived are a request in flight: serve it.
+        Ok(ready[0])
     }
 
     /// Reads more bytes into `buf`, giving up at `deadline`.
@@ -570,10 +571,28 @@ impl Conn<'_> {
         }
     }
 
-    fn read_head(&mut self, deadline: Instant) -> Result<Result<Head, Reject>, ReadError> {
+    /// Reads one request head. With `abortable` (a new connection), a
+    /// shutdown before its first byte closes it instead.
+    fn read_head(
+        &mut self,
+        deadline: Instant,
+        abortable: bool,
+    ) -> Result<Result<Head, Reject>, ReadError> {
         let limits = &self.shared.limits;
         loop {
-            if !self.buf.is_empty() {
+            if abortable && self.buf.is_empty() && !self.transport.has_buffered() {
+                // Nothing of a request yet (a new connection, perhaps still
+                // before its TLS handshake): shutdown may close it.
+                let fds = [
+                    self.transport.socket().as_raw_fd(),
+                    self.shared.shutdown.as_raw_fd(),
+                ];
+                let remaining = deadline.saturating_duration_since(Instant::now());
+                let ready = sys::poll_readable(&fds, Some(remaining)).map_err(ReadError::Io)?;
+                if ready[1] && !ready[0] {
+                    return Err(ReadError::Closed);
+                }
+            } else {
                 let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
                 let slots = limits.max_headers.min(MAX_HEADERS);
                 let mut request = httparse::Request::new(&mut headers[..slots]);
@@ -985,6 +1004,33 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         server.stop();
+    }
+
+    #[test]
+    fn shutdown_does_not_wait_for_silent_connections() {
+        let limits = Limits {
+            header_timeout: Duration::from_secs(60),
+            ..Limits::default()
+        };
+        let server = start(limits);
+        let _silent = TcpStream::connect(server.addr()).unwrap();
+        let mut half = TcpStream::connect(server.addr()).unwrap();
+        let r = exchange(&mut half, b"GET /x HTTP/1.1\r\n\r\n");
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        // A request in flight is still answered.
+        half.write_all(b"GET /x HTTP/1.1\r\n").unwrap();
+        let started = Instant::now();
+        server.shutdown.trigger("test");
+        let r = exchange(&mut half, b"\r\n");
+        assert!(
+            r.starts_with("HTTP/1.1 200") && r.contains("Connection: close"),
+            "{r}"
+        );
+        server.stop();
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "shutdown waited for the header timeout"
+        );
     }
 
     #[test]
