@@ -367,7 +367,13 @@ impl Transport {
     fn close(mut self) {
         if let Transport::Tls(conn, s) = &mut self {
             conn.send_close_notify();
-            let _ = conn.complete_io(s);
+            // Only write: complete_io would also read while a handshake is
+            // unfinished, and nothing more is wanted from this peer.
+            while conn.wants_write() {
+                if conn.write_tls(s).is_err() {
+                    break;
+                }
+            }
         }
         let _ = self.socket().shutdown(SocketShutdown::Write);
     }
@@ -395,6 +401,8 @@ fn serve(shared: &Shared, stream: TcpStream, peer: SocketAddr) -> io::Result<()>
     stream.set_nonblocking(false)?;
     stream.set_nodelay(true)?;
     stream.set_write_timeout(Some(shared.limits.write_timeout))?;
+    // Every read sets its own deadline; this is the backstop.
+    stream.set_read_timeout(Some(shared.limits.header_timeout))?;
     let transport = match &shared.tls {
         None => Transport::Plain(stream),
         Some(reloader) => {
