@@ -269,7 +269,9 @@ fn dispatch(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
 }
 
 fn refuse(shared: &Shared, mut stream: TcpStream, peer: SocketAddr) {
-    log::warn!(
+    // Debug, not warn: under a flood this would be one line per connection;
+    // the observer counts refusals.
+    log::debug!(
         "refusing connection from {peer}: {} connections open",
         shared.limits.max_connections
     );

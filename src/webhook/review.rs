@@ -9,7 +9,9 @@
 
 use std::fmt;
 
-use serde_json::{Map, Value, json};
+use serde_json::Value;
+#[cfg(test)]
+use serde_json::json;
 
 /// The variable the webhook sets.
 pub const VARIABLE: &str = "KUBERNETES_SERVICE_HOST";
@@ -47,13 +49,28 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
-/// The answer to one review.
-#[derive(Debug, Clone, PartialEq)]
+/// The answer to one review, as the JSON text to send (written directly,
+/// without building a `Value`: allocation is the main cost under load).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Answer {
     /// The complete AdmissionReview to send back.
-    pub review: Value,
-    /// The patch operations, empty when nothing changes.
-    pub patch: Vec<Value>,
+    pub body: String,
+    /// The RFC 6902 patch (before base64); empty when nothing changes.
+    pub patch: String,
+    /// How many operations (containers given the variable) the patch has.
+    pub operations: usize,
+}
+
+impl Answer {
+    /// The answer parsed back into a `Value` (for tests and tools).
+    pub fn review(&self) -> Value {
+        serde_json::from_str(&self.body).unwrap_or(Value::Null)
+    }
+
+    /// The patch operations parsed back; empty when nothing changes.
+    pub fn patch_ops(&self) -> Vec<Value> {
+        serde_json::from_str(&self.patch).unwrap_or_default()
+    }
 }
 
 /// Answers the review in `body` (JSON bytes) for the given FQDN.
@@ -89,41 +106,68 @@ fn wants_patch(operation: &str, group: &str, kind: &str, sub_resource: &str) -> 
         && sub_resource.is_empty()
 }
 
-/// The operation for container `i` of `kind` (`initContainers` or
-/// `containers`), if it needs one.
-fn env_op(kind: &str, i: usize, env: Env, fqdn: &str) -> Option<Value> {
-    let variable = json!({ "name": VARIABLE, "value": fqdn });
-    match env {
-        Env::Missing => Some(json!({
-            "op": "add",
-            "path": format!("/spec/{kind}/{i}/env"),
-            "value": [variable],
-        })),
-        Env::List { defined: false } => Some(json!({
-            "op": "add",
-            "path": format!("/spec/{kind}/{i}/env/-"),
-            "value": variable,
-        })),
-        Env::List { defined: true } | Env::Malformed => None,
+/// A JSON string literal for `text`, escaped as needed.
+fn json_string(text: &str) -> String {
+    // Serialising a &str cannot fail.
+    serde_json::to_string(text).unwrap_or_else(|_| "\"\"".to_string())
+}
+
+/// The patch under construction, as JSON text.
+struct Patch {
+    text: String,
+    operations: usize,
+    /// `{"name":"KUBERNETES_SERVICE_HOST","value":<fqdn>}`
+    variable: String,
+}
+
+impl Patch {
+    fn new(fqdn: &str) -> Patch {
+        let variable = format!(
+            "{{\"name\":\"{VARIABLE}\",\"value\":{}}}",
+            json_string(fqdn)
+        );
+        Patch {
+            text: String::new(),
+            operations: 0,
+            variable,
+        }
+    }
+
+    /// Adds the operation container `i` of `kind` (`initContainers` or
+    /// `containers`) needs, if any.
+    fn container(&mut self, kind: &str, i: usize, env: Env) {
+        let (suffix, value) = match env {
+            Env::Missing => ("", format!("[{}]", self.variable)),
+            Env::List { defined: false } => ("/-", self.variable.clone()),
+            Env::List { defined: true } | Env::Malformed => return,
+        };
+        self.text.push(if self.operations == 0 { '[' } else { ',' });
+        self.text.push_str(&format!(
+            "{{\"op\":\"add\",\"path\":\"/spec/{kind}/{i}/env{suffix}\",\"value\":{value}}}"
+        ));
+        self.operations += 1;
     }
 }
 
-fn answer(api_version: &str, uid: &str, patch: Vec<Value>) -> Answer {
-    let mut response = Map::new();
-    response.insert("uid".into(), Value::String(uid.to_string()));
-    response.insert("allowed".into(), Value::Bool(true));
-    if !patch.is_empty() {
-        // Serialising a Value built from JSON values cannot fail.
-        let bytes = serde_json::to_vec(&patch).unwrap_or_default();
-        response.insert("patchType".into(), Value::String("JSONPatch".into()));
-        response.insert("patch".into(), Value::String(base64(&bytes)));
+fn answer(api_version: &str, uid: &str, mut patch: Patch) -> Answer {
+    let mut body = String::with_capacity(192 + patch.text.len() * 4 / 3);
+    body.push_str("{\"apiVersion\":");
+    body.push_str(&json_string(api_version));
+    body.push_str(",\"kind\":\"AdmissionReview\",\"response\":{\"uid\":");
+    body.push_str(&json_string(uid));
+    body.push_str(",\"allowed\":true");
+    if patch.operations > 0 {
+        patch.text.push(']');
+        body.push_str(",\"patchType\":\"JSONPatch\",\"patch\":\"");
+        body.push_str(&base64(patch.text.as_bytes()));
+        body.push('"');
     }
-    let review = json!({
-        "apiVersion": api_version,
-        "kind": "AdmissionReview",
-        "response": Value::Object(response),
-    });
-    Answer { review, patch }
+    body.push_str("}}");
+    Answer {
+        body,
+        patch: patch.text,
+        operations: patch.operations,
+    }
 }
 
 fn check_envelope<'a>(api_version: Option<&'a str>, kind: Option<&str>) -> Result<&'a str, Error> {
@@ -153,27 +197,25 @@ pub fn review_value(review: &Value, fqdn: &str) -> Result<Answer, Error> {
     };
     let uid = text(request.get("uid")).ok_or(Error::MissingUid)?;
     let kind = request.get("kind");
-    let patch = if wants_patch(
+    let mut patch = Patch::new(fqdn);
+    if wants_patch(
         text(request.get("operation")).unwrap_or(""),
         text(kind.and_then(|k| k.get("group"))).unwrap_or(""),
         text(kind.and_then(|k| k.get("kind"))).unwrap_or(""),
         text(request.get("subResource")).unwrap_or(""),
     ) {
-        request
-            .get("object")
-            .map(|pod| pod_patch(pod, fqdn))
-            .unwrap_or_default()
-    } else {
-        Vec::new()
-    };
+        if let Some(pod) = request.get("object") {
+            pod_patch(pod, &mut patch);
+        }
+    }
     Ok(answer(api_version, uid, patch))
 }
 
-/// The operations that give every init container and container of `pod`
-/// the variable, init containers first. Containers that already define it
-/// (by `value` or `valueFrom`) are left alone, as is anything malformed.
-pub fn pod_patch(pod: &Value, fqdn: &str) -> Vec<Value> {
-    let mut ops = Vec::new();
+/// Adds the operations that give every init container and container of
+/// `pod` the variable, init containers first. Containers that already
+/// define it (by `value` or `valueFrom`) are left alone, as is anything
+/// malformed.
+fn pod_patch(pod: &Value, patch: &mut Patch) {
     for kind in ["initContainers", "containers"] {
         let Some(containers) = pod
             .get("spec")
@@ -195,10 +237,9 @@ pub fn pod_patch(pod: &Value, fqdn: &str) -> Vec<Value> {
                 },
                 Some(_) => Env::Malformed,
             };
-            ops.extend(env_op(kind, i, env, fqdn));
+            patch.container(kind, i, env);
         }
     }
-    ops
 }
 
 fn review_typed(review: &typed::Review<'_>, fqdn: &str) -> Result<Answer, Error> {
@@ -206,7 +247,7 @@ fn review_typed(review: &typed::Review<'_>, fqdn: &str) -> Result<Answer, Error>
     let request = review.request.as_ref().ok_or(Error::MissingRequest)?;
     let uid = request.uid.as_deref().ok_or(Error::MissingUid)?;
     let kind = request.kind.as_ref();
-    let mut patch = Vec::new();
+    let mut patch = Patch::new(fqdn);
     if wants_patch(
         request.operation.as_deref().unwrap_or(""),
         kind.and_then(|k| k.group.as_deref()).unwrap_or(""),
@@ -228,7 +269,7 @@ fn review_typed(review: &typed::Review<'_>, fqdn: &str) -> Result<Answer, Error>
                         defined: env.iter().any(|var| var.name.as_deref() == Some(VARIABLE)),
                     },
                 };
-                patch.extend(env_op(kind, i, env, fqdn));
+                patch.container(kind, i, env);
             }
         }
     }
@@ -357,8 +398,9 @@ mod tests {
 
     /// Decodes the patch from the answer and checks it equals `ops`.
     fn assert_patch(answer: &Answer, ops: Value) {
-        assert_eq!(Value::Array(answer.patch.clone()), ops);
-        let response = &answer.review["response"];
+        assert_eq!(Value::Array(answer.patch_ops()), ops);
+        let review = answer.review();
+        let response = &review["response"];
         if answer.patch.is_empty() {
             assert!(response.get("patch").is_none() && response.get("patchType").is_none());
         } else {
@@ -374,14 +416,14 @@ mod tests {
     fn upstream_example() {
         let body = include_bytes!("../../tests/data/admission.json");
         let answer = review(body, FQDN).unwrap();
-        assert_eq!(answer.review["apiVersion"], "admission.k8s.io/v1");
-        assert_eq!(answer.review["kind"], "AdmissionReview");
+        assert_eq!(answer.review()["apiVersion"], "admission.k8s.io/v1");
+        assert_eq!(answer.review()["kind"], "AdmissionReview");
         assert_eq!(
-            answer.review["response"]["uid"],
+            answer.review()["response"]["uid"],
             "705ab4f5-6393-11e8-b7cc-42010a800002"
         );
         assert_eq!(
-            Value::Array(answer.patch),
+            Value::Array(answer.patch_ops()),
             json!([
                 {"op": "add", "path": "/spec/initContainers/0/env", "value": [var()]},
                 {"op": "add", "path": "/spec/containers/0/env", "value": [var()]},
@@ -428,7 +470,7 @@ mod tests {
         let answer = answer(&review_of("admission.k8s.io/v1", "CREATE", pod));
         assert_patch(&answer, json!([]));
         assert_eq!(
-            answer.review,
+            answer.review(),
             json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
                    "response": {"uid": "u-1", "allowed": true}})
         );
@@ -438,7 +480,7 @@ mod tests {
     fn v1beta1_in_v1beta1_out() {
         let pod = json!({"spec": {"containers": [{"name": "a"}]}});
         let answer = answer(&review_of("admission.k8s.io/v1beta1", "CREATE", pod));
-        assert_eq!(answer.review["apiVersion"], "admission.k8s.io/v1beta1");
+        assert_eq!(answer.review()["apiVersion"], "admission.k8s.io/v1beta1");
         assert_patch(
             &answer,
             json!([{"op": "add", "path": "/spec/containers/0/env", "value": [var()]}]),
@@ -558,11 +600,11 @@ mod tests {
         let fast = review(body.as_bytes(), FQDN).unwrap();
         let reference = review_value(&serde_json::from_str(body).unwrap(), FQDN).unwrap();
         assert_eq!(fast, reference);
-        assert_eq!(fast.review["response"]["uid"], "u\"\u{e9}");
-        assert_eq!(fast.patch.len(), 1);
+        assert_eq!(fast.review()["response"]["uid"], "u\"\u{e9}");
+        assert_eq!(fast.operations, 1);
         // A duplicate key is taken by the reference (last one wins).
         let body = br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","kind":"AdmissionReview","request":{"uid":"d"}}"#;
-        assert_eq!(review(body, FQDN).unwrap().review["response"]["uid"], "d");
+        assert_eq!(review(body, FQDN).unwrap().review()["response"]["uid"], "d");
     }
 
     #[test]
