@@ -16,7 +16,7 @@
 //! let handler: http::Handler = Arc::new(|_req: &rouille::Request| rouille::Response::text("ok"));
 //! let addr = "127.0.0.1:0".parse().unwrap();
 //! let server = http::Server::bind(addr, None, http::Limits::default(), handler, &shutdown).unwrap();
-//! println!("listening on {}", server.addr());
+//! println!("listening on {}", server.local_addr());
 //! server.wait(); // returns once `shutdown` triggers and every connection is done
 //! ```
 //!
