@@ -986,6 +986,50 @@ mod tests {
     }
 
     #[test]
+    fn http10_and_head_requests() {
+        let server = start(Limits::default());
+        let mut s = TcpStream::connect(server.addr()).unwrap();
+        // A HEAD answer has a Content-Length but no body: read to the blank line.
+        s.write_all(b"HEAD /h HTTP/1.1\r\n\r\n").unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && s.read(&mut byte).unwrap_or(0) == 1 {
+            head.push(byte[0]);
+        }
+        let r = String::from_utf8_lossy(&head).to_string();
+        assert!(
+            r.starts_with("HTTP/1.1 200") && r.contains("Content-Length: 9\r\n"),
+            "{r}"
+        );
+        let r = exchange(&mut s, b"GET /k HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
+        assert!(
+            r.starts_with("HTTP/1.1 200")
+                && r.ends_with("GET /k 0")
+                && !r.contains("Connection: close"),
+            "{r}"
+        );
+        let r = exchange(&mut s, b"GET /c HTTP/1.0\r\n\r\n");
+        assert!(
+            r.contains("Connection: close") && r.ends_with("GET /c 0"),
+            "{r}"
+        );
+        let mut buf = [0u8; 16];
+        assert_eq!(
+            s.read(&mut buf).unwrap_or(0),
+            0,
+            "HTTP/1.0 without keep-alive closes"
+        );
+        let mut s = TcpStream::connect(server.addr()).unwrap();
+        let r = exchange(&mut s, b"GET / HTTP/2.0\r\n\r\n");
+        assert!(
+            r.starts_with("HTTP/1.1 505") || r.starts_with("HTTP/1.1 400"),
+            "{r}"
+        );
+        server.stop();
+    }
+
+    #[test]
     fn connections_beyond_the_cap_are_refused() {
         let limits = Limits {
             max_connections: 1,

@@ -607,6 +607,45 @@ mod tests {
         assert_eq!(review(body, FQDN).unwrap().review()["response"]["uid"], "d");
     }
 
+    /// Mangled reviews (bytes flipped, cut, spliced) never panic, and the
+    /// fast path and the reference agree on every one.
+    #[test]
+    fn mangled_reviews_never_panic() {
+        let original = include_bytes!("../../tests/data/pod-4k.json");
+        let mut seed: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let specials = b"{}[]\",:0-ne\\ ";
+        for _ in 0..3000 {
+            let mut body = original.to_vec();
+            for _ in 0..(next() % 4 + 1) {
+                let at = (next() as usize) % body.len().max(1);
+                match next() % 4 {
+                    0 => body[at] = specials[(next() as usize) % specials.len()],
+                    1 => body.truncate(at),
+                    2 => {
+                        let from = (next() as usize) % original.len();
+                        body.splice(at..at, original[from..].iter().take(40).copied());
+                    }
+                    _ => {
+                        if at < body.len() {
+                            body.remove(at);
+                        }
+                    }
+                }
+            }
+            let fast = review(&body, FQDN).map_err(|e| e.to_string());
+            if let Ok(value) = serde_json::from_slice::<Value>(&body) {
+                let reference = review_value(&value, FQDN).map_err(|e| e.to_string());
+                assert_eq!(fast, reference, "{}", String::from_utf8_lossy(&body));
+            }
+        }
+    }
+
     #[test]
     fn base64_matches_rfc4648_vectors() {
         let vectors = [
