@@ -17,6 +17,14 @@
 //! - [`sidecar`]: `apiserver-proxy-sidecar`. [`sidecar::plan`] decides (pure),
 //!   [`sidecar::netlink`] talks rtnetlink, [`sidecar::iptables`] runs the
 //!   iptables binaries, [`sidecar::run`] is the reconcile loop.
+//! - [`tls`]: the only TLS module: rustls configs from PEM files (ring
+//!   provider), client-CA verification, certificate reload on file change.
+//! - [`http`]: the shared HTTP/1.1 server (TLS or plain TCP) with rouille
+//!   handlers, a bounded thread-per-connection pool, limits and timeouts.
+//! - [`metrics`]: hand-written Prometheus text exposition.
+//! - [`webhook`]: `apiserver-proxy-pod-webhook`. [`webhook::review`] turns an
+//!   AdmissionReview into its answer (pure), [`webhook::server`] routes and
+//!   counts, [`webhook::run`] serves.
 //! - [`tunnel`]: Konnectivity. [`tunnel::message`] is the protocol's
 //!   vocabulary, [`tunnel::router`] the server's routing state machine (pure),
 //!   [`tunnel::connect`] the HTTP CONNECT request parser (pure).
@@ -26,6 +34,10 @@
 //! - Decision code does no I/O: the sidecar's plan and the tunnel's router
 //!   and CONNECT parser are pure functions of their inputs (the caller passes
 //!   clocks and random picks) and are unit-tested with literal inputs.
+//! - The webhook's review is a pure function of the review JSON and the
+//!   FQDN; only `http` touches its sockets, only `tls` builds TLS configs.
+//! - Every buffer filled from the network is bounded (`http::Limits`), and
+//!   every socket has a timeout.
 //! - Only `sidecar::netlink` opens netlink sockets; only `sidecar::iptables`
 //!   starts processes; only `sys` contains `unsafe`.
 //! - Roles share only `cli`, `sys` and `shutdown` (and later the TLS, HTTP
@@ -42,7 +54,11 @@
 //! does), no log files (stderr only, as in containers).
 
 pub mod cli;
+pub mod http;
+pub mod metrics;
 pub mod shutdown;
 pub mod sidecar;
 pub mod sys;
+pub mod tls;
 pub mod tunnel;
+pub mod webhook;
