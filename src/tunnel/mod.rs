@@ -1,0 +1,3 @@
+//! The Konnectivity tunnel: wire packets (and, later, the server and agent).
+
+pub mod proto;
