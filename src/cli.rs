@@ -286,8 +286,13 @@ impl LogFlags {
             | "skip_log_headers" | "one_output" => {
                 bool_value(parser, name)?;
             }
-            "log_dir" | "log_file" | "log_file_max_size" | "stderrthreshold" | "vmodule"
-            | "log_backtrace_at" | "log-flush-frequency" => {
+            "log_dir"
+            | "log_file"
+            | "log_file_max_size"
+            | "stderrthreshold"
+            | "vmodule"
+            | "log_backtrace_at"
+            | "log-flush-frequency" => {
                 string_value(parser, name)?;
             }
             _ => return Ok(false),
@@ -324,7 +329,17 @@ mod tests {
         assert_eq!(parse_duration("7ns"), Ok(Duration::from_nanos(7)));
         assert_eq!(parse_duration("0"), Ok(Duration::ZERO));
         assert_eq!(parse_duration("+2s"), Ok(Duration::from_secs(2)));
-        for bad in ["", "1", "m", "1x", "-1s", "1..2s", ".s", "s1", "99999999999h"] {
+        for bad in [
+            "",
+            "1",
+            "m",
+            "1x",
+            "-1s",
+            "1..2s",
+            ".s",
+            "s1",
+            "99999999999h",
+        ] {
             assert!(parse_duration(bad).is_err(), "{bad:?} should be rejected");
         }
     }

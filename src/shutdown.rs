@@ -44,7 +44,11 @@ impl Shutdown {
     pub fn new() -> io::Result<Self> {
         Ok(Shutdown {
             inner: Arc::new(Inner {
-                state: Mutex::new(State { triggered: false, reason: None, wakers: Vec::new() }),
+                state: Mutex::new(State {
+                    triggered: false,
+                    reason: None,
+                    wakers: Vec::new(),
+                }),
                 changed: Condvar::new(),
                 event: EventFd::new()?,
             }),
@@ -126,7 +130,10 @@ pub struct Worker {
 impl Worker {
     pub fn spawn(name: &str, body: impl FnOnce() + Send + 'static) -> io::Result<Self> {
         let handle = thread::Builder::new().name(name.to_string()).spawn(body)?;
-        Ok(Worker { name: name.to_string(), handle: Some(handle) })
+        Ok(Worker {
+            name: name.to_string(),
+            handle: Some(handle),
+        })
     }
 
     /// Joins now (the same as dropping, but explicit at the call site).
@@ -160,7 +167,11 @@ pub fn watch_signals(shutdown: &Shutdown) -> io::Result<Worker> {
         loop {
             match signals.take() {
                 Ok(Some(signo)) => {
-                    let name = if signo == libc::SIGTERM { "SIGTERM" } else { "SIGINT" };
+                    let name = if signo == libc::SIGTERM {
+                        "SIGTERM"
+                    } else {
+                        "SIGINT"
+                    };
                     log::info!("received {name}, shutting down");
                     shutdown.trigger(name);
                     return;
@@ -194,8 +205,10 @@ mod tests {
         shutdown.on_trigger(move || *c.lock().unwrap() += 1);
         let waiter = {
             let s = shutdown.clone();
-            Worker::spawn("waiter", move || assert!(s.wait_timeout(Duration::from_secs(30))))
-                .unwrap()
+            Worker::spawn("waiter", move || {
+                assert!(s.wait_timeout(Duration::from_secs(30)))
+            })
+            .unwrap()
         };
         assert!(!shutdown.wait_timeout(Duration::from_millis(1)));
         shutdown.trigger("test");

@@ -46,11 +46,12 @@ impl SignalFd {
             return Err(io::Error::from_raw_os_error(ret));
         }
         // SAFETY: -1 asks for a new descriptor; the mask is valid.
-        let fd = check(unsafe {
-            libc::signalfd(-1, &mask, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK)
-        })?;
+        let fd =
+            check(unsafe { libc::signalfd(-1, &mask, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) })?;
         // SAFETY: fd was just returned by signalfd and is owned by nobody else.
-        Ok(SignalFd { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
+        Ok(SignalFd {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
     }
 
     /// The next pending signal number, or `None` when none is pending.
@@ -60,7 +61,11 @@ impl SignalFd {
         let size = std::mem::size_of::<libc::signalfd_siginfo>();
         // SAFETY: the buffer is exactly one siginfo long and writable.
         let n = unsafe {
-            libc::read(self.fd.as_raw_fd(), (&mut info as *mut libc::signalfd_siginfo).cast(), size)
+            libc::read(
+                self.fd.as_raw_fd(),
+                (&mut info as *mut libc::signalfd_siginfo).cast(),
+                size,
+            )
         };
         if n < 0 {
             let err = io::Error::last_os_error();
@@ -92,7 +97,9 @@ impl EventFd {
         // SAFETY: plain syscall with constant flags.
         let fd = check(unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) })?;
         // SAFETY: fd was just returned by eventfd and is owned by nobody else.
-        Ok(EventFd { fd: unsafe { OwnedFd::from_raw_fd(fd) } })
+        Ok(EventFd {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
     }
 
     /// Makes the descriptor readable (it stays readable: nobody drains it).
@@ -116,7 +123,11 @@ impl AsRawFd for EventFd {
 pub fn poll_readable(fds: &[RawFd], timeout: Option<Duration>) -> io::Result<Vec<bool>> {
     let mut pollfds: Vec<libc::pollfd> = fds
         .iter()
-        .map(|&fd| libc::pollfd { fd, events: libc::POLLIN, revents: 0 })
+        .map(|&fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
         .collect();
     let millis = match timeout {
         None => -1,

@@ -1473,3 +1473,491 @@ fn headers_complete(shared: &Shared, r: &mut Reader, p: PendingBlock) -> Result<
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::h2::frame::{flag, kind};
+    use std::os::unix::net::UnixStream;
+
+    /// A hand-driven peer: writes raw frames, reads frames back.
+    struct Raw {
+        sock: UnixStream,
+        frames: frame::Decoder,
+        hpack: loona_hpack::Encoder<'static>,
+    }
+
+    impl Raw {
+        fn send(&mut self, bytes: &[u8]) {
+            // The connection may already have closed the socket.
+            let _ = self.sock.write_all(bytes);
+        }
+
+        fn frame(&mut self, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+            let mut out = Vec::new();
+            frame::FrameHeader {
+                len: payload.len() as u32,
+                kind,
+                flags,
+                stream,
+            }
+            .write(&mut out);
+            out.extend_from_slice(payload);
+            self.send(&out);
+        }
+
+        fn headers(&mut self, stream: u32, fields: &[(&str, &str)], flags: u8) {
+            let block = self
+                .hpack
+                .encode(fields.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())));
+            self.frame(kind::HEADERS, flags, stream, &block);
+        }
+
+        fn request(&mut self, stream: u32) {
+            self.headers(
+                stream,
+                &[
+                    (":method", "POST"),
+                    (":scheme", "http"),
+                    (":path", "/x"),
+                    (":authority", "t"),
+                ],
+                flag::END_HEADERS,
+            );
+        }
+
+        fn next(&mut self) -> Option<Frame> {
+            loop {
+                if let Some(f) = self.frames.next_frame().expect("our frames are valid") {
+                    return Some(f);
+                }
+                let spare = self.frames.spare(4096);
+                let n = self.sock.read(spare).unwrap_or(0);
+                self.frames.filled(4096, n);
+                if n == 0 {
+                    return None;
+                }
+            }
+        }
+
+        /// Skips frames until one matches; panics at the end of the stream.
+        fn expect(&mut self, what: &str, mut pick: impl FnMut(&Frame) -> bool) -> Frame {
+            loop {
+                match self.next() {
+                    Some(f) if pick(&f) => return f,
+                    Some(_) => {}
+                    None => panic!("connection ended before {what}"),
+                }
+            }
+        }
+
+        fn expect_goaway(&mut self) -> ErrorCode {
+            match self.expect("GOAWAY", |f| matches!(f, Frame::GoAway { .. })) {
+                Frame::GoAway { code, .. } => code,
+                _ => unreachable!(),
+            }
+        }
+
+        fn expect_rst(&mut self, stream: u32) -> ErrorCode {
+            match self.expect(
+                "RST_STREAM",
+                |f| matches!(f, Frame::RstStream { stream: s, .. } if *s == stream),
+            ) {
+                Frame::RstStream { code, .. } => code,
+                _ => unreachable!(),
+            }
+        }
+    }
+
+    fn raw_pair(config: Config, server: bool) -> (Connection, Raw) {
+        let (a, b) = UnixStream::pair().unwrap();
+        b.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let t = Transport::plain(
+            a,
+            Some(Duration::from_secs(10)),
+            Some(Duration::from_secs(10)),
+        )
+        .unwrap();
+        let conn = if server {
+            Connection::server(t, config)
+        } else {
+            Connection::client(t, config)
+        }
+        .unwrap();
+        let mut raw = Raw {
+            sock: b,
+            frames: frame::Decoder::new(frame::MAX_MAX_FRAME_SIZE),
+            hpack: loona_hpack::Encoder::new(),
+        };
+        if server {
+            raw.send(frame::PREFACE);
+        } else {
+            let mut preface = [0u8; 24];
+            raw.sock.read_exact(&mut preface).unwrap();
+            assert_eq!(&preface, frame::PREFACE);
+        }
+        let mut settings = Vec::new();
+        frame::write_settings(&mut settings, &[]);
+        raw.send(&settings);
+        (conn, raw)
+    }
+
+    fn server() -> (Connection, Raw) {
+        raw_pair(Config::default(), true)
+    }
+
+    #[test]
+    fn settings_are_acknowledged_and_pings_answered() {
+        let (_conn, mut raw) = server();
+        raw.expect("SETTINGS", |f| {
+            matches!(f, Frame::Settings { ack: false, .. })
+        });
+        raw.expect("SETTINGS ACK", |f| {
+            matches!(f, Frame::Settings { ack: true, .. })
+        });
+        raw.frame(kind::PING, 0, 0, b"pingpong");
+        let pong = raw.expect("PING ACK", |f| matches!(f, Frame::Ping { .. }));
+        assert_eq!(
+            pong,
+            Frame::Ping {
+                ack: true,
+                payload: *b"pingpong"
+            }
+        );
+    }
+
+    #[test]
+    fn bad_preface_and_missing_settings_are_protocol_errors() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let t = Transport::plain(a, None, None).unwrap();
+        let conn = Connection::server(t, Config::default()).unwrap();
+        let mut raw = Raw {
+            sock: b,
+            frames: frame::Decoder::new(1 << 20),
+            hpack: loona_hpack::Encoder::new(),
+        };
+        raw.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert_eq!(raw.expect_goaway(), ErrorCode::PROTOCOL_ERROR);
+        assert!(matches!(
+            conn.wait_closed(None),
+            Some(Error::Protocol { .. })
+        ));
+
+        let (a, b) = UnixStream::pair().unwrap();
+        let t = Transport::plain(a, None, None).unwrap();
+        let _conn = Connection::server(t, Config::default()).unwrap();
+        let mut raw = Raw {
+            sock: b,
+            frames: frame::Decoder::new(1 << 20),
+            hpack: loona_hpack::Encoder::new(),
+        };
+        raw.send(frame::PREFACE);
+        raw.frame(kind::PING, 0, 0, b"12345678");
+        assert_eq!(raw.expect_goaway(), ErrorCode::PROTOCOL_ERROR);
+    }
+
+    #[test]
+    fn window_overflow_past_2_31_is_a_flow_control_error() {
+        let (_conn, mut raw) = server();
+        raw.request(1);
+        raw.frame(kind::WINDOW_UPDATE, 0, 1, &frame::MAX_WINDOW.to_be_bytes());
+        assert_eq!(raw.expect_rst(1), ErrorCode::FLOW_CONTROL_ERROR);
+        raw.frame(kind::WINDOW_UPDATE, 0, 0, &frame::MAX_WINDOW.to_be_bytes());
+        assert_eq!(raw.expect_goaway(), ErrorCode::FLOW_CONTROL_ERROR);
+    }
+
+    #[test]
+    fn settings_that_push_windows_past_2_31_are_flow_control_errors() {
+        let (_conn, mut raw) = server();
+        raw.request(1);
+        raw.frame(
+            kind::WINDOW_UPDATE,
+            0,
+            1,
+            &(frame::MAX_WINDOW - 65_535).to_be_bytes(),
+        );
+        let mut s = setting::INITIAL_WINDOW_SIZE.to_be_bytes().to_vec();
+        s.extend(frame::MAX_WINDOW.to_be_bytes());
+        raw.frame(kind::SETTINGS, 0, 0, &s);
+        assert_eq!(raw.expect_goaway(), ErrorCode::FLOW_CONTROL_ERROR);
+    }
+
+    #[test]
+    fn bad_settings_values_close_the_connection() {
+        for (id, value, code) in [
+            (
+                setting::INITIAL_WINDOW_SIZE,
+                1u32 << 31,
+                ErrorCode::FLOW_CONTROL_ERROR,
+            ),
+            (setting::MAX_FRAME_SIZE, 100, ErrorCode::PROTOCOL_ERROR),
+            (setting::ENABLE_PUSH, 7, ErrorCode::PROTOCOL_ERROR),
+        ] {
+            let (_conn, mut raw) = server();
+            let mut s = id.to_be_bytes().to_vec();
+            s.extend(value.to_be_bytes());
+            raw.frame(kind::SETTINGS, 0, 0, &s);
+            assert_eq!(raw.expect_goaway(), code, "setting {id} = {value}");
+        }
+    }
+
+    #[test]
+    fn stream_ids_must_be_odd_and_increasing() {
+        let (_conn, mut raw) = server();
+        raw.request(2);
+        assert_eq!(raw.expect_goaway(), ErrorCode::PROTOCOL_ERROR);
+
+        let (conn, mut raw) = server();
+        raw.request(5);
+        let s5 = conn.accept().unwrap();
+        assert_eq!(s5.id(), 5);
+        raw.request(3);
+        assert_eq!(raw.expect_rst(3), ErrorCode::STREAM_CLOSED);
+    }
+
+    #[test]
+    fn frames_on_idle_and_closed_streams() {
+        let (conn, mut raw) = server();
+        raw.frame(kind::DATA, 0, 7, b"x");
+        assert_eq!(raw.expect_goaway(), ErrorCode::PROTOCOL_ERROR);
+        drop(conn);
+
+        let (conn, mut raw) = server();
+        raw.request(1);
+        let s = conn.accept().unwrap();
+        s.reset(ErrorCode::CANCEL);
+        assert_eq!(raw.expect_rst(1), ErrorCode::CANCEL);
+        drop(s);
+        raw.frame(kind::DATA, flag::END_STREAM, 1, b"late");
+        assert_eq!(raw.expect_rst(1), ErrorCode::STREAM_CLOSED);
+        // WINDOW_UPDATE and RST_STREAM on a closed stream are ignored.
+        raw.frame(kind::WINDOW_UPDATE, 0, 1, &1u32.to_be_bytes());
+        raw.frame(kind::RST_STREAM, 0, 1, &0u32.to_be_bytes());
+        raw.frame(kind::PING, 0, 0, b"stillok!");
+        raw.expect("PING ACK", |f| matches!(f, Frame::Ping { ack: true, .. }));
+        // Data after END_STREAM on an open stream.
+        raw.headers(
+            3,
+            &[(":method", "POST"), (":path", "/x")],
+            flag::END_HEADERS | flag::END_STREAM,
+        );
+        let _s3 = conn.accept().unwrap();
+        raw.frame(kind::DATA, 0, 3, b"x");
+        assert_eq!(raw.expect_rst(3), ErrorCode::STREAM_CLOSED);
+    }
+
+    #[test]
+    fn continuation_must_follow_headers_on_the_same_stream() {
+        let (_conn, mut raw) = server();
+        raw.frame(kind::HEADERS, 0, 1, b"");
+        raw.frame(kind::PING, 0, 0, b"12345678");
+        assert_eq!(raw.expect_goaway(), ErrorCode::PROTOCOL_ERROR);
+
+        let (_conn, mut raw) = server();
+        raw.frame(kind::HEADERS, 0, 1, b"");
+        raw.frame(kind::CONTINUATION, flag::END_HEADERS, 3, b"");
+        assert_eq!(raw.expect_goaway(), ErrorCode::PROTOCOL_ERROR);
+
+        let (_conn, mut raw) = server();
+        raw.frame(kind::CONTINUATION, flag::END_HEADERS, 1, b"");
+        assert_eq!(raw.expect_goaway(), ErrorCode::PROTOCOL_ERROR);
+
+        // Split correctly, the same block opens a stream.
+        let (conn, mut raw) = server();
+        let block = raw
+            .hpack
+            .encode([(&b":method"[..], &b"POST"[..]), (b":path", b"/split")]);
+        let (a, b) = block.split_at(3);
+        raw.frame(kind::HEADERS, 0, 1, a);
+        raw.frame(kind::CONTINUATION, flag::END_HEADERS, 1, b);
+        let s = conn.accept().unwrap();
+        match s.recv().unwrap().unwrap() {
+            Event::Headers { fields, .. } => {
+                assert!(fields.contains(&(":path".into(), b"/split".to_vec())))
+            }
+            e => panic!("{e:?}"),
+        }
+    }
+
+    #[test]
+    fn oversized_headers_are_refused() {
+        let config = Config {
+            max_header_list_size: 1000,
+            ..Config::default()
+        };
+        let (_conn, mut raw) = raw_pair(config.clone(), true);
+        let big = "v".repeat(1500);
+        raw.headers(
+            1,
+            &[(":method", "POST"), ("x-big", &big)],
+            flag::END_HEADERS,
+        );
+        assert_eq!(raw.expect_rst(1), ErrorCode::PROTOCOL_ERROR);
+        // A block that is too large even compressed costs the connection.
+        let (_conn, mut raw) = raw_pair(config, true);
+        raw.frame(kind::HEADERS, 0, 1, &[0x40; 1500]);
+        raw.frame(kind::CONTINUATION, 0, 1, &[0x40; 1500]);
+        assert_eq!(raw.expect_goaway(), ErrorCode::ENHANCE_YOUR_CALM);
+    }
+
+    #[test]
+    fn hpack_garbage_is_a_compression_error() {
+        let (_conn, mut raw) = server();
+        raw.frame(
+            kind::HEADERS,
+            flag::END_HEADERS,
+            1,
+            &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff],
+        );
+        assert_eq!(raw.expect_goaway(), ErrorCode::COMPRESSION_ERROR);
+    }
+
+    #[test]
+    fn data_beyond_the_windows_is_refused() {
+        let config = Config {
+            stream_window: 65_535,
+            connection_window: 65_535,
+            max_frame_size: 1 << 17,
+            ..Config::default()
+        };
+        let (_conn, mut raw) = raw_pair(config.clone(), true);
+        raw.request(1);
+        raw.frame(kind::DATA, 0, 1, &vec![0; 65_536]);
+        // Exceeds both: the connection window is checked first.
+        assert_eq!(raw.expect_goaway(), ErrorCode::FLOW_CONTROL_ERROR);
+
+        let config = Config {
+            stream_window: 65_535,
+            connection_window: 1 << 20,
+            ..config
+        };
+        let (_conn, mut raw) = raw_pair(config, true);
+        raw.request(1);
+        raw.frame(kind::DATA, 0, 1, &vec![0; 65_536]);
+        assert_eq!(raw.expect_rst(1), ErrorCode::FLOW_CONTROL_ERROR);
+    }
+
+    #[test]
+    fn oversized_frames_are_frame_size_errors() {
+        let (_conn, mut raw) = raw_pair(
+            Config {
+                max_frame_size: 16_384,
+                ..Config::default()
+            },
+            true,
+        );
+        raw.request(1);
+        raw.frame(kind::DATA, 0, 1, &vec![0; 16_385]);
+        assert_eq!(raw.expect_goaway(), ErrorCode::FRAME_SIZE_ERROR);
+    }
+
+    #[test]
+    fn push_promise_to_a_client_is_a_protocol_error() {
+        let (conn, mut raw) = raw_pair(Config::default(), false);
+        let _s = conn
+            .open_stream(&[(":method".into(), b"POST".to_vec())], false)
+            .unwrap();
+        raw.frame(kind::PUSH_PROMISE, flag::END_HEADERS, 1, &[0, 0, 0, 2]);
+        assert_eq!(raw.expect_goaway(), ErrorCode::PROTOCOL_ERROR);
+    }
+
+    #[test]
+    fn padded_data_is_delivered_and_credited() {
+        let (conn, mut raw) = server();
+        raw.request(1);
+        let s = conn.accept().unwrap();
+        s.recv().unwrap();
+        raw.frame(
+            kind::DATA,
+            flag::PADDED | flag::END_STREAM,
+            1,
+            b"\x02ok\0\0",
+        );
+        assert_eq!(s.recv().unwrap(), Some(Event::Data(b"ok".to_vec())));
+        assert_eq!(s.recv().unwrap(), None);
+    }
+
+    #[test]
+    fn flow_control_blocks_senders_until_the_peer_reads() {
+        // Our server sends into a peer that grants only the default window.
+        let (conn, mut raw) = server();
+        raw.request(1);
+        let s = Arc::new(conn.accept().unwrap());
+        s.recv().unwrap();
+        let sender = {
+            let s = s.clone();
+            Worker::spawn("sender", move || {
+                s.send_headers(&[(":status".into(), b"200".to_vec())], false)
+                    .unwrap();
+                s.send_data(&vec![1; 100_000], true).unwrap();
+            })
+            .unwrap()
+        };
+        let mut got = 0;
+        while got < 65_535 {
+            if let Frame::Data { data, .. } =
+                raw.expect("DATA", |f| matches!(f, Frame::Data { .. }))
+            {
+                got += data.len();
+            }
+        }
+        assert_eq!(got, 65_535, "never more than the window");
+        // Both windows need credit before the rest flows.
+        raw.frame(kind::WINDOW_UPDATE, 0, 1, &40_000u32.to_be_bytes());
+        raw.frame(kind::WINDOW_UPDATE, 0, 0, &40_000u32.to_be_bytes());
+        let mut end = false;
+        while !end {
+            if let Frame::Data {
+                data, end_stream, ..
+            } = raw.expect("DATA", |f| matches!(f, Frame::Data { .. }))
+            {
+                got += data.len();
+                end = end_stream;
+            }
+        }
+        assert_eq!(got, 100_000);
+        sender.join();
+    }
+
+    #[test]
+    fn goaway_lets_open_streams_finish() {
+        let (conn, mut raw) = server();
+        raw.request(1);
+        let s = conn.accept().unwrap();
+        conn.goaway();
+        match raw.expect("GOAWAY", |f| matches!(f, Frame::GoAway { .. })) {
+            Frame::GoAway {
+                last_stream, code, ..
+            } => assert_eq!((last_stream, code), (1, ErrorCode::NO_ERROR)),
+            _ => unreachable!(),
+        }
+        // New streams are refused, the open one still works.
+        raw.request(3);
+        assert_eq!(raw.expect_rst(3), ErrorCode::REFUSED_STREAM);
+        s.send_headers(&[(":status".into(), b"200".to_vec())], true)
+            .unwrap();
+        raw.frame(kind::DATA, flag::END_STREAM, 1, b"");
+        drop(s);
+        assert!(matches!(
+            conn.wait_closed(Some(Duration::from_secs(10))),
+            Some(Error::Closed)
+        ));
+        assert!(conn.accept().is_none());
+    }
+
+    #[test]
+    fn unanswered_keepalive_closes_the_connection() {
+        let config = Config {
+            keepalive_interval: Some(Duration::from_millis(50)),
+            keepalive_timeout: Duration::from_millis(100),
+            ..Config::default()
+        };
+        let (conn, mut raw) = raw_pair(config, true);
+        raw.expect("PING", |f| matches!(f, Frame::Ping { ack: false, .. }));
+        let err = conn.wait_closed(Some(Duration::from_secs(10)));
+        assert!(
+            matches!(err, Some(Error::KeepaliveTimeout { .. })),
+            "{err:?}"
+        );
+    }
+}
