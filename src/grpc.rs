@@ -405,11 +405,12 @@ pub struct ClientCall {
 }
 
 impl ClientCall {
-    /// Sends one message; waits for flow-control credit.
+    /// Sends one message; waits for flow-control credit. Once the server
+    /// has finished the call (RST_STREAM NO_ERROR after its trailers),
+    /// messages are dropped and `Ok` returned, as grpc-go's SendMsg
+    /// returns io.EOF: the call's outcome is what `recv` reports.
     pub fn send(&self, msg: &[u8]) -> Result<(), Status> {
-        self.stream
-            .send_data(&frame_message(msg), false)
-            .map_err(|e| self.send_error(&e))
+        self.sent(self.stream.send_data(&frame_message(msg), false))
     }
 
     pub fn send_msg<M: prost::Message>(&self, msg: &M) -> Result<(), Status> {
@@ -418,20 +419,28 @@ impl ClientCall {
 
     /// Ends the request side (half-close); responses keep coming.
     pub fn close_send(&self) -> Result<(), Status> {
-        self.stream
-            .send_data(&[], true)
-            .map_err(|e| self.send_error(&e))
+        self.sent(self.stream.send_data(&[], true))
     }
 
-    /// A failed send usually means the server already finished: report its
-    /// status when it is there.
-    fn send_error(&self, err: &h2::Error) -> Status {
-        if let Ok(recv) = self.recv.try_lock() {
-            if let Some(status) = &recv.status {
-                return status.clone();
+    fn sent(&self, result: Result<(), h2::Error>) -> Result<(), Status> {
+        match result {
+            Ok(()) => Ok(()),
+            Err(h2::Error::Reset {
+                code: ErrorCode::NO_ERROR,
+                remote: true,
+                ..
+            }) => Ok(()),
+            Err(err) => {
+                // A failed send usually means the call already ended: report
+                // its status when it is known.
+                if let Ok(recv) = self.recv.try_lock() {
+                    if let Some(status) = &recv.status {
+                        return Err(status.clone());
+                    }
+                }
+                Err(Status::from_h2(&err))
             }
         }
-        Status::from_h2(err)
     }
 
     /// Cancels the call (RST_STREAM CANCEL).

@@ -22,14 +22,22 @@ fn every_binary_is_static_and_prints_help_in_an_empty_root() {
         let binary = dir.join(name);
         assert!(binary.is_file(), "{} is missing", binary.display());
         let described = common::run_ok("file", &[binary.to_str().unwrap()]);
-        assert!(described.contains("statically linked") || described.contains("static-pie"),
-            "{name} is not static: {described}");
+        assert!(
+            described.contains("statically linked") || described.contains("static-pie"),
+            "{name} is not static: {described}"
+        );
         let root = empty_root_with(&binary);
         let out = common::run("chroot", &[root.path().to_str().unwrap(), "/bin", "--help"]);
         let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(out.status.success(), "{name} --help failed in an empty root: {}",
-            String::from_utf8_lossy(&out.stderr));
-        assert!(stdout.contains("Usage:"), "{name} --help printed no usage: {stdout}");
+        assert!(
+            out.status.success(),
+            "{name} --help failed in an empty root: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.contains("Usage:"),
+            "{name} --help printed no usage: {stdout}"
+        );
     }
 }
 

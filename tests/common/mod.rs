@@ -60,7 +60,10 @@ impl ChildGuard {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.as_ref().expect("child present until waited").id()
+        self.child
+            .as_ref()
+            .expect("child present until waited")
+            .id()
     }
 
     /// Sends a signal (by name, as `kill -s` takes it).
@@ -106,11 +109,17 @@ impl Drop for ChildGuard {
 /// The directory of the static musl release binaries, built by `make build`
 /// (which `make test` runs first and passes here).
 pub fn release_dir() -> PathBuf {
-    let dir = std::env::var_os("APISERVER_PROXY_RELEASE_DIR").map(PathBuf::from).expect(
-        "APISERVER_PROXY_RELEASE_DIR is not set: run the suite with `make test`, \
+    let dir = std::env::var_os("APISERVER_PROXY_RELEASE_DIR")
+        .map(PathBuf::from)
+        .expect(
+            "APISERVER_PROXY_RELEASE_DIR is not set: run the suite with `make test`, \
          which builds the static release binaries first",
+        );
+    assert!(
+        dir.is_dir(),
+        "{} does not exist: run `make build`",
+        dir.display()
     );
-    assert!(dir.is_dir(), "{} does not exist: run `make build`", dir.display());
     dir
 }
 
@@ -118,5 +127,9 @@ pub fn release_dir() -> PathBuf {
 pub fn unique(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(0);
-    format!("{prefix}{}-{}", std::process::id() % 100_000, NEXT.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{prefix}{}-{}",
+        std::process::id() % 100_000,
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
