@@ -866,4 +866,167 @@ mod tests {
         assert_eq!(http_status(b"503").code, Code::UNAVAILABLE);
         assert_eq!(Code::RESOURCE_EXHAUSTED.to_string(), "RESOURCE_EXHAUSTED");
     }
+
+    use std::os::unix::net::UnixStream;
+    use std::time::Duration;
+
+    /// Our client and our server on a socket pair; the server thread runs
+    /// until the client connection is dropped. Bind the result as
+    /// `(_server, client)` so that the client drops first, even when a
+    /// test fails.
+    fn pair(server: Server, config: h2::Config) -> (Worker, Client) {
+        let (a, b) = UnixStream::pair().unwrap();
+        let t = Some(Duration::from_secs(10));
+        let server_side = h2::Transport::plain(a, t, t).unwrap();
+        let worker = Worker::spawn("test-server", move || {
+            let conn = h2::Connection::server(server_side, config).unwrap();
+            server.serve(&conn);
+        })
+        .unwrap();
+        let conn = h2::Connection::client(
+            h2::Transport::plain(b, t, t).unwrap(),
+            h2::Config::default(),
+        )
+        .unwrap();
+        (worker, Client::new(conn, "localhost"))
+    }
+
+    fn echo(call: &ServerCall) -> Status {
+        call.set_header("serverid", "s1");
+        if let Some(id) = call.metadata().get("agentid") {
+            call.set_header("x-agentid", id);
+        }
+        while let Some(msg) = match call.recv() {
+            Ok(m) => m,
+            Err(status) => return status,
+        } {
+            if msg == b"fail" {
+                return Status::new(Code::FAILED_PRECONDITION, "asked to fail");
+            }
+            if let Err(status) = call.send(&msg) {
+                return status;
+            }
+        }
+        Status::ok()
+    }
+
+    #[test]
+    fn calls_carry_metadata_messages_and_status() {
+        let (_server, client) = pair(Server::new().route("/S/Echo", echo), h2::Config::default());
+        let call = client.call("/S/Echo", &[("agentid", "a1")]).unwrap();
+        call.send(b"one").unwrap();
+        call.send(b"").unwrap();
+        call.close_send().unwrap();
+        let headers = call.headers().unwrap();
+        assert_eq!(headers.get("serverid"), Some("s1"));
+        assert_eq!(headers.get("x-agentid"), Some("a1"));
+        assert_eq!(call.recv().unwrap().unwrap(), b"one");
+        assert_eq!(call.recv().unwrap().unwrap(), b"");
+        assert_eq!(call.recv().unwrap(), None);
+
+        // An error before any message: a trailers-only response.
+        let call = client.call("/S/Echo", &[]).unwrap();
+        call.send(b"fail").unwrap();
+        let status = call.recv().unwrap_err();
+        assert_eq!(
+            status,
+            Status::new(Code::FAILED_PRECONDITION, "asked to fail")
+        );
+        // As in grpc-go, the (empty) headers of a trailers-only response.
+        assert_eq!(call.headers().unwrap().get("serverid"), Some("s1"));
+
+        let call = client.call("/S/Nope", &[]).unwrap();
+        assert_eq!(call.recv().unwrap_err().code, Code::UNIMPLEMENTED);
+    }
+
+    #[test]
+    fn message_size_limit_is_enforced_on_receipt() {
+        let server = Server::new().route("/S/Echo", echo);
+        let (_server, client) = pair(server, h2::Config::default());
+        let client = client.with_max_message_size(DEFAULT_MAX_MESSAGE_SIZE);
+        let call = client.call("/S/Echo", &[]).unwrap();
+        let max = vec![7u8; DEFAULT_MAX_MESSAGE_SIZE];
+        call.send(&max).unwrap();
+        assert_eq!(
+            call.recv().unwrap().unwrap().len(),
+            DEFAULT_MAX_MESSAGE_SIZE
+        );
+        call.send(&vec![7u8; DEFAULT_MAX_MESSAGE_SIZE + 1]).unwrap();
+        assert_eq!(call.recv().unwrap_err().code, Code::RESOURCE_EXHAUSTED);
+    }
+
+    #[test]
+    fn cancelled_calls_reach_the_handler() {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let tx = Mutex::new(tx);
+        let server = Server::new().route("/S/Wait", move |call: &ServerCall| {
+            let status = loop {
+                match call.recv() {
+                    Ok(Some(_)) => {}
+                    Ok(None) => break Status::ok(),
+                    Err(status) => break status,
+                }
+            };
+            let _ = plock(&tx).send(status.code);
+            status
+        });
+        let (_server, client) = pair(server, h2::Config::default());
+        let call = client.call("/S/Wait", &[]).unwrap();
+        call.send(b"hi").unwrap();
+        call.cancel();
+        assert_eq!(
+            rx.recv_timeout(Duration::from_secs(10)).unwrap(),
+            Code::CANCELLED
+        );
+        assert_eq!(call.recv().unwrap_err().code, Code::CANCELLED);
+    }
+
+    #[test]
+    fn max_concurrent_streams_makes_callers_wait() {
+        let config = h2::Config {
+            max_concurrent_streams: 1,
+            ..h2::Config::default()
+        };
+        let (_server, client) = pair(Server::new().route("/S/Echo", echo), config);
+        let first = client.call("/S/Echo", &[]).unwrap();
+        first.send(b"1").unwrap();
+        assert_eq!(first.recv().unwrap().unwrap(), b"1");
+        std::thread::scope(|scope| {
+            let second = scope.spawn(|| {
+                let call = client.call("/S/Echo", &[]).unwrap();
+                call.send(b"2").unwrap();
+                call.close_send().unwrap();
+                call.recv().unwrap().unwrap()
+            });
+            // The second call can only start once the first has ended.
+            first.close_send().unwrap();
+            assert_eq!(first.recv().unwrap(), None);
+            drop(first);
+            assert_eq!(second.join().unwrap(), b"2");
+        });
+    }
+
+    #[test]
+    fn goaway_finishes_open_calls_and_refuses_new_ones() {
+        let (_server, client) = pair(Server::new().route("/S/Echo", echo), h2::Config::default());
+        let call = client.call("/S/Echo", &[]).unwrap();
+        call.send(b"before").unwrap();
+        assert_eq!(call.recv().unwrap().unwrap(), b"before");
+        client.connection().goaway();
+        assert_eq!(
+            client.call("/S/Echo", &[]).err().unwrap().code,
+            Code::UNAVAILABLE
+        );
+        call.send(b"after").unwrap();
+        assert_eq!(call.recv().unwrap().unwrap(), b"after");
+        call.close_send().unwrap();
+        assert_eq!(call.recv().unwrap(), None);
+        drop(call);
+        assert!(
+            client
+                .connection()
+                .wait_closed(Some(Duration::from_secs(10)))
+                .is_some()
+        );
+    }
 }
