@@ -310,12 +310,14 @@ impl MessageReader {
     }
 }
 
+fn prefix(len: usize) -> [u8; PREFIX_LEN] {
+    let len = (len as u32).to_be_bytes();
+    [0, len[0], len[1], len[2], len[3]]
+}
+
+#[cfg(test)]
 fn frame_message(msg: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(PREFIX_LEN + msg.len());
-    out.push(0);
-    out.extend_from_slice(&(msg.len() as u32).to_be_bytes());
-    out.extend_from_slice(msg);
-    out
+    [&prefix(msg.len())[..], msg].concat()
 }
 
 fn plock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -387,6 +389,7 @@ impl Client {
                 headers: None,
                 status: None,
             }),
+            send: Mutex::new(()),
         })
     }
 }
@@ -402,6 +405,9 @@ struct ClientRecv {
 pub struct ClientCall {
     stream: h2::Stream,
     recv: Mutex<ClientRecv>,
+    /// Held across a send, so concurrent senders never interleave frames
+    /// of two messages.
+    send: Mutex<()>,
 }
 
 impl ClientCall {
@@ -410,7 +416,8 @@ impl ClientCall {
     /// messages are dropped and `Ok` returned, as grpc-go's SendMsg
     /// returns io.EOF: the call's outcome is what `recv` reports.
     pub fn send(&self, msg: &[u8]) -> Result<(), Status> {
-        self.sent(self.stream.send_data(&frame_message(msg), false))
+        let _send = plock(&self.send);
+        self.sent(self.stream.send_data_parts(&prefix(msg.len()), msg, false))
     }
 
     pub fn send_msg<M: prost::Message>(&self, msg: &M) -> Result<(), Status> {
@@ -419,6 +426,7 @@ impl ClientCall {
 
     /// Ends the request side (half-close); responses keep coming.
     pub fn close_send(&self) -> Result<(), Status> {
+        let _send = plock(&self.send);
         self.sent(self.stream.send_data(&[], true))
     }
 
@@ -740,19 +748,15 @@ impl ServerCall {
 
     /// Sends one message; waits for flow-control credit.
     pub fn send(&self, msg: &[u8]) -> Result<(), Status> {
-        let framed = frame_message(msg);
-        {
-            let mut send = plock(&self.send);
-            if send.finished {
-                return Err(Status::new(Code::INTERNAL, "call already finished"));
-            }
-            self.ensure_headers(&mut send)?;
+        // Held across the send: a message larger than the window goes out
+        // in several frames, and another sender must not cut in between.
+        let mut send = plock(&self.send);
+        if send.finished {
+            return Err(Status::new(Code::INTERNAL, "call already finished"));
         }
-        // Not under the send lock: a second sender thread may interleave
-        // whole messages, never parts of them (send_data is atomic per
-        // frame, so keep one sender per call).
+        self.ensure_headers(&mut send)?;
         self.stream
-            .send_data(&framed, false)
+            .send_data_parts(&prefix(msg.len()), msg, false)
             .map_err(|e| Status::from_h2(&e))
     }
 

@@ -181,6 +181,16 @@ struct StreamState {
     send_blocked: bool,
     /// Header blocks received so far.
     blocks: u8,
+    /// Threads sleeping on `cv` (a receiver, a sender).
+    waiters: u32,
+}
+
+impl StreamState {
+    fn wake(&self) {
+        if self.waiters > 0 {
+            self.cv.notify_all();
+        }
+    }
 }
 
 struct State {
@@ -202,6 +212,9 @@ struct State {
     ping_sent: Option<(Instant, [u8; 8])>,
     ping_counter: u64,
     last_read: Instant,
+    /// The writer sleeps on `writer_cv`: only then is a wake-up needed
+    /// (a condvar notify is a syscall even without waiters).
+    writer_waiting: bool,
 }
 
 struct Shared {
@@ -245,6 +258,13 @@ const TABLE_SIZE: usize = 4096;
 const CONTROL_FLOOD_LIMIT: usize = 4 * 1024 * 1024;
 
 impl State {
+    fn kick(&mut self, shared: &Shared) {
+        if self.writer_waiting {
+            self.writer_waiting = false;
+            shared.writer_cv.notify_one();
+        }
+    }
+
     fn fail_stream(&mut self, id: u32, code: ErrorCode) {
         frame::write_rst_stream(&mut self.out, id, code);
         if let Some(s) = self.streams.get_mut(&id) {
@@ -269,7 +289,7 @@ impl State {
 
     fn notify_senders(&mut self) {
         for s in self.streams.values_mut() {
-            if s.send_blocked {
+            if s.send_blocked && s.waiters > 0 {
                 s.cv.notify_all();
             }
         }
@@ -286,25 +306,30 @@ impl State {
 
     /// Gives back `n` bytes of credit, sending WINDOW_UPDATE once a quarter
     /// of the window has been consumed (fewer, larger updates).
-    fn release(&mut self, config: &Config, id: Option<u32>, n: u32) {
+    /// Returns whether a WINDOW_UPDATE was queued.
+    fn release(&mut self, config: &Config, id: Option<u32>, n: u32) -> bool {
+        let mut queued = false;
         self.recv_unacked += n;
         if self.recv_unacked >= config.connection_window / 4 {
             frame::write_window_update(&mut self.out, 0, self.recv_unacked);
             self.recv_window += i64::from(self.recv_unacked);
             self.recv_unacked = 0;
+            queued = true;
         }
         if let Some(s) = id.and_then(|id| self.streams.get_mut(&id).map(|s| (id, s))) {
             let (id, s) = s;
             if s.remote_closed {
-                return;
+                return queued;
             }
             s.recv_unacked += n;
             if s.recv_unacked >= config.stream_window / 4 {
                 frame::write_window_update(&mut self.out, id, s.recv_unacked);
                 s.recv_window += i64::from(s.recv_unacked);
                 s.recv_unacked = 0;
+                queued = true;
             }
         }
+        queued
     }
 
     fn maybe_finish(&mut self, shared: &Shared) {
@@ -440,6 +465,7 @@ impl Connection {
             ping_sent: None,
             ping_counter: 0,
             last_read: Instant::now(),
+            writer_waiting: false,
         };
         let shared = Arc::new(Shared {
             state: Mutex::new(state),
@@ -526,6 +552,7 @@ impl Connection {
             reset: None,
             send_blocked: false,
             blocks: 0,
+            waiters: 0,
         };
         state.streams.insert(id, stream);
         if let Err(err) = state.encode_headers(shared, id, fields, end_stream) {
@@ -700,7 +727,7 @@ impl Stream {
             if let Some(s) = state.streams.get_mut(&self.id) {
                 s.send_blocked = true;
             }
-            state = wait(&self.cv, state, None);
+            state = self.wait(state, None);
         }
     }
 
@@ -731,7 +758,18 @@ impl Stream {
 
     /// Sends data, waiting for flow-control credit; never exceeds the
     /// peer's windows or frame size.
-    pub fn send_data(&self, mut data: &[u8], end_stream: bool) -> Result<(), Error> {
+    pub fn send_data(&self, data: &[u8], end_stream: bool) -> Result<(), Error> {
+        self.send_data_parts(&[], data, end_stream)
+    }
+
+    /// Sends `head` followed by `body` as one run of DATA frames, without
+    /// concatenating them first (a gRPC prefix and its message).
+    pub fn send_data_parts(
+        &self,
+        mut head: &[u8],
+        mut body: &[u8],
+        end_stream: bool,
+    ) -> Result<(), Error> {
         let shared = &*self.shared;
         let mut state = lock(shared);
         loop {
@@ -743,15 +781,19 @@ impl Stream {
                 return Err(Error::SendClosed { stream: self.id });
             };
             let credit = s.send_window.min(conn_window).min(max_frame);
-            if data.is_empty() || (room && credit > 0) {
-                let n = data.len().min(credit.max(0) as usize);
-                let last = n == data.len();
+            let total = head.len() + body.len();
+            if total == 0 || (room && credit > 0) {
+                let n = total.min(credit.max(0) as usize);
+                let last = n == total;
                 s.send_window -= n as i64;
                 s.send_blocked = false;
                 state.send_window -= n as i64;
-                frame::write_data(&mut state.out, self.id, &data[..n], end_stream && last);
-                shared.writer_cv.notify_one();
-                data = &data[n..];
+                let h = n.min(head.len());
+                frame::write_data_header(&mut state.out, self.id, n, end_stream && last);
+                state.out.extend_from_slice(&head[..h]);
+                state.out.extend_from_slice(&body[..n - h]);
+                (head, body) = (&head[h..], &body[n - h..]);
+                state.kick(shared);
                 if last {
                     if end_stream {
                         self.end_local(&mut state);
@@ -761,8 +803,24 @@ impl Stream {
                 continue;
             }
             s.send_blocked = true;
-            state = wait(&self.cv, state, None);
+            state = self.wait(state, None);
         }
+    }
+
+    /// Sleeps on this stream's condition variable, counted as a waiter.
+    fn wait<'a>(
+        &self,
+        mut state: MutexGuard<'a, State>,
+        timeout: Option<Duration>,
+    ) -> MutexGuard<'a, State> {
+        if let Some(s) = state.streams.get_mut(&self.id) {
+            s.waiters += 1;
+        }
+        state = wait(&self.cv, state, timeout);
+        if let Some(s) = state.streams.get_mut(&self.id) {
+            s.waiters -= 1;
+        }
+        state
     }
 
     /// The next event: a header block or a chunk of data. `Ok(None)` once
@@ -789,8 +847,9 @@ impl Stream {
             if let Some(event) = s.events.pop_front() {
                 if let Event::Data(data) = &event {
                     let n = data.len() as u32;
-                    state.release(&shared.config, Some(self.id), n);
-                    shared.writer_cv.notify_one();
+                    if state.release(&shared.config, Some(self.id), n) {
+                        state.kick(shared);
+                    }
                 }
                 return Ok(Some(Some(event)));
             }
@@ -814,7 +873,7 @@ impl Stream {
                 },
                 None => None,
             };
-            state = wait(&self.cv, state, left);
+            state = self.wait(state, left);
         }
     }
 
@@ -879,7 +938,9 @@ fn write_loop(shared: &Shared, mut writer: Box<dyn Write + Send>) {
             if !state.out.is_empty() || state.closed.is_some() {
                 continue;
             }
+            state.writer_waiting = true;
             state = wait(&shared.writer_cv, state, timeout);
+            state.writer_waiting = false;
         };
         std::mem::swap(&mut state.out, &mut spare);
         state.notify_senders();
@@ -1041,13 +1102,11 @@ fn read_frames(shared: &Shared, reader: &mut dyn Read) -> Result<(), Fatal> {
         pending: None,
     };
     let mut frames = frame::Decoder::new(shared.config.max_frame_size);
-    const READ_SIZE: usize = 64 * 1024;
+    const READ_SIZE: usize = 128 * 1024;
     loop {
-        let spare = frames.spare(READ_SIZE);
-        let n = match reader.read(spare) {
+        let n = match reader.read(frames.spare(READ_SIZE)) {
             Ok(n) => n,
             Err(err) => {
-                frames.filled(READ_SIZE, 0);
                 if closed() {
                     return Ok(());
                 }
@@ -1057,7 +1116,7 @@ fn read_frames(shared: &Shared, reader: &mut dyn Read) -> Result<(), Fatal> {
                 return Err(io_err(err));
             }
         };
-        frames.filled(READ_SIZE, n);
+        frames.filled(n);
         if n == 0 {
             return Ok(());
         }
@@ -1129,7 +1188,7 @@ fn handle_frame(shared: &Shared, r: &mut Reader, frame: Frame) -> Result<(), Fat
                         if end_stream {
                             s.remote_closed = true;
                         }
-                        s.cv.notify_all();
+                        s.wake();
                         Ok(())
                     }
                 }
@@ -1139,7 +1198,9 @@ fn handle_frame(shared: &Shared, r: &mut Reader, frame: Frame) -> Result<(), Fat
             };
             match open {
                 Ok(()) => {
-                    state.release(&shared.config, Some(stream), padding);
+                    if state.release(&shared.config, Some(stream), padding) {
+                        state.kick(shared);
+                    }
                     if end_stream {
                         state.maybe_finish(shared);
                     }
@@ -1148,9 +1209,9 @@ fn handle_frame(shared: &Shared, r: &mut Reader, frame: Frame) -> Result<(), Fat
                     // Nobody will read it: the connection credit comes back now.
                     state.release(&shared.config, None, flow_len);
                     state.fail_stream(stream, code);
+                    state.kick(shared);
                 }
             }
-            shared.writer_cv.notify_one();
         }
         Frame::Headers {
             stream,
@@ -1316,7 +1377,7 @@ fn handle_frame(shared: &Shared, r: &mut Reader, frame: Frame) -> Result<(), Fat
                         state.fail_stream(stream, ErrorCode::FLOW_CONTROL_ERROR);
                         shared.writer_cv.notify_one();
                     } else {
-                        s.cv.notify_all();
+                        s.wake();
                     }
                 }
                 None if closed_id => {}
@@ -1439,6 +1500,7 @@ fn headers_complete(shared: &Shared, r: &mut Reader, p: PendingBlock) -> Result<
             reset: None,
             send_blocked: false,
             blocks: 0,
+            waiters: 0,
         };
         state.streams.insert(id, stream);
         state.accept.push_back(id);
@@ -1531,9 +1593,8 @@ mod tests {
                 if let Some(f) = self.frames.next_frame().expect("our frames are valid") {
                     return Some(f);
                 }
-                let spare = self.frames.spare(4096);
-                let n = self.sock.read(spare).unwrap_or(0);
-                self.frames.filled(4096, n);
+                let n = self.sock.read(self.frames.spare(4096)).unwrap_or(0);
+                self.frames.filled(n);
                 if n == 0 {
                     return None;
                 }

@@ -465,11 +465,12 @@ pub fn decode(h: &FrameHeader, payload: &[u8], max_frame_size: u32) -> Result<Fr
 }
 
 /// Accumulates bytes from the socket and yields complete frames. The buffer
-/// never holds more than one frame of the size we announced (plus what one
-/// socket read appended).
+/// never holds more than one partial frame of the size we announced plus
+/// one read's worth of bytes.
 pub struct Decoder {
     buf: Vec<u8>,
     start: usize,
+    end: usize,
     max_frame_size: u32,
 }
 
@@ -478,45 +479,49 @@ impl Decoder {
         Decoder {
             buf: Vec::new(),
             start: 0,
+            end: 0,
             max_frame_size,
         }
     }
 
-    /// The buffer to read into: at least `want` spare bytes at the end.
+    /// The buffer to read into: at least `want` bytes. Report what was
+    /// read with [`Decoder::filled`].
     pub fn spare(&mut self, want: usize) -> &mut [u8] {
-        if self.start > 0 && self.start == self.buf.len() {
-            self.buf.clear();
+        if self.start == self.end {
             self.start = 0;
-        } else if self.start > self.buf.len() / 2 {
-            self.buf.drain(..self.start);
+            self.end = 0;
+        }
+        if self.buf.len() - self.end < want && self.start > 0 {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
             self.start = 0;
         }
-        let len = self.buf.len();
-        self.buf.resize(len + want, 0);
-        &mut self.buf[len..]
+        if self.buf.len() - self.end < want {
+            self.buf.resize(self.end + want, 0);
+        }
+        &mut self.buf[self.end..]
     }
 
-    /// Keeps `n` of the bytes handed out by [`Decoder::spare`].
-    pub fn filled(&mut self, want: usize, n: usize) {
-        let len = self.buf.len();
-        self.buf.truncate(len - want + n.min(want));
+    /// Keeps `n` bytes written into the slice from [`Decoder::spare`].
+    pub fn filled(&mut self, n: usize) {
+        self.end = (self.end + n).min(self.buf.len());
     }
 
     pub fn push(&mut self, bytes: &[u8]) {
-        let spare = self.spare(bytes.len());
-        spare.copy_from_slice(bytes);
+        self.spare(bytes.len())[..bytes.len()].copy_from_slice(bytes);
+        self.filled(bytes.len());
     }
 
     /// Bytes buffered but not yet decoded.
     pub fn buffered(&self) -> usize {
-        self.buf.len() - self.start
+        self.end - self.start
     }
 
     /// The next complete frame, or `None` until more bytes arrive. The length
     /// is checked as soon as the header is in, so an oversized frame is
     /// refused before its payload is buffered.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, Error> {
-        let avail = &self.buf[self.start..];
+        let avail = &self.buf[self.start..self.end];
         let Some(head) = avail.first_chunk::<HEADER_LEN>() else {
             return Ok(None);
         };
@@ -550,14 +555,14 @@ fn header(out: &mut Vec<u8>, len: usize, kind: u8, flags: u8, stream: u32) {
 }
 
 pub fn write_data(out: &mut Vec<u8>, stream: u32, data: &[u8], end_stream: bool) {
-    header(
-        out,
-        data.len(),
-        kind::DATA,
-        if end_stream { flag::END_STREAM } else { 0 },
-        stream,
-    );
+    write_data_header(out, stream, data.len(), end_stream);
     out.extend_from_slice(data);
+}
+
+/// The header of a DATA frame whose `len` payload bytes the caller appends.
+pub fn write_data_header(out: &mut Vec<u8>, stream: u32, len: usize, end_stream: bool) {
+    let flags = if end_stream { flag::END_STREAM } else { 0 };
+    header(out, len, kind::DATA, flags, stream);
 }
 
 /// Writes a header block as HEADERS plus CONTINUATION frames of at most

@@ -144,7 +144,7 @@ impl Transport {
         let reader = TlsReader {
             tls: tls.clone(),
             sock: sock.try_clone_socket().map_err(Error::Socket)?,
-            cipher: vec![0; 32 * 1024],
+            cipher: vec![0; 128 * 1024],
             start: 0,
             end: 0,
         };
@@ -236,7 +236,7 @@ impl<S: Socket> Write for TlsWriter<S> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         // rustls buffers a bounded amount of plaintext: hand it slices no
         // bigger than one batch and push the records out after each.
-        let chunk = &buf[..buf.len().min(64 * 1024)];
+        let chunk = &buf[..buf.len().min(48 * 1024)];
         let n = lock(&self.tls).writer().write(chunk)?;
         self.flush_records()?;
         Ok(n)
