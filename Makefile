@@ -70,3 +70,14 @@ $(VENV)/.ready: tests/requirements.txt
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check -r tests/requirements.txt
 	touch $@
+
+# --- fuzzing (not part of `make test`) ----------------------------------------
+# A short bounded run of each target; a crash leaves its input in
+# fuzz/artifacts/ (turn it into a unit test beside the code).
+.PHONY: fuzz
+FUZZ_TIME ?= 60
+fuzz:
+	@command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
+	cargo +nightly fuzz run frame_decoder fuzz/corpus/frame_decoder fuzz/seeds/frame_decoder -- -max_total_time=$(FUZZ_TIME) -rss_limit_mb=1024
+	cargo +nightly fuzz run packet_decoder -- -max_total_time=$(FUZZ_TIME) -rss_limit_mb=1024
+	cargo +nightly fuzz run connection fuzz/corpus/connection fuzz/seeds/connection -- -max_total_time=$(FUZZ_TIME) -rss_limit_mb=1024

@@ -1124,6 +1124,15 @@ fn read_frames(shared: &Shared, reader: &mut dyn Read) -> Result<(), Fatal> {
         while let Some(frame) = frames.next_frame()? {
             handle_frame(shared, &mut r, frame)?;
         }
+        // Answers to the peer's frames (PING ACKs, RST_STREAMs) are queued
+        // without waiting; a peer that sends but never reads must not grow
+        // the queue without bound.
+        if lock(shared).out.len() > CONTROL_FLOOD_LIMIT + shared.config.max_send_buffer {
+            return Err(conn(
+                ErrorCode::ENHANCE_YOUR_CALM,
+                "peer does not read our frames",
+            ));
+        }
     }
 }
 
