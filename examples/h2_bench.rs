@@ -187,7 +187,7 @@ fn grpc_pair(
     (server, grpc::Client::new(conn, "localhost"))
 }
 
-fn sink(call: &ServerCall) -> Status {
+fn sink(call: &Arc<ServerCall>) -> Status {
     let mut got = 0u64;
     while let Ok(Some(msg)) = call.recv() {
         got += msg.len() as u64;
@@ -198,7 +198,7 @@ fn sink(call: &ServerCall) -> Status {
     }
 }
 
-fn echo(call: &ServerCall) -> Status {
+fn echo(call: &Arc<ServerCall>) -> Status {
     while let Ok(Some(msg)) = call.recv() {
         if let Err(status) = call.send(&msg) {
             return status;

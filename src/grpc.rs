@@ -577,10 +577,12 @@ fn http_status(http: &[u8]) -> Status {
 
 // --- server -------------------------------------------------------------------
 
-type Handler = dyn Fn(&ServerCall) -> Status + Send + Sync;
+type Handler = dyn Fn(&Arc<ServerCall>) -> Status + Send + Sync;
 
 /// Routes calls by `:path` to handlers; each call runs on its own thread
-/// and ends with the status its handler returns. Cheap to clone.
+/// and ends with the status its handler returns. A handler may hand clones
+/// of its call to other threads (an agent stream that frontends send on);
+/// sends after the handler returned fail. Cheap to clone.
 #[derive(Clone)]
 pub struct Server {
     routes: Arc<HashMap<String, Arc<Handler>>>,
@@ -605,7 +607,7 @@ impl Server {
     pub fn route(
         mut self,
         path: &str,
-        handler: impl Fn(&ServerCall) -> Status + Send + Sync + 'static,
+        handler: impl Fn(&Arc<ServerCall>) -> Status + Send + Sync + 'static,
     ) -> Server {
         Arc::make_mut(&mut self.routes).insert(path.to_string(), Arc::new(handler));
         self
@@ -623,7 +625,7 @@ impl Server {
         let mut calls: Vec<(Arc<AtomicBool>, Worker)> = Vec::new();
         while let Some(stream) = conn.accept() {
             calls.retain(|(done, _)| !done.load(Ordering::Acquire));
-            let Some(call) = self.prepare(stream) else {
+            let Some(call) = self.prepare(stream).map(Arc::new) else {
                 continue;
             };
             let handler = self.routes.get(&call.path).cloned();
@@ -895,7 +897,7 @@ mod tests {
         (worker, Client::new(conn, "localhost"))
     }
 
-    fn echo(call: &ServerCall) -> Status {
+    fn echo(call: &Arc<ServerCall>) -> Status {
         call.set_header("serverid", "s1");
         if let Some(id) = call.metadata().get("agentid") {
             call.set_header("x-agentid", id);
@@ -963,7 +965,7 @@ mod tests {
     fn cancelled_calls_reach_the_handler() {
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let tx = Mutex::new(tx);
-        let server = Server::new().route("/S/Wait", move |call: &ServerCall| {
+        let server = Server::new().route("/S/Wait", move |call: &Arc<ServerCall>| {
             let status = loop {
                 match call.recv() {
                     Ok(Some(_)) => {}

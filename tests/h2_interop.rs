@@ -246,7 +246,7 @@ fn wait_line(child: &mut ChildGuard, prefix: &str) -> String {
 // --- our server ---------------------------------------------------------------
 
 /// The echo service of tests/peers/echo_server.py, written on our server.
-fn echo_handler(cancelled: Arc<AtomicBool>) -> impl Fn(&ServerCall) -> Status + Send + Sync {
+fn echo_handler(cancelled: Arc<AtomicBool>) -> impl Fn(&Arc<ServerCall>) -> Status + Send + Sync {
     move |call| {
         call.set_header("serverid", "rust-server");
         call.set_header("servercount", "3");

@@ -31,7 +31,10 @@ fuzz_target!(|data: &[u8]| {
     .expect("thread");
     let timeout = Some(Duration::from_secs(5));
     let transport = Transport::plain(ours, timeout, timeout).expect("transport");
-    let config = Config { keepalive_interval: None, ..Config::default() };
+    let config = Config {
+        keepalive_interval: None,
+        ..Config::default()
+    };
     let conn = Connection::server(transport, config).expect("connection");
     while let Some(stream) = conn.accept() {
         while let Ok(Some(Some(_))) = stream.recv_timeout(Some(Duration::ZERO)) {}

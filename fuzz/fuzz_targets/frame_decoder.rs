@@ -16,7 +16,9 @@ fuzz_target!(|data: &[u8]| {
         frames.push(chunk);
         loop {
             match frames.next_frame() {
-                Ok(Some(Frame::Headers { fragment, .. } | Frame::Continuation { fragment, .. })) => {
+                Ok(Some(
+                    Frame::Headers { fragment, .. } | Frame::Continuation { fragment, .. },
+                )) => {
                     let _ = hpack.decode(&fragment);
                 }
                 Ok(Some(_)) => {}

@@ -8,7 +8,8 @@ use prost::Message;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(packet) = Packet::decode(data) {
-        let again = Packet::decode(packet.encode_to_vec().as_slice()).expect("our own encoding decodes");
+        let again =
+            Packet::decode(packet.encode_to_vec().as_slice()).expect("our own encoding decodes");
         assert_eq!(again, packet);
     }
 });

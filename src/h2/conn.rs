@@ -256,6 +256,10 @@ const TABLE_SIZE: usize = 4096;
 /// The writer gives up queuing control frames past this (a PING or
 /// SETTINGS flood from a peer that does not read).
 const CONTROL_FLOOD_LIMIT: usize = 4 * 1024 * 1024;
+/// DATA frames we send stay this small even when the peer accepts larger
+/// ones (C-core announces 4 MiB): the output queue then overshoots its
+/// bound by at most one such frame, and streams interleave finely.
+const MAX_DATA_FRAME: u32 = 64 * 1024;
 
 impl State {
     fn kick(&mut self, shared: &Shared) {
@@ -775,7 +779,7 @@ impl Stream {
         loop {
             self.check_send(&state)?;
             let room = state.out.len() < shared.config.max_send_buffer;
-            let max_frame = state.peer.max_frame_size as i64;
+            let max_frame = state.peer.max_frame_size.min(MAX_DATA_FRAME) as i64;
             let conn_window = state.send_window;
             let Some(s) = state.streams.get_mut(&self.id) else {
                 return Err(Error::SendClosed { stream: self.id });
@@ -1298,7 +1302,7 @@ fn handle_frame(shared: &Shared, r: &mut Reader, frame: Frame) -> Result<(), Fat
                     _ => {}
                 }
             }
-            if state.out.len() > CONTROL_FLOOD_LIMIT {
+            if state.out.len() > CONTROL_FLOOD_LIMIT + shared.config.max_send_buffer {
                 return Err(conn(ErrorCode::ENHANCE_YOUR_CALM, "SETTINGS flood"));
             }
             frame::write_settings_ack(&mut state.out);
@@ -1314,7 +1318,7 @@ fn handle_frame(shared: &Shared, r: &mut Reader, frame: Frame) -> Result<(), Fat
             ack: false,
             payload,
         } => {
-            if state.out.len() > CONTROL_FLOOD_LIMIT {
+            if state.out.len() > CONTROL_FLOOD_LIMIT + shared.config.max_send_buffer {
                 return Err(conn(ErrorCode::ENHANCE_YOUR_CALM, "PING flood"));
             }
             frame::write_ping(&mut state.out, payload, true);
@@ -1987,6 +1991,47 @@ mod tests {
         }
         assert_eq!(got, 100_000);
         sender.join();
+    }
+
+    #[test]
+    fn data_frames_stay_small_when_the_peer_allows_huge_ones() {
+        let (conn, mut raw) = server();
+        let mut s = setting::MAX_FRAME_SIZE.to_be_bytes().to_vec();
+        s.extend(frame::MAX_MAX_FRAME_SIZE.to_be_bytes());
+        s.extend(setting::INITIAL_WINDOW_SIZE.to_be_bytes());
+        s.extend(frame::MAX_WINDOW.to_be_bytes());
+        raw.frame(kind::SETTINGS, 0, 0, &s);
+        raw.frame(
+            kind::WINDOW_UPDATE,
+            0,
+            0,
+            &(frame::MAX_WINDOW - 65_535).to_be_bytes(),
+        );
+        raw.request(1);
+        let stream = conn.accept().unwrap();
+        stream.recv().unwrap();
+        stream
+            .send_headers(&[(":status".into(), b"200".to_vec())], false)
+            .unwrap();
+        stream.send_data(&vec![3; 1 << 20], true).unwrap();
+        let mut got = 0;
+        loop {
+            if let Frame::Data {
+                data, end_stream, ..
+            } = raw.expect("DATA", |f| matches!(f, Frame::Data { .. }))
+            {
+                assert!(
+                    data.len() <= MAX_DATA_FRAME as usize,
+                    "{} byte frame",
+                    data.len()
+                );
+                got += data.len();
+                if end_stream {
+                    break;
+                }
+            }
+        }
+        assert_eq!(got, 1 << 20);
     }
 
     #[test]
