@@ -40,7 +40,10 @@ pub struct Config {
     /// The largest decoded header list we accept (SETTINGS_MAX_HEADER_LIST_SIZE).
     pub max_header_list_size: u32,
     /// Send a PING after this long without receiving anything; `None` turns
-    /// keepalive off.
+    /// keepalive off. grpc-go and C-core servers, by default, count PINGs
+    /// on a quiet connection that come more often than every 5 minutes as
+    /// abuse (GOAWAY `too_many_pings`), hence the default; roles pass their
+    /// `--keepalive-time` here.
     pub keepalive_interval: Option<Duration>,
     /// Close the connection when a PING is not answered within this time.
     pub keepalive_timeout: Duration,
@@ -56,7 +59,7 @@ impl Default for Config {
             connection_window: 16 * 1024 * 1024,
             max_concurrent_streams: 1000,
             max_header_list_size: 64 * 1024,
-            keepalive_interval: Some(Duration::from_secs(60)),
+            keepalive_interval: Some(Duration::from_secs(5 * 60 + 10)),
             keepalive_timeout: Duration::from_secs(20),
             max_send_buffer: 512 * 1024,
         }
@@ -834,8 +837,9 @@ impl Stream {
         self.recv_timeout(None).map(|e| e.flatten())
     }
 
-    /// As [`Stream::recv`], giving up after `timeout` with `Ok(None)` in
-    /// the outer option... i.e. `Ok(None)` timeout, `Ok(Some(None))` end.
+    /// As [`Stream::recv`], but waits at most `timeout`: `Ok(None)` when
+    /// it passed, `Ok(Some(None))` at the end of the stream,
+    /// `Ok(Some(Some(event)))` for an event.
     pub fn recv_timeout(&self, timeout: Option<Duration>) -> Result<Option<Option<Event>>, Error> {
         let shared = &*self.shared;
         let deadline = timeout.map(|t| Instant::now() + t);

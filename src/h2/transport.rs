@@ -140,6 +140,9 @@ impl Transport {
         }
         sock.set_timeouts(read_timeout, write_timeout)
             .map_err(Error::Socket)?;
+        // Room for a few records per write call (the default, 64 KiB, makes
+        // one syscall per 48 KiB); the writer drains it after every call.
+        conn.set_buffer_limit(Some(TLS_BUFFER));
         let tls = Arc::new(Mutex::new(conn));
         let reader = TlsReader {
             tls: tls.clone(),
@@ -163,6 +166,11 @@ impl Transport {
         })
     }
 }
+
+/// Outgoing TLS bytes rustls may buffer, and the plaintext handed to it at
+/// once (with room for record overhead).
+const TLS_BUFFER: usize = 256 * 1024;
+const TLS_CHUNK: usize = 192 * 1024;
 
 fn lock(tls: &Mutex<rustls::Connection>) -> MutexGuard<'_, rustls::Connection> {
     tls.lock().unwrap_or_else(PoisonError::into_inner)
@@ -236,7 +244,7 @@ impl<S: Socket> Write for TlsWriter<S> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         // rustls buffers a bounded amount of plaintext: hand it slices no
         // bigger than one batch and push the records out after each.
-        let chunk = &buf[..buf.len().min(48 * 1024)];
+        let chunk = &buf[..buf.len().min(TLS_CHUNK)];
         let n = lock(&self.tls).writer().write(chunk)?;
         self.flush_records()?;
         Ok(n)
