@@ -93,8 +93,12 @@ pub struct Transport {
 
 impl Transport {
     /// A plaintext stream (h2c with prior knowledge): TCP or a Unix socket.
-    /// `read_timeout` bounds each blocking read (the connection's keepalive
-    /// keeps a healthy idle connection busier than that).
+    ///
+    /// `read_timeout` bounds each blocking read: the reader thread then
+    /// checks whether its connection was closed and reads on, so an idle
+    /// connection survives it (a dead one is found by keepalive).
+    /// `write_timeout` bounds each write: a peer that stops reading for that
+    /// long, while it owes us flow-control credit, is dead.
     pub fn plain<S: Socket>(
         sock: S,
         read_timeout: Option<Duration>,
