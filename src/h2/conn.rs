@@ -2039,6 +2039,44 @@ mod tests {
     }
 
     #[test]
+    fn credit_returns_only_as_the_application_reads() {
+        let config = Config {
+            stream_window: 65_535,
+            ..Config::default()
+        };
+        let (conn, mut raw) = raw_pair(config, true);
+        raw.request(1);
+        for _ in 0..4 {
+            raw.frame(kind::DATA, 0, 1, &[9; 16_000]);
+        }
+        // Frames are answered in order: whatever receiving the data caused
+        // is queued before this PING's ACK.
+        raw.frame(kind::PING, 0, 0, b"ordering");
+        loop {
+            match raw.next().expect("connection open") {
+                Frame::Ping { ack: true, .. } => break,
+                Frame::WindowUpdate { stream: 1, .. } => {
+                    panic!("credit before the application read")
+                }
+                _ => {}
+            }
+        }
+        let stream = conn.accept().unwrap();
+        stream.recv().unwrap();
+        let mut got = 0;
+        while got < 64_000 {
+            match stream.recv().unwrap() {
+                Some(Event::Data(d)) => got += d.len(),
+                e => panic!("{e:?}"),
+            }
+        }
+        let update = raw.expect("WINDOW_UPDATE", |f| {
+            matches!(f, Frame::WindowUpdate { stream: 1, .. })
+        });
+        assert!(matches!(update, Frame::WindowUpdate { increment, .. } if increment >= 16_000));
+    }
+
+    #[test]
     fn goaway_lets_open_streams_finish() {
         let (conn, mut raw) = server();
         raw.request(1);
