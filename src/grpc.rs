@@ -264,12 +264,15 @@ impl MessageReader {
         }
     }
 
-    fn push(&mut self, chunk: &[u8]) {
+    /// Takes a DATA chunk; when nothing is pending the chunk becomes the
+    /// buffer (no copy), the common case of one message per frame.
+    fn push(&mut self, chunk: Vec<u8>) {
         if self.start == self.buf.len() {
-            self.buf.clear();
+            self.buf = chunk;
             self.start = 0;
+        } else {
+            self.buf.extend_from_slice(&chunk);
         }
-        self.buf.extend_from_slice(chunk);
     }
 
     fn has_partial(&self) -> bool {
@@ -296,6 +299,13 @@ impl MessageReader {
         }
         if avail.len() < PREFIX_LEN + len {
             return Ok(None);
+        }
+        if avail.len() == PREFIX_LEN + len {
+            // The message is all that is buffered: hand the buffer over.
+            let mut msg = std::mem::take(&mut self.buf);
+            msg.drain(..self.start + PREFIX_LEN);
+            self.start = 0;
+            return Ok(Some(msg));
         }
         let msg = avail[PREFIX_LEN..PREFIX_LEN + len].to_vec();
         self.start += PREFIX_LEN + len;
@@ -545,7 +555,7 @@ impl ClientCall {
                 if recv.headers.is_none() {
                     recv.status = Some(Status::new(Code::INTERNAL, "DATA before response headers"));
                 } else {
-                    recv.reader.push(&data);
+                    recv.reader.push(data);
                 }
             }
             None => {
@@ -784,7 +794,7 @@ impl ServerCall {
                 return Ok(None);
             }
             match self.stream.recv() {
-                Ok(Some(Event::Data(data))) => recv.reader.push(&data),
+                Ok(Some(Event::Data(data))) => recv.reader.push(data),
                 // Request trailers carry nothing gRPC uses.
                 Ok(Some(Event::Headers { .. })) | Ok(None) => recv.ended = true,
                 Err(err) => return Err(Status::from_h2(&err)),
@@ -842,17 +852,31 @@ mod tests {
         wire.extend(frame_message(b""));
         wire.extend(frame_message(b"0123456789"));
         for b in &wire {
-            r.push(std::slice::from_ref(b));
+            r.push(vec![*b]);
         }
         assert_eq!(r.next().unwrap().unwrap(), b"hello");
         assert_eq!(r.next().unwrap().unwrap(), b"");
         assert_eq!(r.next().unwrap().unwrap(), b"0123456789");
         assert_eq!(r.next().unwrap(), None);
         assert!(!r.has_partial());
-        r.push(&frame_message(b"01234567890"));
+        // Several messages in one chunk, then one split across two.
+        r.push(wire.clone());
+        assert_eq!(r.next().unwrap().unwrap(), b"hello");
+        assert_eq!(r.next().unwrap().unwrap(), b"");
+        assert_eq!(r.next().unwrap().unwrap(), b"0123456789");
+        let (a, b) = wire.split_at(7);
+        r.push(a.to_vec());
+        assert_eq!(r.next().unwrap(), None);
+        assert!(r.has_partial());
+        r.push(b.to_vec());
+        assert_eq!(r.next().unwrap().unwrap(), b"hello");
+        assert_eq!(r.next().unwrap().unwrap(), b"");
+        assert_eq!(r.next().unwrap().unwrap(), b"0123456789");
+        assert!(!r.has_partial());
+        r.push(frame_message(b"01234567890"));
         assert_eq!(r.next().unwrap_err().code, Code::RESOURCE_EXHAUSTED);
         let mut r = MessageReader::new(10);
-        r.push(&[1, 0, 0, 0, 1, 0]);
+        r.push(vec![1, 0, 0, 0, 1, 0]);
         assert_eq!(r.next().unwrap_err().code, Code::UNIMPLEMENTED);
     }
 

@@ -1495,7 +1495,13 @@ fn headers_complete(shared: &Shared, r: &mut Reader, p: PendingBlock) -> Result<
             return stream_error(&mut state, ErrorCode::STREAM_CLOSED);
         }
         state.last_peer_id = id;
-        let open = state.streams.values().filter(|s| !s.local).count();
+        // Closed streams whose handle still lives (a handler finishing)
+        // no longer count, as the peer sees them (RFC 9113 section 5.1.2).
+        let open = state
+            .streams
+            .values()
+            .filter(|s| !s.local && !(s.local_closed && s.remote_closed))
+            .count();
         if state.goaway_sent || open as u64 >= u64::from(shared.config.max_concurrent_streams) {
             return stream_error(&mut state, ErrorCode::REFUSED_STREAM);
         }
