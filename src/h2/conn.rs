@@ -189,6 +189,11 @@ struct StreamState {
 }
 
 impl StreamState {
+    /// Both sides ended (or the stream was reset).
+    fn is_closed(&self) -> bool {
+        self.local_closed && self.remote_closed
+    }
+
     fn wake(&self) {
         if self.waiters > 0 {
             self.cv.notify_all();
@@ -537,7 +542,7 @@ impl Connection {
             let open = state
                 .streams
                 .values()
-                .filter(|s| s.local && !(s.local_closed && s.remote_closed))
+                .filter(|s| s.local && !s.is_closed())
                 .count();
             if (open as u64) < u64::from(state.peer.max_concurrent_streams) {
                 break;
@@ -892,7 +897,7 @@ impl Stream {
         let Some(s) = state.streams.get(&self.id) else {
             return;
         };
-        if s.reset.is_some() || (s.local_closed && s.remote_closed) || state.closed.is_some() {
+        if s.reset.is_some() || s.is_closed() || state.closed.is_some() {
             return;
         }
         state.fail_stream(self.id, code);
@@ -1500,7 +1505,7 @@ fn headers_complete(shared: &Shared, r: &mut Reader, p: PendingBlock) -> Result<
         let open = state
             .streams
             .values()
-            .filter(|s| !s.local && !(s.local_closed && s.remote_closed))
+            .filter(|s| !s.local && !s.is_closed())
             .count();
         if state.goaway_sent || open as u64 >= u64::from(shared.config.max_concurrent_streams) {
             return stream_error(&mut state, ErrorCode::REFUSED_STREAM);
