@@ -1087,6 +1087,9 @@ fn read_frames(shared: &Shared, reader: &mut dyn Read) -> Result<(), Fatal> {
     };
     let closed = || lock(shared).closed.is_some();
     if shared.role == Role::Server {
+        // A client that connects and stays silent gets as long as a PING
+        // would, keepalive or not.
+        let deadline = Instant::now() + shared.config.keepalive_timeout;
         let mut preface = [0u8; 24];
         let mut got = 0;
         while got < preface.len() {
@@ -1099,6 +1102,13 @@ fn read_frames(shared: &Shared, reader: &mut dyn Read) -> Result<(), Fatal> {
                     }
                 }
                 Err(err) => return Err(io_err(err)),
+            }
+            if got < preface.len() && Instant::now() >= deadline {
+                let err = format!(
+                    "no connection preface within {:?}",
+                    shared.config.keepalive_timeout
+                );
+                return Err(io_err(io::Error::new(io::ErrorKind::TimedOut, err)));
             }
         }
         if &preface != frame::PREFACE {
@@ -1743,6 +1753,23 @@ mod tests {
         raw.send(frame::PREFACE);
         raw.frame(kind::PING, 0, 0, b"12345678");
         assert_eq!(raw.expect_goaway(), ErrorCode::PROTOCOL_ERROR);
+    }
+
+    #[test]
+    fn a_silent_client_is_dropped() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let tick = Some(Duration::from_millis(20));
+        let t = Transport::plain(a, tick, tick).unwrap();
+        let config = Config {
+            keepalive_timeout: Duration::from_millis(100),
+            ..Config::default()
+        };
+        let conn = Connection::server(t, config).unwrap();
+        let err = conn.wait_closed(Some(Duration::from_secs(10)));
+        assert!(
+            matches!(&err, Some(Error::Io { err, .. }) if err.contains("no connection preface")),
+            "{err:?}"
+        );
     }
 
     #[test]
