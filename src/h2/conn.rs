@@ -605,29 +605,12 @@ impl Connection {
     /// Graceful shutdown: GOAWAY(NO_ERROR) with the last stream we accepted;
     /// open streams finish, then the connection closes.
     pub fn goaway(&self) {
-        let shared = &self.shared;
-        let mut state = lock(shared);
-        if state.goaway_sent || state.closed.is_some() {
-            return;
-        }
-        state.goaway_sent = true;
-        let last = state.last_peer_id;
-        frame::write_goaway(&mut state.out, last, ErrorCode::NO_ERROR, b"");
-        shared.writer_cv.notify_one();
-        shared.conn_cv.notify_all();
-        state.maybe_finish(shared);
+        graceful_goaway(&self.shared);
     }
 
     /// Closes now: GOAWAY(NO_ERROR), then the transport. Open streams fail.
     pub fn close(&self) {
-        let shared = &self.shared;
-        let mut state = lock(shared);
-        if !state.goaway_sent {
-            state.goaway_sent = true;
-            let last = state.last_peer_id;
-            frame::write_goaway(&mut state.out, last, ErrorCode::NO_ERROR, b"");
-        }
-        state.close(shared, Error::Closed);
+        close_now(&self.shared);
     }
 
     /// Why the connection ended, once it has.
@@ -679,24 +662,38 @@ pub struct Closer {
 }
 
 impl Closer {
+    /// As [`Connection::close`].
     pub fn close(&self) {
-        let shared = &self.shared;
-        let mut state = lock(shared);
-        state.close(shared, Error::Closed);
+        close_now(&self.shared);
     }
 
+    /// As [`Connection::goaway`].
     pub fn goaway(&self) {
-        let shared = &self.shared;
-        let mut state = lock(shared);
-        if !state.goaway_sent && state.closed.is_none() {
-            state.goaway_sent = true;
-            let last = state.last_peer_id;
-            frame::write_goaway(&mut state.out, last, ErrorCode::NO_ERROR, b"");
-            shared.writer_cv.notify_one();
-            shared.conn_cv.notify_all();
-            state.maybe_finish(shared);
-        }
+        graceful_goaway(&self.shared);
     }
+}
+
+fn graceful_goaway(shared: &Shared) {
+    let mut state = lock(shared);
+    if state.goaway_sent || state.closed.is_some() {
+        return;
+    }
+    state.goaway_sent = true;
+    let last = state.last_peer_id;
+    frame::write_goaway(&mut state.out, last, ErrorCode::NO_ERROR, b"");
+    shared.writer_cv.notify_one();
+    shared.conn_cv.notify_all();
+    state.maybe_finish(shared);
+}
+
+fn close_now(shared: &Shared) {
+    let mut state = lock(shared);
+    if !state.goaway_sent && state.closed.is_none() {
+        state.goaway_sent = true;
+        let last = state.last_peer_id;
+        frame::write_goaway(&mut state.out, last, ErrorCode::NO_ERROR, b"");
+    }
+    state.close(shared, Error::Closed);
 }
 
 /// One HTTP/2 stream. All methods take `&self`, so one thread can send
