@@ -75,3 +75,14 @@ $(VENV)/.ready: tests/requirements.txt
 certs:
 	$(call apt_install,openssl:openssl)
 	./scripts/make-certs.sh certs
+
+# --- fuzzing (not part of `make test`) ----------------------------------------
+# A short bounded run of each target; a crash leaves its input in
+# fuzz/artifacts/ (turn it into a unit test beside the code).
+.PHONY: fuzz
+FUZZ_TIME ?= 60
+fuzz:
+	@command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
+	cargo +nightly fuzz run frame_decoder fuzz/corpus/frame_decoder fuzz/seeds/frame_decoder -- -max_total_time=$(FUZZ_TIME) -rss_limit_mb=1024
+	cargo +nightly fuzz run packet_decoder -- -max_total_time=$(FUZZ_TIME) -rss_limit_mb=1024
+	cargo +nightly fuzz run connection fuzz/corpus/connection fuzz/seeds/connection -- -max_total_time=$(FUZZ_TIME) -rss_limit_mb=1024

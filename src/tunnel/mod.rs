@@ -1,12 +1,14 @@
-//! Konnectivity: proxy-server and proxy-agent (being built). The pure
-//! parts come first: [`message`] (the protocol's vocabulary),
-//! [`identifiers`] (agent identifiers and selection strategies) and
-//! [`router`] (the server's routing state machine).
+//! Konnectivity: proxy-server and proxy-agent. The pure parts: [`proto`]
+//! (the wire packets), [`message`] (the protocol's vocabulary),
+//! [`identifiers`] (agent identifiers and selection strategies), [`router`]
+//! (the server's routing state machine) and [`connect`] (the HTTP CONNECT
+//! request parser).
 
 pub mod agent;
 pub mod connect;
 pub mod identifiers;
 pub mod message;
+pub mod proto;
 pub mod queue;
 pub mod router;
 pub mod server;
