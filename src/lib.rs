@@ -20,6 +20,13 @@
 //! - [`tunnel`]: Konnectivity. [`tunnel::message`] is the protocol's
 //!   vocabulary, [`tunnel::router`] the server's routing state machine (pure),
 //!   [`tunnel::connect`] the HTTP CONNECT request parser (pure).
+//! - [`h2`]: synchronous HTTP/2 over any blocking byte stream.
+//!   [`h2::frame`] is the pure frame codec, [`h2::transport`] splits TCP,
+//!   Unix and rustls streams into one reader and one writer half,
+//!   [`h2::conn`] runs a connection on two threads (reader, writer).
+//! - [`grpc`]: gRPC on top of [`h2`]: message framing, metadata, status,
+//!   a client (calls) and a server (handlers by `:path`, one thread each).
+//! - [`tunnel::proto`]: the Konnectivity packets as prost messages (pure).
 //!
 //! # Invariants
 //!
@@ -34,6 +41,11 @@
 //!   has one path, driven by SIGTERM/SIGINT, and wakes blocked calls.
 //! - Input from the network, files or the kernel never panics; an `expect`
 //!   states the invariant that makes it unreachable.
+//! - An HTTP/2 connection has exactly one thread writing its socket and one
+//!   reading it; no lock is held across a blocking read; every receive
+//!   buffer is bounded by the flow-control window we advertised, and credit
+//!   goes back only as the application consumes data.
+//! - The frame codec and the packet codec do no I/O.
 //!
 //! # Deliberately absent
 //!
@@ -42,6 +54,8 @@
 //! does), no log files (stderr only, as in containers).
 
 pub mod cli;
+pub mod grpc;
+pub mod h2;
 pub mod shutdown;
 pub mod sidecar;
 pub mod sys;

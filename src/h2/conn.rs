@@ -1,0 +1,1963 @@
+//! The HTTP/2 connection: stream states, flow control, SETTINGS, PING,
+//! GOAWAY and HPACK, run by two threads per connection.
+//!
+//! Owns: the reader thread (socket -> frames -> state; it alone decodes
+//! HPACK), the writer thread (it alone writes to the socket; it also sends
+//! keepalive PINGs and closes a connection whose PING goes unanswered), and
+//! the [`Stream`] handles applications send and receive on.
+//! Must not: know about gRPC; block on the socket while holding the state
+//! lock; buffer without bound. A stream's receive buffer is bounded by the
+//! window we advertised, and the connection's by the connection window;
+//! credit is returned only when the application takes the data, so a slow
+//! consumer back-pressures its peer. Senders wait on a condition variable
+//! for flow-control credit and for room in the bounded output buffer.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use super::frame::{self, ErrorCode, Frame, setting};
+use super::transport::Transport;
+use crate::shutdown::Worker;
+
+/// One header field: a lower-case name and an opaque value.
+pub type Field = (String, Vec<u8>);
+
+/// Limits and timers of one connection. The defaults suit gRPC tunnels:
+/// large windows for throughput, keepalive on.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The largest frame payload we accept (SETTINGS_MAX_FRAME_SIZE).
+    pub max_frame_size: u32,
+    /// The receive window of each stream (SETTINGS_INITIAL_WINDOW_SIZE).
+    pub stream_window: u32,
+    /// The receive window of the whole connection.
+    pub connection_window: u32,
+    /// Peer-initiated streams open at once (SETTINGS_MAX_CONCURRENT_STREAMS).
+    pub max_concurrent_streams: u32,
+    /// The largest decoded header list we accept (SETTINGS_MAX_HEADER_LIST_SIZE).
+    pub max_header_list_size: u32,
+    /// Send a PING after this long without receiving anything; `None` turns
+    /// keepalive off.
+    pub keepalive_interval: Option<Duration>,
+    /// Close the connection when a PING is not answered within this time.
+    pub keepalive_timeout: Duration,
+    /// Bytes queued for the writer thread before senders wait.
+    pub max_send_buffer: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            max_frame_size: 64 * 1024,
+            stream_window: 4 * 1024 * 1024,
+            connection_window: 16 * 1024 * 1024,
+            max_concurrent_streams: 1000,
+            max_header_list_size: 64 * 1024,
+            keepalive_interval: Some(Duration::from_secs(60)),
+            keepalive_timeout: Duration::from_secs(20),
+            max_send_buffer: 512 * 1024,
+        }
+    }
+}
+
+/// Why a connection or stream operation failed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Error {
+    /// Reading or writing the transport failed.
+    Io { peer: String, err: String },
+    /// The peer closed the transport.
+    Eof { peer: String },
+    /// The peer broke the protocol; we sent GOAWAY with this code.
+    Protocol { peer: String, err: frame::Error },
+    /// The peer sent GOAWAY with an error code, or closed after a GOAWAY.
+    GoAway {
+        peer: String,
+        code: ErrorCode,
+        debug: String,
+    },
+    /// A keepalive PING went unanswered.
+    KeepaliveTimeout { peer: String, after: Duration },
+    /// This side closed the connection.
+    Closed,
+    /// The stream was reset (by the peer when `remote`).
+    Reset {
+        stream: u32,
+        code: ErrorCode,
+        remote: bool,
+    },
+    /// Sending on a stream whose sending side already ended.
+    SendClosed { stream: u32 },
+    /// A header list larger than the peer accepts.
+    HeadersTooLarge { size: usize, limit: u32 },
+    /// No more stream ids, or the peer refuses new streams (GOAWAY).
+    NoNewStreams { peer: String },
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Io { peer, err } => write!(f, "HTTP/2 connection to {peer}: {err}"),
+            Error::Eof { peer } => write!(f, "HTTP/2 connection to {peer}: closed by peer"),
+            Error::Protocol { peer, err } => write!(f, "HTTP/2 connection to {peer}: {err}"),
+            Error::GoAway { peer, code, debug } => {
+                write!(f, "HTTP/2 connection to {peer}: GOAWAY {code}")?;
+                if !debug.is_empty() {
+                    write!(f, " ({debug})")?;
+                }
+                Ok(())
+            }
+            Error::KeepaliveTimeout { peer, after } => {
+                write!(
+                    f,
+                    "HTTP/2 connection to {peer}: keepalive PING unanswered after {after:?}"
+                )
+            }
+            Error::Closed => write!(f, "HTTP/2 connection closed"),
+            Error::Reset {
+                stream,
+                code,
+                remote: true,
+            } => write!(f, "stream {stream} reset by peer: {code}"),
+            Error::Reset {
+                stream,
+                code,
+                remote: false,
+            } => write!(f, "stream {stream} reset: {code}"),
+            Error::SendClosed { stream } => {
+                write!(f, "stream {stream}: sending side already closed")
+            }
+            Error::HeadersTooLarge { size, limit } => {
+                write!(
+                    f,
+                    "header list of {size} bytes exceeds the peer's limit of {limit}"
+                )
+            }
+            Error::NoNewStreams { peer } => {
+                write!(f, "HTTP/2 connection to {peer}: no new streams allowed")
+            }
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// What a stream delivers, in order: a header block (request or response
+/// headers, then possibly trailers), data, and the end.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event {
+    Headers {
+        fields: Vec<Field>,
+        end_stream: bool,
+    },
+    Data(Vec<u8>),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Role {
+    Client,
+    Server,
+}
+
+struct PeerSettings {
+    max_frame_size: u32,
+    initial_window: u32,
+    max_concurrent_streams: u32,
+    max_header_list_size: u32,
+}
+
+struct StreamState {
+    cv: Arc<Condvar>,
+    local: bool,
+    send_window: i64,
+    recv_window: i64,
+    recv_unacked: u32,
+    events: VecDeque<Event>,
+    local_closed: bool,
+    remote_closed: bool,
+    reset: Option<(ErrorCode, bool)>,
+    send_blocked: bool,
+    /// Header blocks received so far.
+    blocks: u8,
+}
+
+struct State {
+    out: Vec<u8>,
+    streams: HashMap<u32, StreamState>,
+    next_local_id: u32,
+    last_peer_id: u32,
+    peer: PeerSettings,
+    send_window: i64,
+    recv_window: i64,
+    recv_unacked: u32,
+    encoder: loona_hpack::Encoder<'static>,
+    pending_table_size: Option<usize>,
+    accept: VecDeque<u32>,
+    got_settings: bool,
+    goaway_received: Option<u32>,
+    goaway_sent: bool,
+    closed: Option<Error>,
+    ping_sent: Option<(Instant, [u8; 8])>,
+    ping_counter: u64,
+    last_read: Instant,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    /// Accept queue, stream slots, connection end.
+    conn_cv: Condvar,
+    /// Output queued, keepalive, connection end.
+    writer_cv: Condvar,
+    config: Config,
+    role: Role,
+    peer: String,
+    secure: bool,
+    closer: Box<dyn Fn() + Send + Sync>,
+}
+
+fn lock(shared: &Shared) -> MutexGuard<'_, State> {
+    // The state stays consistent between statements; a panicking thread
+    // must not take every other stream down with a second panic.
+    shared.state.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn wait<'a>(
+    cv: &Condvar,
+    guard: MutexGuard<'a, State>,
+    timeout: Option<Duration>,
+) -> MutexGuard<'a, State> {
+    match timeout {
+        Some(t) => {
+            cv.wait_timeout(guard, t)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0
+        }
+        None => cv.wait(guard).unwrap_or_else(PoisonError::into_inner),
+    }
+}
+
+/// Default HPACK table size (we never announce another).
+const TABLE_SIZE: usize = 4096;
+/// The writer gives up queuing control frames past this (a PING or
+/// SETTINGS flood from a peer that does not read).
+const CONTROL_FLOOD_LIMIT: usize = 4 * 1024 * 1024;
+
+impl State {
+    fn fail_stream(&mut self, id: u32, code: ErrorCode) {
+        frame::write_rst_stream(&mut self.out, id, code);
+        if let Some(s) = self.streams.get_mut(&id) {
+            s.reset.get_or_insert((code, false));
+            s.local_closed = true;
+            s.remote_closed = true;
+            s.cv.notify_all();
+        }
+    }
+
+    fn close(&mut self, shared: &Shared, err: Error) {
+        if self.closed.is_some() {
+            return;
+        }
+        self.closed = Some(err);
+        for s in self.streams.values() {
+            s.cv.notify_all();
+        }
+        shared.conn_cv.notify_all();
+        shared.writer_cv.notify_all();
+    }
+
+    fn notify_senders(&mut self) {
+        for s in self.streams.values_mut() {
+            if s.send_blocked {
+                s.cv.notify_all();
+            }
+        }
+    }
+
+    fn is_closed_id(&self, id: u32, role: Role) -> bool {
+        let local = (id % 2 == 1) == (role == Role::Client);
+        if local {
+            id < self.next_local_id
+        } else {
+            id <= self.last_peer_id
+        }
+    }
+
+    /// Gives back `n` bytes of credit, sending WINDOW_UPDATE once a quarter
+    /// of the window has been consumed (fewer, larger updates).
+    fn release(&mut self, config: &Config, id: Option<u32>, n: u32) {
+        self.recv_unacked += n;
+        if self.recv_unacked >= config.connection_window / 4 {
+            frame::write_window_update(&mut self.out, 0, self.recv_unacked);
+            self.recv_window += i64::from(self.recv_unacked);
+            self.recv_unacked = 0;
+        }
+        if let Some(s) = id.and_then(|id| self.streams.get_mut(&id).map(|s| (id, s))) {
+            let (id, s) = s;
+            if s.remote_closed {
+                return;
+            }
+            s.recv_unacked += n;
+            if s.recv_unacked >= config.stream_window / 4 {
+                frame::write_window_update(&mut self.out, id, s.recv_unacked);
+                s.recv_window += i64::from(s.recv_unacked);
+                s.recv_unacked = 0;
+            }
+        }
+    }
+
+    fn maybe_finish(&mut self, shared: &Shared) {
+        if (self.goaway_sent || self.goaway_received.is_some()) && self.streams.is_empty() {
+            let err = match self.goaway_received {
+                Some(_) => Error::GoAway {
+                    peer: shared.peer.clone(),
+                    code: ErrorCode::NO_ERROR,
+                    debug: String::new(),
+                },
+                None => Error::Closed,
+            };
+            self.close(shared, err);
+        }
+    }
+
+    fn encode_headers(
+        &mut self,
+        shared: &Shared,
+        id: u32,
+        fields: &[Field],
+        end_stream: bool,
+    ) -> Result<(), Error> {
+        let size: usize = fields.iter().map(|(n, v)| n.len() + v.len() + 32).sum();
+        if size > self.peer.max_header_list_size as usize {
+            return Err(Error::HeadersTooLarge {
+                size,
+                limit: self.peer.max_header_list_size,
+            });
+        }
+        let mut block = Vec::with_capacity(size);
+        if let Some(table) = self.pending_table_size.take() {
+            // Dynamic table size update (RFC 7541 section 6.3).
+            let _ = loona_hpack::encoder::encode_integer_into(table, 5, 0x20, &mut block);
+        }
+        let headers = fields.iter().map(|(n, v)| (n.as_bytes(), v.as_slice()));
+        // Writing into a Vec cannot fail.
+        let _ = self.encoder.encode_into(headers, &mut block);
+        frame::write_headers(
+            &mut self.out,
+            id,
+            &block,
+            end_stream,
+            self.peer.max_frame_size,
+        );
+        shared.writer_cv.notify_one();
+        Ok(())
+    }
+}
+
+/// One HTTP/2 connection (client or server). Dropping it closes the
+/// connection and joins its two threads.
+pub struct Connection {
+    shared: Arc<Shared>,
+    workers: Vec<Worker>,
+}
+
+impl Connection {
+    /// Starts the client side: sends the preface and our SETTINGS.
+    pub fn client(transport: Transport, config: Config) -> Result<Connection, Error> {
+        Self::start(transport, config, Role::Client)
+    }
+
+    /// Starts the server side: expects the preface, sends our SETTINGS.
+    pub fn server(transport: Transport, config: Config) -> Result<Connection, Error> {
+        Self::start(transport, config, Role::Server)
+    }
+
+    fn start(transport: Transport, config: Config, role: Role) -> Result<Connection, Error> {
+        let Transport {
+            reader,
+            writer,
+            closer,
+            peer,
+            secure,
+        } = transport;
+        let mut config = config;
+        config.max_frame_size = config
+            .max_frame_size
+            .clamp(frame::DEFAULT_MAX_FRAME_SIZE, frame::MAX_MAX_FRAME_SIZE);
+        config.stream_window = config
+            .stream_window
+            .clamp(frame::DEFAULT_WINDOW, frame::MAX_WINDOW);
+        config.connection_window = config
+            .connection_window
+            .clamp(frame::DEFAULT_WINDOW, frame::MAX_WINDOW);
+        config.max_send_buffer = config.max_send_buffer.max(64 * 1024);
+        let mut out = Vec::new();
+        if role == Role::Client {
+            out.extend_from_slice(frame::PREFACE);
+        }
+        let mut params = vec![
+            (setting::INITIAL_WINDOW_SIZE, config.stream_window),
+            (setting::MAX_FRAME_SIZE, config.max_frame_size),
+            (setting::MAX_HEADER_LIST_SIZE, config.max_header_list_size),
+        ];
+        match role {
+            Role::Client => params.push((setting::ENABLE_PUSH, 0)),
+            Role::Server => params.push((
+                setting::MAX_CONCURRENT_STREAMS,
+                config.max_concurrent_streams,
+            )),
+        }
+        frame::write_settings(&mut out, &params);
+        if config.connection_window > frame::DEFAULT_WINDOW {
+            frame::write_window_update(
+                &mut out,
+                0,
+                config.connection_window - frame::DEFAULT_WINDOW,
+            );
+        }
+        let state = State {
+            out,
+            streams: HashMap::new(),
+            next_local_id: if role == Role::Client { 1 } else { 2 },
+            last_peer_id: 0,
+            peer: PeerSettings {
+                max_frame_size: frame::DEFAULT_MAX_FRAME_SIZE,
+                initial_window: frame::DEFAULT_WINDOW,
+                max_concurrent_streams: u32::MAX,
+                max_header_list_size: u32::MAX,
+            },
+            send_window: i64::from(frame::DEFAULT_WINDOW),
+            recv_window: i64::from(config.connection_window),
+            recv_unacked: 0,
+            encoder: loona_hpack::Encoder::new(),
+            pending_table_size: None,
+            accept: VecDeque::new(),
+            got_settings: false,
+            goaway_received: None,
+            goaway_sent: false,
+            closed: None,
+            ping_sent: None,
+            ping_counter: 0,
+            last_read: Instant::now(),
+        };
+        let shared = Arc::new(Shared {
+            state: Mutex::new(state),
+            conn_cv: Condvar::new(),
+            writer_cv: Condvar::new(),
+            config,
+            role,
+            peer,
+            secure,
+            closer,
+        });
+        let io_err = |err: io::Error| Error::Io {
+            peer: shared.peer.clone(),
+            err: err.to_string(),
+        };
+        let w = shared.clone();
+        let writer = Worker::spawn("h2-writer", move || write_loop(&w, writer)).map_err(io_err)?;
+        let r = shared.clone();
+        let reader = match Worker::spawn("h2-reader", move || read_loop(&r, reader)) {
+            Ok(reader) => reader,
+            Err(err) => {
+                let mut state = lock(&shared);
+                state.close(&shared, Error::Closed);
+                drop(state);
+                drop(writer);
+                return Err(io_err(err));
+            }
+        };
+        Ok(Connection {
+            shared,
+            workers: vec![reader, writer],
+        })
+    }
+
+    /// The peer's address, for logs.
+    pub fn peer(&self) -> &str {
+        &self.shared.peer
+    }
+
+    /// Whether the transport is TLS (for the `:scheme` of requests).
+    pub fn is_secure(&self) -> bool {
+        self.shared.secure
+    }
+
+    /// Opens a stream (client) and sends its request headers. Waits while
+    /// the peer's SETTINGS_MAX_CONCURRENT_STREAMS is reached.
+    pub fn open_stream(&self, fields: &[Field], end_stream: bool) -> Result<Stream, Error> {
+        let shared = &self.shared;
+        let mut state = lock(shared);
+        loop {
+            if let Some(err) = &state.closed {
+                return Err(err.clone());
+            }
+            if state.goaway_received.is_some()
+                || state.goaway_sent
+                || state.next_local_id > frame::MAX_WINDOW
+            {
+                return Err(Error::NoNewStreams {
+                    peer: shared.peer.clone(),
+                });
+            }
+            let open = state
+                .streams
+                .values()
+                .filter(|s| s.local && !(s.local_closed && s.remote_closed))
+                .count();
+            if (open as u64) < u64::from(state.peer.max_concurrent_streams) {
+                break;
+            }
+            state = wait(&shared.conn_cv, state, None);
+        }
+        let id = state.next_local_id;
+        state.next_local_id += 2;
+        let cv = Arc::new(Condvar::new());
+        let stream = StreamState {
+            cv: cv.clone(),
+            local: true,
+            send_window: i64::from(state.peer.initial_window),
+            recv_window: i64::from(shared.config.stream_window),
+            recv_unacked: 0,
+            events: VecDeque::new(),
+            local_closed: end_stream,
+            remote_closed: false,
+            reset: None,
+            send_blocked: false,
+            blocks: 0,
+        };
+        state.streams.insert(id, stream);
+        if let Err(err) = state.encode_headers(shared, id, fields, end_stream) {
+            state.streams.remove(&id);
+            return Err(err);
+        }
+        Ok(Stream {
+            shared: shared.clone(),
+            id,
+            cv,
+        })
+    }
+
+    /// Waits for the next peer-initiated stream (server). `None` once the
+    /// connection has closed or is going away.
+    pub fn accept(&self) -> Option<Stream> {
+        let shared = &self.shared;
+        let mut state = lock(shared);
+        loop {
+            if let Some(id) = state.accept.pop_front() {
+                if let Some(s) = state.streams.get(&id) {
+                    let cv = s.cv.clone();
+                    return Some(Stream {
+                        shared: shared.clone(),
+                        id,
+                        cv,
+                    });
+                }
+                continue;
+            }
+            if state.closed.is_some() {
+                return None;
+            }
+            state = wait(&shared.conn_cv, state, None);
+        }
+    }
+
+    /// Graceful shutdown: GOAWAY(NO_ERROR) with the last stream we accepted;
+    /// open streams finish, then the connection closes.
+    pub fn goaway(&self) {
+        let shared = &self.shared;
+        let mut state = lock(shared);
+        if state.goaway_sent || state.closed.is_some() {
+            return;
+        }
+        state.goaway_sent = true;
+        let last = state.last_peer_id;
+        frame::write_goaway(&mut state.out, last, ErrorCode::NO_ERROR, b"");
+        shared.writer_cv.notify_one();
+        shared.conn_cv.notify_all();
+        state.maybe_finish(shared);
+    }
+
+    /// Closes now: GOAWAY(NO_ERROR), then the transport. Open streams fail.
+    pub fn close(&self) {
+        let shared = &self.shared;
+        let mut state = lock(shared);
+        if !state.goaway_sent {
+            state.goaway_sent = true;
+            let last = state.last_peer_id;
+            frame::write_goaway(&mut state.out, last, ErrorCode::NO_ERROR, b"");
+        }
+        state.close(shared, Error::Closed);
+    }
+
+    /// Why the connection ended, once it has.
+    pub fn closed(&self) -> Option<Error> {
+        lock(&self.shared).closed.clone()
+    }
+
+    /// Waits until the connection has ended (both threads finish soon after).
+    pub fn wait_closed(&self, timeout: Option<Duration>) -> Option<Error> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut state = lock(&self.shared);
+        loop {
+            if let Some(err) = &state.closed {
+                return Some(err.clone());
+            }
+            let left = match deadline {
+                Some(d) => match d.checked_duration_since(Instant::now()) {
+                    Some(left) if !left.is_zero() => Some(left),
+                    _ => return None,
+                },
+                None => None,
+            };
+            state = wait(&self.shared.conn_cv, state, left);
+        }
+    }
+
+    /// A cheap handle that can close this connection from another thread
+    /// (for shutdown wake-ups).
+    pub fn closer(&self) -> Closer {
+        Closer {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl Drop for Connection {
+    fn drop(&mut self) {
+        self.close();
+        for w in self.workers.drain(..) {
+            w.join();
+        }
+    }
+}
+
+/// Closes a connection from anywhere (see [`Connection::closer`]).
+#[derive(Clone)]
+pub struct Closer {
+    shared: Arc<Shared>,
+}
+
+impl Closer {
+    pub fn close(&self) {
+        let shared = &self.shared;
+        let mut state = lock(shared);
+        state.close(shared, Error::Closed);
+    }
+
+    pub fn goaway(&self) {
+        let shared = &self.shared;
+        let mut state = lock(shared);
+        if !state.goaway_sent && state.closed.is_none() {
+            state.goaway_sent = true;
+            let last = state.last_peer_id;
+            frame::write_goaway(&mut state.out, last, ErrorCode::NO_ERROR, b"");
+            shared.writer_cv.notify_one();
+            shared.conn_cv.notify_all();
+            state.maybe_finish(shared);
+        }
+    }
+}
+
+/// One HTTP/2 stream. All methods take `&self`, so one thread can send
+/// while another receives. Dropping it before both sides ended resets the
+/// stream (CANCEL), or NO_ERROR when only the peer's side is still open.
+pub struct Stream {
+    shared: Arc<Shared>,
+    id: u32,
+    cv: Arc<Condvar>,
+}
+
+impl Stream {
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    pub fn peer(&self) -> &str {
+        &self.shared.peer
+    }
+
+    /// Sends a header block (response headers or trailers).
+    pub fn send_headers(&self, fields: &[Field], end_stream: bool) -> Result<(), Error> {
+        let shared = &*self.shared;
+        let mut state = self.wait_for_room()?;
+        state.encode_headers(shared, self.id, fields, end_stream)?;
+        if end_stream {
+            self.end_local(&mut state);
+        }
+        Ok(())
+    }
+
+    fn wait_for_room(&self) -> Result<MutexGuard<'_, State>, Error> {
+        let shared = &*self.shared;
+        let mut state = lock(shared);
+        loop {
+            self.check_send(&state)?;
+            if state.out.len() < shared.config.max_send_buffer {
+                return Ok(state);
+            }
+            if let Some(s) = state.streams.get_mut(&self.id) {
+                s.send_blocked = true;
+            }
+            state = wait(&self.cv, state, None);
+        }
+    }
+
+    fn check_send(&self, state: &State) -> Result<(), Error> {
+        if let Some(err) = &state.closed {
+            return Err(err.clone());
+        }
+        match state.streams.get(&self.id) {
+            Some(s) if s.reset.is_some() => {
+                let (code, remote) = s.reset.unwrap_or((ErrorCode::CANCEL, false));
+                Err(Error::Reset {
+                    stream: self.id,
+                    code,
+                    remote,
+                })
+            }
+            Some(s) if !s.local_closed => Ok(()),
+            _ => Err(Error::SendClosed { stream: self.id }),
+        }
+    }
+
+    fn end_local(&self, state: &mut State) {
+        if let Some(s) = state.streams.get_mut(&self.id) {
+            s.local_closed = true;
+        }
+        self.shared.conn_cv.notify_all();
+    }
+
+    /// Sends data, waiting for flow-control credit; never exceeds the
+    /// peer's windows or frame size.
+    pub fn send_data(&self, mut data: &[u8], end_stream: bool) -> Result<(), Error> {
+        let shared = &*self.shared;
+        let mut state = lock(shared);
+        loop {
+            self.check_send(&state)?;
+            let room = state.out.len() < shared.config.max_send_buffer;
+            let max_frame = state.peer.max_frame_size as i64;
+            let conn_window = state.send_window;
+            let Some(s) = state.streams.get_mut(&self.id) else {
+                return Err(Error::SendClosed { stream: self.id });
+            };
+            let credit = s.send_window.min(conn_window).min(max_frame);
+            if data.is_empty() || (room && credit > 0) {
+                let n = data.len().min(credit.max(0) as usize);
+                let last = n == data.len();
+                s.send_window -= n as i64;
+                s.send_blocked = false;
+                state.send_window -= n as i64;
+                frame::write_data(&mut state.out, self.id, &data[..n], end_stream && last);
+                shared.writer_cv.notify_one();
+                data = &data[n..];
+                if last {
+                    if end_stream {
+                        self.end_local(&mut state);
+                    }
+                    return Ok(());
+                }
+                continue;
+            }
+            s.send_blocked = true;
+            state = wait(&self.cv, state, None);
+        }
+    }
+
+    /// The next event: a header block or a chunk of data. `Ok(None)` once
+    /// the peer ended the stream. Taking data returns its flow-control
+    /// credit to the peer.
+    pub fn recv(&self) -> Result<Option<Event>, Error> {
+        self.recv_timeout(None).map(|e| e.flatten())
+    }
+
+    /// As [`Stream::recv`], giving up after `timeout` with `Ok(None)` in
+    /// the outer option... i.e. `Ok(None)` timeout, `Ok(Some(None))` end.
+    pub fn recv_timeout(&self, timeout: Option<Duration>) -> Result<Option<Option<Event>>, Error> {
+        let shared = &*self.shared;
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut state = lock(shared);
+        loop {
+            let Some(s) = state.streams.get_mut(&self.id) else {
+                return Err(state.closed.clone().unwrap_or(Error::Reset {
+                    stream: self.id,
+                    code: ErrorCode::STREAM_CLOSED,
+                    remote: false,
+                }));
+            };
+            if let Some(event) = s.events.pop_front() {
+                if let Event::Data(data) = &event {
+                    let n = data.len() as u32;
+                    state.release(&shared.config, Some(self.id), n);
+                    shared.writer_cv.notify_one();
+                }
+                return Ok(Some(Some(event)));
+            }
+            if let Some((code, remote)) = s.reset {
+                return Err(Error::Reset {
+                    stream: self.id,
+                    code,
+                    remote,
+                });
+            }
+            if s.remote_closed {
+                return Ok(Some(None));
+            }
+            if let Some(err) = &state.closed {
+                return Err(err.clone());
+            }
+            let left = match deadline {
+                Some(d) => match d.checked_duration_since(Instant::now()) {
+                    Some(left) if !left.is_zero() => Some(left),
+                    _ => return Ok(None),
+                },
+                None => None,
+            };
+            state = wait(&self.cv, state, left);
+        }
+    }
+
+    /// Resets the stream with `code` (CANCEL to abandon a call).
+    pub fn reset(&self, code: ErrorCode) {
+        let shared = &*self.shared;
+        let mut state = lock(shared);
+        let Some(s) = state.streams.get(&self.id) else {
+            return;
+        };
+        if s.reset.is_some() || (s.local_closed && s.remote_closed) || state.closed.is_some() {
+            return;
+        }
+        state.fail_stream(self.id, code);
+        shared.writer_cv.notify_one();
+        shared.conn_cv.notify_all();
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        let shared = &*self.shared;
+        let mut state = lock(shared);
+        let Some(s) = state.streams.remove(&self.id) else {
+            return;
+        };
+        if s.reset.is_none() && state.closed.is_none() {
+            if !s.local_closed {
+                frame::write_rst_stream(&mut state.out, self.id, ErrorCode::CANCEL);
+            } else if !s.remote_closed {
+                // The response is complete; ask the peer to stop sending.
+                frame::write_rst_stream(&mut state.out, self.id, ErrorCode::NO_ERROR);
+            }
+        }
+        // Whatever the peer sent and nobody read goes back as credit.
+        let unread: usize = s
+            .events
+            .iter()
+            .map(|e| if let Event::Data(d) = e { d.len() } else { 0 })
+            .sum();
+        state.release(&shared.config, None, unread as u32);
+        shared.writer_cv.notify_one();
+        shared.conn_cv.notify_all();
+        state.maybe_finish(shared);
+    }
+}
+
+// --- the writer thread ------------------------------------------------------
+
+fn write_loop(shared: &Shared, mut writer: Box<dyn Write + Send>) {
+    let mut spare = Vec::new();
+    loop {
+        let mut state = lock(shared);
+        let finishing = loop {
+            if !state.out.is_empty() {
+                break state.closed.is_some();
+            }
+            if state.closed.is_some() {
+                break true;
+            }
+            let timeout = keepalive(shared, &mut state);
+            if !state.out.is_empty() || state.closed.is_some() {
+                continue;
+            }
+            state = wait(&shared.writer_cv, state, timeout);
+        };
+        std::mem::swap(&mut state.out, &mut spare);
+        state.notify_senders();
+        drop(state);
+        if !spare.is_empty() {
+            let result = writer.write_all(&spare).and_then(|()| writer.flush());
+            spare.clear();
+            if let Err(err) = result {
+                let mut state = lock(shared);
+                state.close(
+                    shared,
+                    Error::Io {
+                        peer: shared.peer.clone(),
+                        err: format!("writing: {err}"),
+                    },
+                );
+                drop(state);
+                (shared.closer)();
+                return;
+            }
+        }
+        if finishing {
+            (shared.closer)();
+            return;
+        }
+    }
+}
+
+/// Sends a PING after a quiet interval and closes the connection when it
+/// goes unanswered. Returns how long the writer may sleep.
+fn keepalive(shared: &Shared, state: &mut State) -> Option<Duration> {
+    let interval = shared.config.keepalive_interval?;
+    let now = Instant::now();
+    if let Some((sent, _)) = state.ping_sent {
+        let due = sent + shared.config.keepalive_timeout;
+        if now >= due {
+            let after = shared.config.keepalive_timeout;
+            state.close(
+                shared,
+                Error::KeepaliveTimeout {
+                    peer: shared.peer.clone(),
+                    after,
+                },
+            );
+            return None;
+        }
+        return Some(due - now);
+    }
+    let due = state.last_read + interval;
+    if now >= due {
+        state.ping_counter += 1;
+        let payload = state.ping_counter.to_be_bytes();
+        frame::write_ping(&mut state.out, payload, false);
+        state.ping_sent = Some((now, payload));
+        return Some(shared.config.keepalive_timeout);
+    }
+    Some(due - now)
+}
+
+// --- the reader thread ------------------------------------------------------
+
+/// A header block being assembled from HEADERS and CONTINUATION frames.
+struct PendingBlock {
+    stream: u32,
+    end_stream: bool,
+    block: Vec<u8>,
+}
+
+struct Reader {
+    decoder: loona_hpack::Decoder<'static>,
+    pending: Option<PendingBlock>,
+}
+
+fn read_loop(shared: &Shared, mut reader: Box<dyn Read + Send>) {
+    let result = read_frames(shared, &mut *reader);
+    let mut state = lock(shared);
+    let err = match result {
+        Ok(()) => Error::Eof {
+            peer: shared.peer.clone(),
+        },
+        Err(Fatal::Io(err)) => err,
+        Err(Fatal::Protocol(err)) => {
+            log::debug!("HTTP/2 peer {}: {err}", shared.peer);
+            let last = state.last_peer_id;
+            frame::write_goaway(&mut state.out, last, err.code(), b"");
+            state.goaway_sent = true;
+            Error::Protocol {
+                peer: shared.peer.clone(),
+                err,
+            }
+        }
+    };
+    let err = match (err, state.goaway_received) {
+        (Error::Eof { .. }, Some(_)) => Error::GoAway {
+            peer: shared.peer.clone(),
+            code: ErrorCode::NO_ERROR,
+            debug: String::new(),
+        },
+        (err, _) => err,
+    };
+    state.close(shared, err);
+    drop(state);
+    // The writer flushes what is queued (a GOAWAY, say) and shuts the
+    // socket down; nothing else for the reader to do.
+}
+
+enum Fatal {
+    Io(Error),
+    Protocol(frame::Error),
+}
+
+impl From<frame::Error> for Fatal {
+    fn from(err: frame::Error) -> Self {
+        Fatal::Protocol(err)
+    }
+}
+
+fn is_timeout(err: &io::Error) -> bool {
+    matches!(
+        err.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+    )
+}
+
+fn read_frames(shared: &Shared, reader: &mut dyn Read) -> Result<(), Fatal> {
+    let io_err = |err: io::Error| {
+        Fatal::Io(Error::Io {
+            peer: shared.peer.clone(),
+            err: format!("reading: {err}"),
+        })
+    };
+    let closed = || lock(shared).closed.is_some();
+    if shared.role == Role::Server {
+        let mut preface = [0u8; 24];
+        let mut got = 0;
+        while got < preface.len() {
+            match reader.read(&mut preface[got..]) {
+                Ok(0) => return Ok(()),
+                Ok(n) => got += n,
+                Err(err) if is_timeout(&err) => {
+                    if closed() {
+                        return Ok(());
+                    }
+                }
+                Err(err) => return Err(io_err(err)),
+            }
+        }
+        if &preface != frame::PREFACE {
+            return Err(Fatal::Protocol(frame::Error::Connection {
+                code: ErrorCode::PROTOCOL_ERROR,
+                reason: "bad connection preface",
+            }));
+        }
+    }
+    let mut decoder = loona_hpack::Decoder::new();
+    decoder.set_max_allowed_table_size(TABLE_SIZE);
+    let mut r = Reader {
+        decoder,
+        pending: None,
+    };
+    let mut frames = frame::Decoder::new(shared.config.max_frame_size);
+    const READ_SIZE: usize = 64 * 1024;
+    loop {
+        let spare = frames.spare(READ_SIZE);
+        let n = match reader.read(spare) {
+            Ok(n) => n,
+            Err(err) => {
+                frames.filled(READ_SIZE, 0);
+                if closed() {
+                    return Ok(());
+                }
+                if is_timeout(&err) {
+                    continue;
+                }
+                return Err(io_err(err));
+            }
+        };
+        frames.filled(READ_SIZE, n);
+        if n == 0 {
+            return Ok(());
+        }
+        lock(shared).last_read = Instant::now();
+        while let Some(frame) = frames.next_frame()? {
+            handle_frame(shared, &mut r, frame)?;
+        }
+    }
+}
+
+fn handle_frame(shared: &Shared, r: &mut Reader, frame: Frame) -> Result<(), Fatal> {
+    if let Some(p) = &mut r.pending {
+        let Frame::Continuation {
+            stream,
+            end_headers,
+            fragment,
+        } = frame
+        else {
+            return Err(conn(ErrorCode::PROTOCOL_ERROR, "expected CONTINUATION"));
+        };
+        if stream != p.stream {
+            return Err(conn(
+                ErrorCode::PROTOCOL_ERROR,
+                "CONTINUATION on another stream",
+            ));
+        }
+        if p.block.len() + fragment.len() > 2 * shared.config.max_header_list_size as usize {
+            return Err(conn(ErrorCode::ENHANCE_YOUR_CALM, "header block too large"));
+        }
+        p.block.extend_from_slice(&fragment);
+        if end_headers {
+            let p = r.pending.take().expect("pending block checked above");
+            return headers_complete(shared, r, p);
+        }
+        return Ok(());
+    }
+    let mut state = lock(shared);
+    if !state.got_settings && !matches!(frame, Frame::Settings { ack: false, .. }) {
+        return Err(conn(
+            ErrorCode::PROTOCOL_ERROR,
+            "first frame is not SETTINGS",
+        ));
+    }
+    match frame {
+        Frame::Data {
+            stream,
+            end_stream,
+            data,
+            flow_len,
+        } => {
+            if i64::from(flow_len) > state.recv_window {
+                return Err(conn(
+                    ErrorCode::FLOW_CONTROL_ERROR,
+                    "DATA beyond the connection window",
+                ));
+            }
+            state.recv_window -= i64::from(flow_len);
+            let padding = flow_len - data.len() as u32;
+            let closed_id = state.is_closed_id(stream, shared.role);
+            let open = match state.streams.get_mut(&stream) {
+                Some(s) if !s.remote_closed => {
+                    if i64::from(flow_len) > s.recv_window {
+                        Err(ErrorCode::FLOW_CONTROL_ERROR)
+                    } else {
+                        s.recv_window -= i64::from(flow_len);
+                        if !data.is_empty() {
+                            s.events.push_back(Event::Data(data));
+                        }
+                        if end_stream {
+                            s.remote_closed = true;
+                        }
+                        s.cv.notify_all();
+                        Ok(())
+                    }
+                }
+                Some(_) => Err(ErrorCode::STREAM_CLOSED),
+                None if closed_id => Err(ErrorCode::STREAM_CLOSED),
+                None => return Err(conn(ErrorCode::PROTOCOL_ERROR, "DATA on an idle stream")),
+            };
+            match open {
+                Ok(()) => {
+                    state.release(&shared.config, Some(stream), padding);
+                    if end_stream {
+                        state.maybe_finish(shared);
+                    }
+                }
+                Err(code) => {
+                    // Nobody will read it: the connection credit comes back now.
+                    state.release(&shared.config, None, flow_len);
+                    state.fail_stream(stream, code);
+                }
+            }
+            shared.writer_cv.notify_one();
+        }
+        Frame::Headers {
+            stream,
+            end_stream,
+            end_headers,
+            fragment,
+        } => {
+            drop(state);
+            if fragment.len() > 2 * shared.config.max_header_list_size as usize {
+                return Err(conn(ErrorCode::ENHANCE_YOUR_CALM, "header block too large"));
+            }
+            let p = PendingBlock {
+                stream,
+                end_stream,
+                block: fragment,
+            };
+            if end_headers {
+                return headers_complete(shared, r, p);
+            }
+            r.pending = Some(p);
+        }
+        Frame::Priority { .. } | Frame::Unknown { .. } => {}
+        Frame::RstStream { stream, code } => {
+            let closed_id = state.is_closed_id(stream, shared.role);
+            match state.streams.get_mut(&stream) {
+                Some(s) => {
+                    s.reset.get_or_insert((code, true));
+                    s.local_closed = true;
+                    s.remote_closed = true;
+                    s.cv.notify_all();
+                    shared.conn_cv.notify_all();
+                }
+                None if closed_id => {}
+                None => {
+                    return Err(conn(
+                        ErrorCode::PROTOCOL_ERROR,
+                        "RST_STREAM on an idle stream",
+                    ));
+                }
+            }
+        }
+        Frame::Settings { ack: true, .. } => {}
+        Frame::Settings { ack: false, params } => {
+            state.got_settings = true;
+            for (id, value) in params {
+                match id {
+                    setting::HEADER_TABLE_SIZE => {
+                        let size = (value as usize).min(TABLE_SIZE);
+                        state.encoder.set_max_table_size(size);
+                        state.pending_table_size = Some(size);
+                    }
+                    setting::ENABLE_PUSH if value == 1 && shared.role == Role::Client => {
+                        return Err(conn(ErrorCode::PROTOCOL_ERROR, "server enabled push"));
+                    }
+                    setting::MAX_CONCURRENT_STREAMS => {
+                        state.peer.max_concurrent_streams = value;
+                        shared.conn_cv.notify_all();
+                    }
+                    setting::INITIAL_WINDOW_SIZE => {
+                        let delta = i64::from(value) - i64::from(state.peer.initial_window);
+                        state.peer.initial_window = value;
+                        for s in state.streams.values_mut() {
+                            s.send_window += delta;
+                            if s.send_window > i64::from(frame::MAX_WINDOW) {
+                                return Err(conn(
+                                    ErrorCode::FLOW_CONTROL_ERROR,
+                                    "SETTINGS pushed a window past 2^31-1",
+                                ));
+                            }
+                            s.cv.notify_all();
+                        }
+                    }
+                    setting::MAX_FRAME_SIZE => state.peer.max_frame_size = value,
+                    setting::MAX_HEADER_LIST_SIZE => state.peer.max_header_list_size = value,
+                    _ => {}
+                }
+            }
+            if state.out.len() > CONTROL_FLOOD_LIMIT {
+                return Err(conn(ErrorCode::ENHANCE_YOUR_CALM, "SETTINGS flood"));
+            }
+            frame::write_settings_ack(&mut state.out);
+            shared.writer_cv.notify_one();
+        }
+        Frame::PushPromise { .. } => {
+            return Err(conn(
+                ErrorCode::PROTOCOL_ERROR,
+                "PUSH_PROMISE while push is disabled",
+            ));
+        }
+        Frame::Ping {
+            ack: false,
+            payload,
+        } => {
+            if state.out.len() > CONTROL_FLOOD_LIMIT {
+                return Err(conn(ErrorCode::ENHANCE_YOUR_CALM, "PING flood"));
+            }
+            frame::write_ping(&mut state.out, payload, true);
+            shared.writer_cv.notify_one();
+        }
+        Frame::Ping { ack: true, payload } => {
+            if state.ping_sent.is_some_and(|(_, p)| p == payload) {
+                state.ping_sent = None;
+            }
+        }
+        Frame::GoAway {
+            last_stream,
+            code,
+            debug,
+        } => {
+            if code != ErrorCode::NO_ERROR {
+                log::debug!(
+                    "HTTP/2 peer {} sent GOAWAY {code}: {}",
+                    shared.peer,
+                    String::from_utf8_lossy(&debug)
+                );
+            }
+            let last = state
+                .goaway_received
+                .map_or(last_stream, |l| l.min(last_stream));
+            state.goaway_received = Some(last);
+            for (&id, s) in state.streams.iter_mut() {
+                if s.local && id > last {
+                    s.reset.get_or_insert((ErrorCode::REFUSED_STREAM, true));
+                    s.local_closed = true;
+                    s.remote_closed = true;
+                    s.cv.notify_all();
+                }
+            }
+            shared.conn_cv.notify_all();
+            if code != ErrorCode::NO_ERROR {
+                let debug = String::from_utf8_lossy(&debug).into_owned();
+                state.close(
+                    shared,
+                    Error::GoAway {
+                        peer: shared.peer.clone(),
+                        code,
+                        debug,
+                    },
+                );
+            } else {
+                state.maybe_finish(shared);
+            }
+        }
+        Frame::WindowUpdate {
+            stream: 0,
+            increment,
+        } => {
+            state.send_window += i64::from(increment);
+            if state.send_window > i64::from(frame::MAX_WINDOW) {
+                return Err(conn(
+                    ErrorCode::FLOW_CONTROL_ERROR,
+                    "connection window past 2^31-1",
+                ));
+            }
+            state.notify_senders();
+        }
+        Frame::WindowUpdate { stream, increment } => {
+            let closed_id = state.is_closed_id(stream, shared.role);
+            match state.streams.get_mut(&stream) {
+                Some(s) => {
+                    s.send_window += i64::from(increment);
+                    if s.send_window > i64::from(frame::MAX_WINDOW) {
+                        state.fail_stream(stream, ErrorCode::FLOW_CONTROL_ERROR);
+                        shared.writer_cv.notify_one();
+                    } else {
+                        s.cv.notify_all();
+                    }
+                }
+                None if closed_id => {}
+                None => {
+                    return Err(conn(
+                        ErrorCode::PROTOCOL_ERROR,
+                        "WINDOW_UPDATE on an idle stream",
+                    ));
+                }
+            }
+        }
+        Frame::Continuation { .. } => {
+            return Err(conn(
+                ErrorCode::PROTOCOL_ERROR,
+                "CONTINUATION without HEADERS",
+            ));
+        }
+    }
+    Ok(())
+}
+
+fn conn(code: ErrorCode, reason: &'static str) -> Fatal {
+    Fatal::Protocol(frame::Error::Connection { code, reason })
+}
+
+/// Checks the field rules of RFC 9113 section 8.2 that do not depend on
+/// the request or response: lower-case names, pseudo-headers first, no
+/// connection-specific fields.
+fn malformed(fields: &[Field], trailers: bool) -> Option<&'static str> {
+    let mut regular = false;
+    for (name, value) in fields {
+        if name.is_empty()
+            || name
+                .bytes()
+                .any(|b| b.is_ascii_uppercase() || b <= b' ' || b == 0x7f)
+        {
+            return Some("invalid header name");
+        }
+        if name.starts_with(':') {
+            if regular || trailers {
+                return Some("pseudo-header after regular header or in trailers");
+            }
+        } else {
+            regular = true;
+        }
+        if matches!(
+            name.as_str(),
+            "connection" | "keep-alive" | "proxy-connection" | "transfer-encoding" | "upgrade"
+        ) || (name == "te" && value != b"trailers")
+        {
+            return Some("connection-specific header field");
+        }
+        if value.iter().any(|&b| b == 0 || b == b'\r' || b == b'\n') {
+            return Some("invalid header value");
+        }
+    }
+    None
+}
+
+fn headers_complete(shared: &Shared, r: &mut Reader, p: PendingBlock) -> Result<(), Fatal> {
+    // Decode before anything else: the HPACK table must see every block,
+    // even one for a stream we then refuse.
+    let limit = shared.config.max_header_list_size as usize;
+    let mut size = 0usize;
+    let mut fields = Vec::new();
+    let mut bad_name = false;
+    r.decoder
+        .decode_with_cb(&p.block, |name, value| {
+            size += name.len() + value.len() + 32;
+            if size <= limit {
+                match std::str::from_utf8(&name) {
+                    Ok(name) => fields.push((name.to_string(), value.into_owned())),
+                    Err(_) => bad_name = true,
+                }
+            }
+        })
+        .map_err(|_| conn(ErrorCode::COMPRESSION_ERROR, "HPACK decoding failed"))?;
+    let id = p.stream;
+    let mut state = lock(shared);
+    let stream_error = |state: &mut State, code| {
+        state.fail_stream(id, code);
+        shared.writer_cv.notify_one();
+        Ok(())
+    };
+    let peer_initiated = (id % 2 == 1) == (shared.role == Role::Server);
+    let existing = state.streams.contains_key(&id);
+    if !existing {
+        if !peer_initiated || shared.role == Role::Client {
+            if state.is_closed_id(id, shared.role) {
+                return stream_error(&mut state, ErrorCode::STREAM_CLOSED);
+            }
+            return Err(conn(
+                ErrorCode::PROTOCOL_ERROR,
+                "HEADERS opening a stream with the wrong id parity",
+            ));
+        }
+        if id <= state.last_peer_id {
+            return stream_error(&mut state, ErrorCode::STREAM_CLOSED);
+        }
+        state.last_peer_id = id;
+        let open = state.streams.values().filter(|s| !s.local).count();
+        if state.goaway_sent || open as u64 >= u64::from(shared.config.max_concurrent_streams) {
+            return stream_error(&mut state, ErrorCode::REFUSED_STREAM);
+        }
+        if size > limit || bad_name || malformed(&fields, false).is_some() {
+            return stream_error(&mut state, ErrorCode::PROTOCOL_ERROR);
+        }
+        let stream = StreamState {
+            cv: Arc::new(Condvar::new()),
+            local: false,
+            send_window: i64::from(state.peer.initial_window),
+            recv_window: i64::from(shared.config.stream_window),
+            recv_unacked: 0,
+            events: VecDeque::from([Event::Headers {
+                fields,
+                end_stream: p.end_stream,
+            }]),
+            local_closed: false,
+            remote_closed: p.end_stream,
+            reset: None,
+            send_blocked: false,
+            blocks: 0,
+        };
+        state.streams.insert(id, stream);
+        state.accept.push_back(id);
+        shared.conn_cv.notify_all();
+        return Ok(());
+    }
+    let s = state.streams.get_mut(&id).expect("presence checked above");
+    if s.remote_closed {
+        return stream_error(&mut state, ErrorCode::STREAM_CLOSED);
+    }
+    // Blocks after the first (request or response headers) are trailers:
+    // they end the stream and carry no pseudo-headers.
+    let trailers = !s.local || s.blocks > 0;
+    s.blocks = s.blocks.saturating_add(1);
+    if size > limit
+        || bad_name
+        || (trailers && !p.end_stream)
+        || malformed(&fields, trailers).is_some()
+    {
+        return stream_error(&mut state, ErrorCode::PROTOCOL_ERROR);
+    }
+    s.events.push_back(Event::Headers {
+        fields,
+        end_stream: p.end_stream,
+    });
+    if p.end_stream {
+        s.remote_closed = true;
+    }
+    s.cv.notify_all();
+    if p.end_stream {
+        state.maybe_finish(shared);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::h2::frame::{flag, kind};
+    use std::os::unix::net::UnixStream;
+
+    /// A hand-driven peer: writes raw frames, reads frames back.
+    struct Raw {
+        sock: UnixStream,
+        frames: frame::Decoder,
+        hpack: loona_hpack::Encoder<'static>,
+    }
+
+    impl Raw {
+        fn send(&mut self, bytes: &[u8]) {
+            // The connection may already have closed the socket.
+            let _ = self.sock.write_all(bytes);
+        }
+
+        fn frame(&mut self, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+            let mut out = Vec::new();
+            frame::FrameHeader {
+                len: payload.len() as u32,
+                kind,
+                flags,
+                stream,
+            }
+            .write(&mut out);
+            out.extend_from_slice(payload);
+            self.send(&out);
+        }
+
+        fn headers(&mut self, stream: u32, fields: &[(&str, &str)], flags: u8) {
+            let block = self
+                .hpack
+                .encode(fields.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes())));
+            self.frame(kind::HEADERS, flags, stream, &block);
+        }
+
+        fn request(&mut self, stream: u32) {
+            self.headers(
+                stream,
+                &[
+                    (":method", "POST"),
+                    (":scheme", "http"),
+                    (":path", "/x"),
+                    (":authority", "t"),
+                ],
+                flag::END_HEADERS,
+            );
+        }
+
+        fn next(&mut self) -> Option<Frame> {
+            loop {
+                if let Some(f) = self.frames.next_frame().expect("our frames are valid") {
+                    return Some(f);
+                }
+                let spare = self.frames.spare(4096);
+                let n = self.sock.read(spare).unwrap_or(0);
+                self.frames.filled(4096, n);
+                if n == 0 {
+                    return None;
+                }
+            }
+        }
+
+        /// Skips frames until one matches; panics at the end of the stream.
+        fn expect(&mut self, what: &str, mut pick: impl FnMut(&Frame) -> bool) -> Frame {
+            loop {
+                match self.next() {
+                    Some(f) if pick(&f) => return f,
+                    Some(_) => {}
+                    None => panic!("connection ended before {what}"),
+                }
+            }
+        }
+
+        fn expect_goaway(&mut self) -> ErrorCode {
+            match self.expect("GOAWAY", |f| matches!(f, Frame::GoAway { .. })) {
+                Frame::GoAway { code, .. } => code,
+                _ => unreachable!(),
+            }
+        }
+
+        fn expect_rst(&mut self, stream: u32) -> ErrorCode {
+            match self.expect(
+                "RST_STREAM",
+                |f| matches!(f, Frame::RstStream { stream: s, .. } if *s == stream),
+            ) {
+                Frame::RstStream { code, .. } => code,
+                _ => unreachable!(),
+            }
+        }
+    }
+
+    fn raw_pair(config: Config, server: bool) -> (Connection, Raw) {
+        let (a, b) = UnixStream::pair().unwrap();
+        b.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let t = Transport::plain(
+            a,
+            Some(Duration::from_secs(10)),
+            Some(Duration::from_secs(10)),
+        )
+        .unwrap();
+        let conn = if server {
+            Connection::server(t, config)
+        } else {
+            Connection::client(t, config)
+        }
+        .unwrap();
+        let mut raw = Raw {
+            sock: b,
+            frames: frame::Decoder::new(frame::MAX_MAX_FRAME_SIZE),
+            hpack: loona_hpack::Encoder::new(),
+        };
+        if server {
+            raw.send(frame::PREFACE);
+        } else {
+            let mut preface = [0u8; 24];
+            raw.sock.read_exact(&mut preface).unwrap();
+            assert_eq!(&preface, frame::PREFACE);
+        }
+        let mut settings = Vec::new();
+        frame::write_settings(&mut settings, &[]);
+        raw.send(&settings);
+        (conn, raw)
+    }
+
+    fn server() -> (Connection, Raw) {
+        raw_pair(Config::default(), true)
+    }
+
+    #[test]
+    fn settings_are_acknowledged_and_pings_answered() {
+        let (_conn, mut raw) = server();
+        raw.expect("SETTINGS", |f| {
+            matches!(f, Frame::Settings { ack: false, .. })
+        });
+        raw.expect("SETTINGS ACK", |f| {
+            matches!(f, Frame::Settings { ack: true, .. })
+        });
+        raw.frame(kind::PING, 0, 0, b"pingpong");
+        let pong = raw.expect("PING ACK", |f| matches!(f, Frame::Ping { .. }));
+        assert_eq!(
+            pong,
+            Frame::Ping {
+                ack: true,
+                payload: *b"pingpong"
+            }
+        );
+    }
+
+    #[test]
+    fn bad_preface_and_missing_settings_are_protocol_errors() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let t = Transport::plain(a, None, None).unwrap();
+        let conn = Connection::server(t, Config::default()).unwrap();
+        let mut raw = Raw {
+            sock: b,
+            frames: frame::Decoder::new(1 << 20),
+            hpack: loona_hpack::Encoder::new(),
+        };
+        raw.send(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert_eq!(raw.expect_goaway(), ErrorCode::PROTOCOL_ERROR);
+        assert!(matches!(
+            conn.wait_closed(None),
+            Some(Error::Protocol { .. })
+        ));
+
+        let (a, b) = UnixStream::pair().unwrap();
+        let t = Transport::plain(a, None, None).unwrap();
+        let _conn = Connection::server(t, Config::default()).unwrap();
+        let mut raw = Raw {
+            sock: b,
+            frames: frame::Decoder::new(1 << 20),
+            hpack: loona_hpack::Encoder::new(),
+        };
+        raw.send(frame::PREFACE);
+        raw.frame(kind::PING, 0, 0, b"12345678");
+        assert_eq!(raw.expect_goaway(), ErrorCode::PROTOCOL_ERROR);
+    }
+
+    #[test]
+    fn window_overflow_past_2_31_is_a_flow_control_error() {
+        let (_conn, mut raw) = server();
+        raw.request(1);
+        raw.frame(kind::WINDOW_UPDATE, 0, 1, &frame::MAX_WINDOW.to_be_bytes());
+        assert_eq!(raw.expect_rst(1), ErrorCode::FLOW_CONTROL_ERROR);
+        raw.frame(kind::WINDOW_UPDATE, 0, 0, &frame::MAX_WINDOW.to_be_bytes());
+        assert_eq!(raw.expect_goaway(), ErrorCode::FLOW_CONTROL_ERROR);
+    }
+
+    #[test]
+    fn settings_that_push_windows_past_2_31_are_flow_control_errors() {
+        let (_conn, mut raw) = server();
+        raw.request(1);
+        raw.frame(
+            kind::WINDOW_UPDATE,
+            0,
+            1,
+            &(frame::MAX_WINDOW - 65_535).to_be_bytes(),
+        );
+        let mut s = setting::INITIAL_WINDOW_SIZE.to_be_bytes().to_vec();
+        s.extend(frame::MAX_WINDOW.to_be_bytes());
+        raw.frame(kind::SETTINGS, 0, 0, &s);
+        assert_eq!(raw.expect_goaway(), ErrorCode::FLOW_CONTROL_ERROR);
+    }
+
+    #[test]
+    fn bad_settings_values_close_the_connection() {
+        for (id, value, code) in [
+            (
+                setting::INITIAL_WINDOW_SIZE,
+                1u32 << 31,
+                ErrorCode::FLOW_CONTROL_ERROR,
+            ),
+            (setting::MAX_FRAME_SIZE, 100, ErrorCode::PROTOCOL_ERROR),
+            (setting::ENABLE_PUSH, 7, ErrorCode::PROTOCOL_ERROR),
+        ] {
+            let (_conn, mut raw) = server();
+            let mut s = id.to_be_bytes().to_vec();
+            s.extend(value.to_be_bytes());
+            raw.frame(kind::SETTINGS, 0, 0, &s);
+            assert_eq!(raw.expect_goaway(), code, "setting {id} = {value}");
+        }
+    }
+
+    #[test]
+    fn stream_ids_must_be_odd_and_increasing() {
+        let (_conn, mut raw) = server();
+        raw.request(2);
+        assert_eq!(raw.expect_goaway(), ErrorCode::PROTOCOL_ERROR);
+
+        let (conn, mut raw) = server();
+        raw.request(5);
+        let s5 = conn.accept().unwrap();
+        assert_eq!(s5.id(), 5);
+        raw.request(3);
+        assert_eq!(raw.expect_rst(3), ErrorCode::STREAM_CLOSED);
+    }
+
+    #[test]
+    fn frames_on_idle_and_closed_streams() {
+        let (conn, mut raw) = server();
+        raw.frame(kind::DATA, 0, 7, b"x");
+        assert_eq!(raw.expect_goaway(), ErrorCode::PROTOCOL_ERROR);
+        drop(conn);
+
+        let (conn, mut raw) = server();
+        raw.request(1);
+        let s = conn.accept().unwrap();
+        s.reset(ErrorCode::CANCEL);
+        assert_eq!(raw.expect_rst(1), ErrorCode::CANCEL);
+        drop(s);
+        raw.frame(kind::DATA, flag::END_STREAM, 1, b"late");
+        assert_eq!(raw.expect_rst(1), ErrorCode::STREAM_CLOSED);
+        // WINDOW_UPDATE and RST_STREAM on a closed stream are ignored.
+        raw.frame(kind::WINDOW_UPDATE, 0, 1, &1u32.to_be_bytes());
+        raw.frame(kind::RST_STREAM, 0, 1, &0u32.to_be_bytes());
+        raw.frame(kind::PING, 0, 0, b"stillok!");
+        raw.expect("PING ACK", |f| matches!(f, Frame::Ping { ack: true, .. }));
+        // Data after END_STREAM on an open stream.
+        raw.headers(
+            3,
+            &[(":method", "POST"), (":path", "/x")],
+            flag::END_HEADERS | flag::END_STREAM,
+        );
+        let _s3 = conn.accept().unwrap();
+        raw.frame(kind::DATA, 0, 3, b"x");
+        assert_eq!(raw.expect_rst(3), ErrorCode::STREAM_CLOSED);
+    }
+
+    #[test]
+    fn continuation_must_follow_headers_on_the_same_stream() {
+        let (_conn, mut raw) = server();
+        raw.frame(kind::HEADERS, 0, 1, b"");
+        raw.frame(kind::PING, 0, 0, b"12345678");
+        assert_eq!(raw.expect_goaway(), ErrorCode::PROTOCOL_ERROR);
+
+        let (_conn, mut raw) = server();
+        raw.frame(kind::HEADERS, 0, 1, b"");
+        raw.frame(kind::CONTINUATION, flag::END_HEADERS, 3, b"");
+        assert_eq!(raw.expect_goaway(), ErrorCode::PROTOCOL_ERROR);
+
+        let (_conn, mut raw) = server();
+        raw.frame(kind::CONTINUATION, flag::END_HEADERS, 1, b"");
+        assert_eq!(raw.expect_goaway(), ErrorCode::PROTOCOL_ERROR);
+
+        // Split correctly, the same block opens a stream.
+        let (conn, mut raw) = server();
+        let block = raw
+            .hpack
+            .encode([(&b":method"[..], &b"POST"[..]), (b":path", b"/split")]);
+        let (a, b) = block.split_at(3);
+        raw.frame(kind::HEADERS, 0, 1, a);
+        raw.frame(kind::CONTINUATION, flag::END_HEADERS, 1, b);
+        let s = conn.accept().unwrap();
+        match s.recv().unwrap().unwrap() {
+            Event::Headers { fields, .. } => {
+                assert!(fields.contains(&(":path".into(), b"/split".to_vec())))
+            }
+            e => panic!("{e:?}"),
+        }
+    }
+
+    #[test]
+    fn oversized_headers_are_refused() {
+        let config = Config {
+            max_header_list_size: 1000,
+            ..Config::default()
+        };
+        let (_conn, mut raw) = raw_pair(config.clone(), true);
+        let big = "v".repeat(1500);
+        raw.headers(
+            1,
+            &[(":method", "POST"), ("x-big", &big)],
+            flag::END_HEADERS,
+        );
+        assert_eq!(raw.expect_rst(1), ErrorCode::PROTOCOL_ERROR);
+        // A block that is too large even compressed costs the connection.
+        let (_conn, mut raw) = raw_pair(config, true);
+        raw.frame(kind::HEADERS, 0, 1, &[0x40; 1500]);
+        raw.frame(kind::CONTINUATION, 0, 1, &[0x40; 1500]);
+        assert_eq!(raw.expect_goaway(), ErrorCode::ENHANCE_YOUR_CALM);
+    }
+
+    #[test]
+    fn hpack_garbage_is_a_compression_error() {
+        let (_conn, mut raw) = server();
+        raw.frame(
+            kind::HEADERS,
+            flag::END_HEADERS,
+            1,
+            &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff],
+        );
+        assert_eq!(raw.expect_goaway(), ErrorCode::COMPRESSION_ERROR);
+    }
+
+    #[test]
+    fn data_beyond_the_windows_is_refused() {
+        let config = Config {
+            stream_window: 65_535,
+            connection_window: 65_535,
+            max_frame_size: 1 << 17,
+            ..Config::default()
+        };
+        let (_conn, mut raw) = raw_pair(config.clone(), true);
+        raw.request(1);
+        raw.frame(kind::DATA, 0, 1, &vec![0; 65_536]);
+        // Exceeds both: the connection window is checked first.
+        assert_eq!(raw.expect_goaway(), ErrorCode::FLOW_CONTROL_ERROR);
+
+        let config = Config {
+            stream_window: 65_535,
+            connection_window: 1 << 20,
+            ..config
+        };
+        let (_conn, mut raw) = raw_pair(config, true);
+        raw.request(1);
+        raw.frame(kind::DATA, 0, 1, &vec![0; 65_536]);
+        assert_eq!(raw.expect_rst(1), ErrorCode::FLOW_CONTROL_ERROR);
+    }
+
+    #[test]
+    fn oversized_frames_are_frame_size_errors() {
+        let (_conn, mut raw) = raw_pair(
+            Config {
+                max_frame_size: 16_384,
+                ..Config::default()
+            },
+            true,
+        );
+        raw.request(1);
+        raw.frame(kind::DATA, 0, 1, &vec![0; 16_385]);
+        assert_eq!(raw.expect_goaway(), ErrorCode::FRAME_SIZE_ERROR);
+    }
+
+    #[test]
+    fn push_promise_to_a_client_is_a_protocol_error() {
+        let (conn, mut raw) = raw_pair(Config::default(), false);
+        let _s = conn
+            .open_stream(&[(":method".into(), b"POST".to_vec())], false)
+            .unwrap();
+        raw.frame(kind::PUSH_PROMISE, flag::END_HEADERS, 1, &[0, 0, 0, 2]);
+        assert_eq!(raw.expect_goaway(), ErrorCode::PROTOCOL_ERROR);
+    }
+
+    #[test]
+    fn padded_data_is_delivered_and_credited() {
+        let (conn, mut raw) = server();
+        raw.request(1);
+        let s = conn.accept().unwrap();
+        s.recv().unwrap();
+        raw.frame(
+            kind::DATA,
+            flag::PADDED | flag::END_STREAM,
+            1,
+            b"\x02ok\0\0",
+        );
+        assert_eq!(s.recv().unwrap(), Some(Event::Data(b"ok".to_vec())));
+        assert_eq!(s.recv().unwrap(), None);
+    }
+
+    #[test]
+    fn flow_control_blocks_senders_until_the_peer_reads() {
+        // Our server sends into a peer that grants only the default window.
+        let (conn, mut raw) = server();
+        raw.request(1);
+        let s = Arc::new(conn.accept().unwrap());
+        s.recv().unwrap();
+        let sender = {
+            let s = s.clone();
+            Worker::spawn("sender", move || {
+                s.send_headers(&[(":status".into(), b"200".to_vec())], false)
+                    .unwrap();
+                s.send_data(&vec![1; 100_000], true).unwrap();
+            })
+            .unwrap()
+        };
+        let mut got = 0;
+        while got < 65_535 {
+            if let Frame::Data { data, .. } =
+                raw.expect("DATA", |f| matches!(f, Frame::Data { .. }))
+            {
+                got += data.len();
+            }
+        }
+        assert_eq!(got, 65_535, "never more than the window");
+        // Both windows need credit before the rest flows.
+        raw.frame(kind::WINDOW_UPDATE, 0, 1, &40_000u32.to_be_bytes());
+        raw.frame(kind::WINDOW_UPDATE, 0, 0, &40_000u32.to_be_bytes());
+        let mut end = false;
+        while !end {
+            if let Frame::Data {
+                data, end_stream, ..
+            } = raw.expect("DATA", |f| matches!(f, Frame::Data { .. }))
+            {
+                got += data.len();
+                end = end_stream;
+            }
+        }
+        assert_eq!(got, 100_000);
+        sender.join();
+    }
+
+    #[test]
+    fn goaway_lets_open_streams_finish() {
+        let (conn, mut raw) = server();
+        raw.request(1);
+        let s = conn.accept().unwrap();
+        conn.goaway();
+        match raw.expect("GOAWAY", |f| matches!(f, Frame::GoAway { .. })) {
+            Frame::GoAway {
+                last_stream, code, ..
+            } => assert_eq!((last_stream, code), (1, ErrorCode::NO_ERROR)),
+            _ => unreachable!(),
+        }
+        // New streams are refused, the open one still works.
+        raw.request(3);
+        assert_eq!(raw.expect_rst(3), ErrorCode::REFUSED_STREAM);
+        s.send_headers(&[(":status".into(), b"200".to_vec())], true)
+            .unwrap();
+        raw.frame(kind::DATA, flag::END_STREAM, 1, b"");
+        drop(s);
+        assert!(matches!(
+            conn.wait_closed(Some(Duration::from_secs(10))),
+            Some(Error::Closed)
+        ));
+        assert!(conn.accept().is_none());
+    }
+
+    #[test]
+    fn unanswered_keepalive_closes_the_connection() {
+        let config = Config {
+            keepalive_interval: Some(Duration::from_millis(50)),
+            keepalive_timeout: Duration::from_millis(100),
+            ..Config::default()
+        };
+        let (conn, mut raw) = raw_pair(config, true);
+        raw.expect("PING", |f| matches!(f, Frame::Ping { ack: false, .. }));
+        let err = conn.wait_closed(Some(Duration::from_secs(10)));
+        assert!(
+            matches!(err, Some(Error::KeepaliveTimeout { .. })),
+            "{err:?}"
+        );
+    }
+}

@@ -1,0 +1,27 @@
+//! A small synchronous HTTP/2 (RFC 9113) for gRPC over plain threads.
+//!
+//! No maintained HTTP/2 crate runs without an async runtime, and the design
+//! card allows none, so this module carries exactly what gRPC peers
+//! (grpc-go, gRPC C-core) exercise: both roles, HEADERS/CONTINUATION, DATA
+//! with padding, flow control on the connection and every stream in both
+//! directions, SETTINGS, PING keepalive, RST_STREAM, GOAWAY, and HPACK via
+//! `loona-hpack`.
+//!
+//! - [`frame`]: the pure frame codec (no I/O, no state).
+//! - [`transport`]: the byte stream split into a reader and a writer half
+//!   (plain TCP/Unix sockets, or rustls with the lock never held across a
+//!   blocking read).
+//! - [`conn`]: the connection state machine, its reader and writer threads,
+//!   and the [`Stream`] handles.
+//!
+//! Deliberately absent: server push (refused), PRIORITY scheduling (frames
+//! are accepted and ignored), the HTTP/1.1 upgrade to h2c (prior knowledge
+//! only), and CONNECT/extended CONNECT.
+
+pub mod conn;
+pub mod frame;
+pub mod transport;
+
+pub use conn::{Closer, Config, Connection, Error, Event, Field, Stream};
+pub use frame::ErrorCode;
+pub use transport::Transport;

@@ -1,0 +1,249 @@
+//! The byte stream under an HTTP/2 connection, split for two threads: one
+//! reader half (the connection's reader thread) and one writer half (its
+//! writer thread), plus a closer that unblocks both.
+//!
+//! Owns: the plain-socket split (TCP, Unix: `try_clone`) and the rustls
+//! split, where a blocking read must never hold the TLS lock: the reader
+//! reads ciphertext with no lock held and decrypts under it; the writer
+//! encrypts under the lock and writes after releasing it.
+//! Must not: build TLS configs or verify peers (that is the TLS module's
+//! job); it takes finished `rustls` connections.
+
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown as SocketShutdown, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+/// A blocking socket that can be cloned into a reader and a writer.
+pub trait Socket: Read + Write + Send + Sync + 'static + Sized {
+    fn try_clone_socket(&self) -> io::Result<Self>;
+    fn shutdown_both(&self);
+    fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()>;
+    fn peer(&self) -> String;
+}
+
+impl Socket for TcpStream {
+    fn try_clone_socket(&self) -> io::Result<Self> {
+        self.try_clone()
+    }
+    fn shutdown_both(&self) {
+        let _ = self.shutdown(SocketShutdown::Both);
+    }
+    fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
+        self.set_nodelay(true)?;
+        self.set_read_timeout(read)?;
+        self.set_write_timeout(write)
+    }
+    fn peer(&self) -> String {
+        self.peer_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_else(|_| "tcp peer".into())
+    }
+}
+
+impl Socket for UnixStream {
+    fn try_clone_socket(&self) -> io::Result<Self> {
+        self.try_clone()
+    }
+    fn shutdown_both(&self) {
+        let _ = self.shutdown(SocketShutdown::Both);
+    }
+    fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(read)?;
+        self.set_write_timeout(write)
+    }
+    fn peer(&self) -> String {
+        "unix peer".into()
+    }
+}
+
+/// Failure to set a transport up.
+#[derive(Debug)]
+pub enum Error {
+    /// Cloning the socket or setting its options failed.
+    Socket(io::Error),
+    /// The TLS handshake failed.
+    Handshake { peer: String, err: io::Error },
+    /// The handshake finished but did not select ALPN `h2`.
+    NoAlpnH2 { peer: String },
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Socket(err) => write!(f, "preparing socket: {err}"),
+            Error::Handshake { peer, err } => write!(f, "TLS handshake with {peer}: {err}"),
+            Error::NoAlpnH2 { peer } => write!(f, "TLS peer {peer} did not negotiate ALPN h2"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// The two halves and the closer of one connection's byte stream.
+pub struct Transport {
+    pub(crate) reader: Box<dyn Read + Send>,
+    pub(crate) writer: Box<dyn Write + Send>,
+    pub(crate) closer: Box<dyn Fn() + Send + Sync>,
+    pub(crate) peer: String,
+    pub(crate) secure: bool,
+}
+
+impl Transport {
+    /// A plaintext stream (h2c with prior knowledge): TCP or a Unix socket.
+    /// `read_timeout` bounds each blocking read (the connection's keepalive
+    /// keeps a healthy idle connection busier than that).
+    pub fn plain<S: Socket>(
+        sock: S,
+        read_timeout: Option<Duration>,
+        write_timeout: Option<Duration>,
+    ) -> Result<Self, Error> {
+        sock.set_timeouts(read_timeout, write_timeout)
+            .map_err(Error::Socket)?;
+        let reader = sock.try_clone_socket().map_err(Error::Socket)?;
+        let closer = sock.try_clone_socket().map_err(Error::Socket)?;
+        let peer = sock.peer();
+        Ok(Transport {
+            reader: Box::new(reader),
+            writer: Box::new(sock),
+            closer: Box::new(move || closer.shutdown_both()),
+            peer,
+            secure: false,
+        })
+    }
+
+    /// A TLS stream: runs the handshake on `sock` (bounded by the socket
+    /// timeouts) and requires ALPN `h2`.
+    pub fn tls<S: Socket>(
+        mut sock: S,
+        conn: impl Into<rustls::Connection>,
+        read_timeout: Option<Duration>,
+        write_timeout: Option<Duration>,
+    ) -> Result<Self, Error> {
+        let mut conn: rustls::Connection = conn.into();
+        let peer = sock.peer();
+        // The handshake gets the write timeout as its read timeout too, so
+        // a silent peer cannot hold it forever.
+        sock.set_timeouts(write_timeout.or(read_timeout), write_timeout)
+            .map_err(Error::Socket)?;
+        while conn.is_handshaking() {
+            conn.complete_io(&mut sock)
+                .map_err(|err| Error::Handshake {
+                    peer: peer.clone(),
+                    err,
+                })?;
+        }
+        if conn.alpn_protocol() != Some(b"h2") {
+            return Err(Error::NoAlpnH2 { peer });
+        }
+        sock.set_timeouts(read_timeout, write_timeout)
+            .map_err(Error::Socket)?;
+        let tls = Arc::new(Mutex::new(conn));
+        let reader = TlsReader {
+            tls: tls.clone(),
+            sock: sock.try_clone_socket().map_err(Error::Socket)?,
+            cipher: vec![0; 32 * 1024],
+            start: 0,
+            end: 0,
+        };
+        let closer = sock.try_clone_socket().map_err(Error::Socket)?;
+        let writer = TlsWriter {
+            tls,
+            sock,
+            cipher: Vec::new(),
+        };
+        Ok(Transport {
+            reader: Box::new(reader),
+            writer: Box::new(writer),
+            closer: Box::new(move || closer.shutdown_both()),
+            peer,
+            secure: true,
+        })
+    }
+}
+
+fn lock(tls: &Mutex<rustls::Connection>) -> MutexGuard<'_, rustls::Connection> {
+    tls.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+struct TlsReader<S> {
+    tls: Arc<Mutex<rustls::Connection>>,
+    sock: S,
+    cipher: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl<S: Socket> Read for TlsReader<S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            {
+                let mut tls = lock(&self.tls);
+                match tls.reader().read(buf) {
+                    Ok(n) => return Ok(n),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(e) => return Err(e),
+                }
+                if self.start < self.end {
+                    let mut pending = &self.cipher[self.start..self.end];
+                    let n = tls.read_tls(&mut pending)?;
+                    self.start += n;
+                    tls.process_new_packets()
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                    continue;
+                }
+            }
+            // No lock held across the blocking read.
+            let n = self.sock.read(&mut self.cipher)?;
+            if n == 0 {
+                return Ok(0);
+            }
+            self.start = 0;
+            self.end = n;
+        }
+    }
+}
+
+struct TlsWriter<S> {
+    tls: Arc<Mutex<rustls::Connection>>,
+    sock: S,
+    cipher: Vec<u8>,
+}
+
+impl<S: Socket> TlsWriter<S> {
+    /// Moves every pending TLS record to the socket; the lock is held only
+    /// while encrypting.
+    fn flush_records(&mut self) -> io::Result<()> {
+        loop {
+            self.cipher.clear();
+            {
+                let mut tls = lock(&self.tls);
+                while tls.wants_write() {
+                    tls.write_tls(&mut self.cipher)?;
+                }
+            }
+            if self.cipher.is_empty() {
+                return Ok(());
+            }
+            self.sock.write_all(&self.cipher)?;
+        }
+    }
+}
+
+impl<S: Socket> Write for TlsWriter<S> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        // rustls buffers a bounded amount of plaintext: hand it slices no
+        // bigger than one batch and push the records out after each.
+        let chunk = &buf[..buf.len().min(64 * 1024)];
+        let n = lock(&self.tls).writer().write(chunk)?;
+        self.flush_records()?;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.flush_records()?;
+        self.sock.flush()
+    }
+}
