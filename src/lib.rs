@@ -56,7 +56,10 @@
 pub mod cli;
 pub mod grpc;
 pub mod h2;
+pub mod http;
+pub mod metrics;
 pub mod shutdown;
 pub mod sidecar;
 pub mod sys;
+pub mod tls;
 pub mod tunnel;

@@ -1,0 +1,945 @@
+//! A small, bounded HTTP/1.1 server on our own listener, over TLS or plain
+//! TCP, with handlers written against rouille's `Request`/`Response`.
+//!
+//! Owns: the listening socket, the connection pool (one thread per
+//! connection, at most [`Limits::max_connections`], threads kept for reuse),
+//! request-head parsing (httparse), bodies by `Content-Length`, keep-alive,
+//! every limit and timeout, and writing `rouille::Response`s out.
+//! Must not: know any route; a role passes one [`Handler`]. It builds the
+//! rouille request with `Request::fake_http_from` and never runs rouille's
+//! own server (that one cannot bound headers, do mTLS or reload certificates).
+//!
+//! ```no_run
+//! # use std::sync::Arc;
+//! # use apiserver_proxy::{http, shutdown::Shutdown};
+//! let shutdown = Shutdown::new().unwrap();
+//! let handler: http::Handler = Arc::new(|_req: &rouille::Request| rouille::Response::text("ok"));
+//! let addr = "127.0.0.1:0".parse().unwrap();
+//! let server = http::Server::bind(addr, None, http::Limits::default(), handler, &shutdown).unwrap();
+//! println!("listening on {}", server.local_addr());
+//! server.wait(); // returns once `shutdown` triggers and every connection is done
+//! ```
+//!
+//! Limits and their answers: a head over [`Limits::max_head_bytes`] or with
+//! more than [`Limits::max_headers`] headers gets 431; a body over
+//! [`Limits::max_body_bytes`] 413 (before it is read; `Expect: 100-continue`
+//! is honoured); chunked bodies 411; a head not complete within
+//! [`Limits::header_timeout`] of the connection (or, for later requests, of
+//! its first byte) 408; a body not complete within [`Limits::body_timeout`]
+//! is dropped. Connections beyond the cap are refused at once (plain TCP:
+//! a 503; TLS: closed before the handshake). After an error answer the
+//! connection is closed, after reading (and discarding) what the client is
+//! still sending for up to a second, so that it sees the answer.
+//!
+//! Shutdown: when the [`Shutdown`] triggers, the listener closes, idle
+//! keep-alive connections close, requests in flight finish (answered with
+//! `Connection: close`), and [`Server::wait`] returns once all threads are
+//! joined.
+
+use std::collections::VecDeque;
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown as SocketShutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use crate::shutdown::{Shutdown, Worker};
+use crate::sys;
+use crate::tls::Reloader;
+
+/// The one request handler of a server.
+pub type Handler = Arc<dyn Fn(&rouille::Request) -> rouille::Response + Send + Sync>;
+
+/// Called after every answer, including the server's own error answers
+/// (a refused connection is reported with method and path `-` and 503).
+pub type Observer = Arc<dyn Fn(&Exchange<'_>) + Send + Sync>;
+
+/// One finished request, for metrics and logs.
+#[derive(Debug)]
+pub struct Exchange<'a> {
+    pub method: &'a str,
+    /// The path without the query string.
+    pub path: &'a str,
+    pub status: u16,
+    /// From the complete request head to the answer written.
+    pub elapsed: Duration,
+}
+
+/// Bounds on what a client may make the server hold.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Connections served at once; more are refused.
+    pub max_connections: usize,
+    /// Request line plus headers, in bytes.
+    pub max_head_bytes: usize,
+    pub max_headers: usize,
+    pub max_body_bytes: usize,
+    /// For the TLS handshake and the first head; for later heads, from the
+    /// first byte. Guards against slowloris.
+    pub header_timeout: Duration,
+    /// For a whole body, from the end of the head.
+    pub body_timeout: Duration,
+    /// How long a keep-alive connection may wait for its next request.
+    pub idle_timeout: Duration,
+    /// For each socket write.
+    pub write_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 256,
+            max_head_bytes: 64 * 1024,
+            max_headers: 100,
+            max_body_bytes: 3 * 1024 * 1024,
+            header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(90),
+            write_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Errors starting a server. Errors on a connection only close it.
+#[derive(Debug)]
+pub enum Error {
+    Bind { addr: SocketAddr, err: io::Error },
+    Listener(io::Error),
+    Spawn(io::Error),
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Bind { addr, err } => write!(f, "listening on {addr}: {err}"),
+            Error::Listener(err) => write!(f, "setting up the listener: {err}"),
+            Error::Spawn(err) => write!(f, "starting a server thread: {err}"),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+struct Shared {
+    limits: Limits,
+    tls: Option<Reloader>,
+    handler: Handler,
+    observer: Option<Observer>,
+    shutdown: Shutdown,
+    pool: Mutex<Pool>,
+    work: Condvar,
+}
+
+/// Accepted connections waiting for a thread, and the threads.
+struct Pool {
+    queue: VecDeque<(TcpStream, SocketAddr)>,
+    idle: usize,
+    busy: usize,
+    workers: Vec<Worker>,
+    closing: bool,
+}
+
+/// A running server. Dropping it (or [`Server::wait`]) blocks until the
+/// shutdown flag it was given triggers and every connection is finished.
+pub struct Server {
+    local_addr: SocketAddr,
+    acceptor: Worker,
+}
+
+impl Server {
+    /// Binds `addr` (port 0: any free port) and starts accepting. With `tls`,
+    /// every connection is TLS with the reloader's current config.
+    pub fn bind(
+        addr: SocketAddr,
+        tls: Option<Reloader>,
+        limits: Limits,
+        handler: Handler,
+        shutdown: &Shutdown,
+    ) -> Result<Server, Error> {
+        Self::bind_observed(addr, tls, limits, handler, None, shutdown)
+    }
+
+    /// [`Server::bind`], reporting every answer to `observer`.
+    pub fn bind_observed(
+        addr: SocketAddr,
+        tls: Option<Reloader>,
+        limits: Limits,
+        handler: Handler,
+        observer: Option<Observer>,
+        shutdown: &Shutdown,
+    ) -> Result<Server, Error> {
+        let listener = TcpListener::bind(addr).map_err(|err| Error::Bind { addr, err })?;
+        let local_addr = listener.local_addr().map_err(Error::Listener)?;
+        listener.set_nonblocking(true).map_err(Error::Listener)?;
+        let shared = Arc::new(Shared {
+            limits,
+            tls,
+            handler,
+            observer,
+            shutdown: shutdown.clone(),
+            pool: Mutex::new(Pool {
+                queue: VecDeque::new(),
+                idle: 0,
+                busy: 0,
+                workers: Vec::new(),
+                closing: false,
+            }),
+            work: Condvar::new(),
+        });
+        let acceptor = Worker::spawn(&format!("http-accept-{}", local_addr.port()), move || {
+            accept_loop(&listener, &shared);
+            drop(listener);
+            let workers = {
+                let mut pool = lock(&shared.pool);
+                pool.closing = true;
+                std::mem::take(&mut pool.workers)
+            };
+            shared.work.notify_all();
+            drop(workers); // joins each
+        })
+        .map_err(Error::Spawn)?;
+        Ok(Server {
+            local_addr,
+            acceptor,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Blocks until shutdown has triggered and every connection is done.
+    pub fn wait(self) {
+        self.acceptor.join();
+    }
+}
+
+fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
+    let fds = [listener.as_raw_fd(), shared.shutdown.as_raw_fd()];
+    while !shared.shutdown.is_triggered() {
+        if let Err(err) = sys::poll_readable(&fds, None) {
+            log::error!("waiting for connections: {err}");
+            shared.shutdown.wait_timeout(Duration::from_millis(100));
+            continue;
+        }
+        loop {
+            match listener.accept() {
+                Ok((stream, peer)) => dispatch(shared, stream, peer),
+                Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
+                Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
+                Err(err) => {
+                    // Out of descriptors, say: back off instead of spinning.
+                    log::warn!("accepting a connection: {err}");
+                    shared.shutdown.wait_timeout(Duration::from_millis(50));
+                    break;
+                }
+            }
+        }
+    }
+}
+
+fn dispatch(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
+    let mut pool = lock(&shared.pool);
+    if pool.busy + pool.queue.len() >= shared.limits.max_connections {
+        drop(pool);
+        refuse(shared, stream, peer);
+        return;
+    }
+    pool.queue.push_back((stream, peer));
+    if pool.queue.len() > pool.idle && pool.workers.len() < shared.limits.max_connections {
+        let worker_shared = shared.clone();
+        let name = format!("http-conn-{}", pool.workers.len());
+        match Worker::spawn(&name, move || work_loop(&worker_shared)) {
+            Ok(worker) => pool.workers.push(worker),
+            Err(err) => log::error!("starting a connection thread: {err}"),
+        }
+    }
+    drop(pool);
+    shared.work.notify_one();
+}
+
+fn refuse(shared: &Shared, mut stream: TcpStream, peer: SocketAddr) {
+    log::warn!(
+        "refusing connection from {peer}: {} connections open",
+        shared.limits.max_connections
+    );
+    if shared.tls.is_none() {
+        let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
+        let body = "too many connections\n";
+        let _ = stream.write_all(
+            format!(
+                "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n\
+                 Content-Length: {}\r\nRetry-After: 1\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        );
+    }
+    let _ = stream.shutdown(SocketShutdown::Both);
+    if let Some(observer) = &shared.observer {
+        observer(&Exchange {
+            method: "-",
+            path: "-",
+            status: 503,
+            elapsed: Duration::ZERO,
+        });
+    }
+}
+
+fn work_loop(shared: &Arc<Shared>) {
+    loop {
+        let (stream, peer) = {
+            let mut pool = lock(&shared.pool);
+            loop {
+                if let Some(next) = pool.queue.pop_front() {
+                    pool.busy += 1;
+                    break next;
+                }
+                if pool.closing {
+                    return;
+                }
+                pool.idle += 1;
+                pool = shared
+                    .work
+                    .wait(pool)
+                    .unwrap_or_else(PoisonError::into_inner);
+                pool.idle -= 1;
+            }
+        };
+        if let Err(err) = serve(shared, stream, peer) {
+            log::debug!("connection from {peer}: {err}");
+        }
+        lock(&shared.pool).busy -= 1;
+    }
+}
+
+/// The byte stream of one connection, TLS or not.
+enum Transport {
+    Plain(TcpStream),
+    Tls(Box<rustls::ServerConnection>, TcpStream),
+}
+
+impl Transport {
+    fn socket(&self) -> &TcpStream {
+        match self {
+            Transport::Plain(s) | Transport::Tls(_, s) => s,
+        }
+    }
+
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Transport::Plain(s) => s.read(buf),
+            Transport::Tls(conn, s) => rustls::Stream::new(conn.as_mut(), s).read(buf),
+        }
+    }
+
+    fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        match self {
+            Transport::Plain(s) => s.write_all(data),
+            Transport::Tls(conn, s) => {
+                let mut stream = rustls::Stream::new(conn.as_mut(), s);
+                stream.write_all(data)?;
+                stream.flush()
+            }
+        }
+    }
+
+    /// Decrypted bytes waiting inside rustls (a pipelined request).
+    fn has_buffered(&mut self) -> bool {
+        match self {
+            Transport::Plain(_) => false,
+            Transport::Tls(conn, _) => conn
+                .process_new_packets()
+                .is_ok_and(|state| state.plaintext_bytes_to_read() > 0),
+        }
+    }
+
+    fn close(mut self) {
+        if let Transport::Tls(conn, s) = &mut self {
+            conn.send_close_notify();
+            let _ = conn.complete_io(s);
+        }
+        let _ = self.socket().shutdown(SocketShutdown::Write);
+    }
+}
+
+/// Why reading a request stopped.
+enum ReadError {
+    /// The peer closed, idled out, or we are shutting down between requests.
+    Closed,
+    TimedOut,
+    Io(io::Error),
+}
+
+struct Conn<'a> {
+    shared: &'a Shared,
+    transport: Transport,
+    peer: SocketAddr,
+    /// Bytes read but not yet consumed (the next request's start).
+    buf: Vec<u8>,
+}
+
+fn serve(shared: &Shared, stream: TcpStream, peer: SocketAddr) -> io::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_nodelay(true)?;
+    stream.set_write_timeout(Some(shared.limits.write_timeout))?;
+    let transport = match &shared.tls {
+        None => Transport::Plain(stream),
+        Some(reloader) => {
+            let conn = rustls::ServerConnection::new(reloader.server_config())
+                .map_err(|e| io::Error::other(e.to_string()))?;
+            Transport::Tls(Box::new(conn), stream)
+        }
+    };
+    let mut conn = Conn {
+        shared,
+        transport,
+        peer,
+        buf: Vec::with_capacity(4096),
+    };
+    let result = conn.serve_requests();
+    conn.transport.close();
+    result
+}
+
+/// A parsed request head.
+struct Head {
+    method: String,
+    url: String,
+    minor_version: u8,
+    headers: Vec<(String, String)>,
+    len: usize,
+}
+
+impl Head {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn has_token(&self, name: &str, token: &str) -> bool {
+        self.headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+            .flat_map(|(_, v)| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
+    }
+
+    fn path(&self) -> &str {
+        self.url.split('?').next().unwrap_or("")
+    }
+}
+
+/// A problem answered by the server itself, then the connection closes.
+struct Reject {
+    status: u16,
+    reason: &'static str,
+}
+
+impl Conn<'_> {
+    fn serve_requests(&mut self) -> io::Result<()> {
+        let limits = &self.shared.limits;
+        let mut first = true;
+        loop {
+            // Between requests: wait for the next one, or for shutdown.
+            let deadline = if first {
+                Instant::now() + limits.header_timeout
+            } else {
+                if self.buf.is_empty()
+                    && !self.transport.has_buffered()
+                    && !self.await_next_request()?
+                {
+                    return Ok(());
+                }
+                Instant::now() + limits.header_timeout
+            };
+            first = false;
+            let head = match self.read_head(deadline) {
+                Ok(Ok(head)) => head,
+                Ok(Err(reject)) => return self.reject(reject, "-", "-"),
+                Err(ReadError::Closed) => return Ok(()),
+                Err(ReadError::TimedOut) => {
+                    if self.buf.is_empty() {
+                        return Ok(()); // nothing asked, nothing to answer
+                    }
+                    return self.reject(
+                        Reject {
+                            status: 408,
+                            reason: "request head timed out",
+                        },
+                        "-",
+                        "-",
+                    );
+                }
+                Err(ReadError::Io(err)) => return Err(err),
+            };
+            let started = Instant::now();
+            let body = match self.read_body(&head) {
+                Ok(Ok(body)) => body,
+                Ok(Err(reject)) => return self.reject(reject, &head.method, head.path()),
+                Err(ReadError::Io(err)) => return Err(err),
+                Err(_) => return Ok(()),
+            };
+            let keep_alive = if head.minor_version >= 1 {
+                !head.has_token("connection", "close")
+            } else {
+                head.has_token("connection", "keep-alive")
+            } && !self.shared.shutdown.is_triggered();
+            let request = rouille::Request::fake_http_from(
+                self.peer,
+                head.method.clone(),
+                head.url.clone(),
+                head.headers.clone(),
+                body,
+            );
+            let response = (self.shared.handler)(&request);
+            let status = response.status_code;
+            self.write_response(response, head.method == "HEAD", keep_alive)?;
+            self.observe(&head.method, head.path(), status, started.elapsed());
+            if !keep_alive {
+                return Ok(());
+            }
+        }
+    }
+
+    fn observe(&self, method: &str, path: &str, status: u16, elapsed: Duration) {
+        if let Some(observer) = &self.shared.observer {
+            observer(&Exchange {
+                method,
+                path,
+                status,
+                elapsed,
+            });
+        }
+    }
+
+    /// Waits (idle timeout) for bytes of the next request; false when the
+    /// connection should close instead.
+    fn await_next_request(&mut self) -> io::Result<bool> {
+        let fds = [
+            self.transport.socket().as_raw_fd(),
+            self.shared.shutdown.as_raw_fd(),
+        ];
+        let ready = sys::poll_readable(&fds, Some(self.shared.limits.idle_timeout))?;
+        Ok(ready[0] && !ready[1])
+    }
+
+    /// Reads more bytes into `buf`, giving up at `deadline`.
+    fn read_more(&mut self, deadline: Instant) -> Result<(), ReadError> {
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(ReadError::TimedOut);
+        }
+        // A zero timeout means "none" to std: keep it at least 1 ms.
+        let remaining = (deadline - now).max(Duration::from_millis(1));
+        self.transport
+            .socket()
+            .set_read_timeout(Some(remaining))
+            .map_err(ReadError::Io)?;
+        let start = self.buf.len();
+        self.buf.resize(start + 16 * 1024, 0);
+        let result = self.transport.read(&mut self.buf[start..]);
+        let n = *result.as_ref().unwrap_or(&0);
+        self.buf.truncate(start + n);
+        match result {
+            Ok(0) => Err(ReadError::Closed),
+            Ok(_) => Ok(()),
+            Err(err) => match err.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => Err(ReadError::TimedOut),
+                io::ErrorKind::UnexpectedEof
+                | io::ErrorKind::ConnectionReset
+                | io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::BrokenPipe => Err(ReadError::Closed),
+                io::ErrorKind::Interrupted => Ok(()),
+                _ => Err(ReadError::Io(err)),
+            },
+        }
+    }
+
+    fn read_head(&mut self, deadline: Instant) -> Result<Result<Head, Reject>, ReadError> {
+        let limits = &self.shared.limits;
+        loop {
+            if !self.buf.is_empty() {
+                let mut headers = vec![httparse::EMPTY_HEADER; limits.max_headers];
+                let mut request = httparse::Request::new(&mut headers);
+                let scan = &self.buf[..self.buf.len().min(limits.max_head_bytes)];
+                match request.parse(scan) {
+                    Ok(httparse::Status::Complete(len)) => {
+                        return Ok(Ok(Head {
+                            method: request.method.unwrap_or("").to_string(),
+                            url: request.path.unwrap_or("").to_string(),
+                            minor_version: request.version.unwrap_or(1),
+                            headers: request
+                                .headers
+                                .iter()
+                                .map(|h| {
+                                    (
+                                        h.name.to_string(),
+                                        String::from_utf8_lossy(h.value).into_owned(),
+                                    )
+                                })
+                                .collect(),
+                            len,
+                        }));
+                    }
+                    Ok(httparse::Status::Partial) if self.buf.len() >= limits.max_head_bytes => {
+                        return Ok(Err(Reject {
+                            status: 431,
+                            reason: "request header fields too large",
+                        }));
+                    }
+                    Ok(httparse::Status::Partial) => {}
+                    Err(httparse::Error::TooManyHeaders) => {
+                        return Ok(Err(Reject {
+                            status: 431,
+                            reason: "too many request header fields",
+                        }));
+                    }
+                    Err(httparse::Error::Version) => {
+                        return Ok(Err(Reject {
+                            status: 505,
+                            reason: "HTTP version not supported",
+                        }));
+                    }
+                    Err(_) => {
+                        return Ok(Err(Reject {
+                            status: 400,
+                            reason: "malformed request head",
+                        }));
+                    }
+                }
+            }
+            self.read_more(deadline)?;
+        }
+    }
+
+    fn read_body(&mut self, head: &Head) -> Result<Result<Vec<u8>, Reject>, ReadError> {
+        let limits = &self.shared.limits;
+        if head.header("transfer-encoding").is_some() {
+            return Ok(Err(Reject {
+                status: 411,
+                reason: "chunked bodies are not supported: send Content-Length",
+            }));
+        }
+        let mut length: Option<usize> = None;
+        for (_, value) in head
+            .headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+        {
+            let value = value.trim();
+            let parsed = if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
+                value.parse::<usize>().ok()
+            } else {
+                None
+            };
+            match (parsed, length) {
+                // Too many digits for usize is certainly too large.
+                (None, _) if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) => {
+                    length = Some(usize::MAX);
+                }
+                (None, _) => {
+                    return Ok(Err(Reject {
+                        status: 400,
+                        reason: "invalid Content-Length",
+                    }));
+                }
+                (Some(n), Some(seen)) if n != seen => {
+                    return Ok(Err(Reject {
+                        status: 400,
+                        reason: "conflicting Content-Length headers",
+                    }));
+                }
+                (Some(n), _) => length = Some(n),
+            }
+        }
+        let length = length.unwrap_or(0);
+        if length > limits.max_body_bytes {
+            return Ok(Err(Reject {
+                status: 413,
+                reason: "request body too large",
+            }));
+        }
+        self.buf.drain(..head.len);
+        if self.buf.len() < length
+            && head.minor_version >= 1
+            && head.has_token("expect", "100-continue")
+        {
+            self.transport
+                .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+                .map_err(ReadError::Io)?;
+        }
+        let deadline = Instant::now() + limits.body_timeout;
+        while self.buf.len() < length {
+            self.read_more(deadline)?;
+        }
+        let rest = self.buf.split_off(length);
+        Ok(Ok(std::mem::replace(&mut self.buf, rest)))
+    }
+
+    /// Answers with the server's own error and closes after a short linger.
+    fn reject(&mut self, reject: Reject, method: &str, path: &str) -> io::Result<()> {
+        log::debug!(
+            "{}: answering {} ({})",
+            self.peer,
+            reject.status,
+            reject.reason
+        );
+        let response =
+            rouille::Response::text(format!("{}\n", reject.reason)).with_status_code(reject.status);
+        self.write_response(response, false, false)?;
+        self.observe(method, path, reject.status, Duration::ZERO);
+        // Read what the client is still sending, so that closing does not
+        // reset the connection before it has read the answer.
+        let deadline = Instant::now() + Duration::from_secs(1);
+        let mut discarded = 0;
+        while discarded < 2 * self.shared.limits.max_body_bytes {
+            self.buf.clear();
+            if self.read_more(deadline).is_err() {
+                break;
+            }
+            discarded += self.buf.len();
+        }
+        Ok(())
+    }
+
+    fn write_response(
+        &mut self,
+        response: rouille::Response,
+        head_only: bool,
+        keep_alive: bool,
+    ) -> io::Result<()> {
+        let status = response.status_code;
+        let mut out = Vec::with_capacity(512);
+        let _ = write!(out, "HTTP/1.1 {status} {}\r\n", reason_phrase(status));
+        for (name, value) in &response.headers {
+            let managed = [
+                "connection",
+                "content-length",
+                "transfer-encoding",
+                "trailer",
+                "upgrade",
+            ]
+            .iter()
+            .any(|m| name.eq_ignore_ascii_case(m));
+            let unsafe_text = |s: &str| s.bytes().any(|b| b == b'\r' || b == b'\n');
+            if managed || unsafe_text(name) || unsafe_text(value) {
+                continue;
+            }
+            let _ = write!(out, "{name}: {value}\r\n");
+        }
+        let (reader, size) = response.data.into_reader_and_size();
+        let mut body = Vec::with_capacity(size.unwrap_or(0).min(1 << 20));
+        // Handlers are ours; the bound only stops a runaway reader.
+        reader.take(64 << 20).read_to_end(&mut body)?;
+        let _ = write!(out, "Content-Length: {}\r\n", body.len());
+        if !keep_alive {
+            out.extend_from_slice(b"Connection: close\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        if !head_only {
+            out.extend_from_slice(&body);
+        }
+        self.transport.write_all(&out)
+    }
+}
+
+/// The standard reason phrase (any text is allowed; clients ignore it).
+pub fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        100 => "Continue",
+        200 => "OK",
+        201 => "Created",
+        204 => "No Content",
+        301 => "Moved Permanently",
+        302 => "Found",
+        304 => "Not Modified",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        408 => "Request Timeout",
+        411 => "Length Required",
+        413 => "Content Too Large",
+        415 => "Unsupported Media Type",
+        422 => "Unprocessable Content",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        501 => "Not Implemented",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        505 => "HTTP Version Not Supported",
+        _ => "Unknown",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn start(limits: Limits) -> (Server, Shutdown) {
+        let shutdown = Shutdown::new().unwrap();
+        let handler: Handler = Arc::new(|req: &rouille::Request| {
+            let mut body = String::new();
+            if let Some(mut data) = req.data() {
+                let _ = data.read_to_string(&mut body);
+            }
+            rouille::Response::text(format!("{} {} {}", req.method(), req.raw_url(), body.len()))
+        });
+        let server = Server::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            None,
+            limits,
+            handler,
+            &shutdown,
+        )
+        .unwrap();
+        (server, shutdown)
+    }
+
+    fn exchange(stream: &mut TcpStream, request: &[u8]) -> String {
+        stream.write_all(request).unwrap();
+        let mut buf = vec![0; 8192];
+        let mut out = Vec::new();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        // Read until one full response (head + Content-Length body) is in.
+        loop {
+            let n = stream.read(&mut buf).unwrap_or(0);
+            out.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&out).to_string();
+            if let Some(end) = text.find("\r\n\r\n") {
+                let len: usize = text[..end]
+                    .lines()
+                    .find_map(|l| l.strip_prefix("Content-Length: "))
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                if out.len() >= end + 4 + len {
+                    return text;
+                }
+            }
+            if n == 0 {
+                return text;
+            }
+        }
+    }
+
+    #[test]
+    fn keep_alive_bodies_limits_and_shutdown() {
+        let limits = Limits {
+            max_body_bytes: 100,
+            max_headers: 5,
+            ..Limits::default()
+        };
+        let (server, shutdown) = start(limits);
+        let mut s = TcpStream::connect(server.local_addr()).unwrap();
+        let r = exchange(&mut s, b"GET /a?x=1 HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
+        assert!(r.ends_with("GET /a?x=1 0"), "{r}");
+        let r = exchange(
+            &mut s,
+            b"POST /b HTTP/1.1\r\nContent-Length: 5\r\n\r\nhello",
+        );
+        assert!(r.ends_with("POST /b 5"), "{r}");
+        // Pipelined: two requests in one write, two answers.
+        let r = exchange(&mut s, b"GET /1 HTTP/1.1\r\n\r\nGET /2 HTTP/1.1\r\n\r\n");
+        assert!(r.ends_with("GET /1 0"), "{r}");
+        let r = exchange(&mut s, b"");
+        assert!(r.ends_with("GET /2 0"), "{r}");
+        let r = exchange(&mut s, b"POST /big HTTP/1.1\r\nContent-Length: 101\r\n\r\n");
+        assert!(r.starts_with("HTTP/1.1 413 "), "{r}");
+        assert!(r.contains("Connection: close"), "{r}");
+
+        let mut s = TcpStream::connect(server.local_addr()).unwrap();
+        let r = exchange(
+            &mut s,
+            b"GET / HTTP/1.1\r\na: 1\r\nb: 1\r\nc: 1\r\nd: 1\r\ne: 1\r\nf: 1\r\n\r\n",
+        );
+        assert!(r.starts_with("HTTP/1.1 431 "), "{r}");
+        let mut s = TcpStream::connect(server.local_addr()).unwrap();
+        let r = exchange(&mut s, b"\x16\x03\x01garbage\r\n\r\n");
+        assert!(r.starts_with("HTTP/1.1 400 "), "{r}");
+        let mut s = TcpStream::connect(server.local_addr()).unwrap();
+        let r = exchange(
+            &mut s,
+            b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+        );
+        assert!(r.starts_with("HTTP/1.1 400 "), "{r}");
+        let mut s = TcpStream::connect(server.local_addr()).unwrap();
+        let r = exchange(
+            &mut s,
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n",
+        );
+        assert!(r.starts_with("HTTP/1.1 411 "), "{r}");
+
+        // An idle keep-alive connection does not hold up shutdown.
+        let mut idle = TcpStream::connect(server.local_addr()).unwrap();
+        let r = exchange(&mut idle, b"GET / HTTP/1.1\r\n\r\n");
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        let addr = server.local_addr();
+        shutdown.trigger("test");
+        server.wait();
+        assert!(
+            TcpStream::connect(addr).is_err(),
+            "the listener must be closed"
+        );
+    }
+
+    #[test]
+    fn connections_beyond_the_cap_are_refused() {
+        let limits = Limits {
+            max_connections: 1,
+            ..Limits::default()
+        };
+        let (server, shutdown) = start(limits);
+        let mut first = TcpStream::connect(server.local_addr()).unwrap();
+        let r = exchange(&mut first, b"GET / HTTP/1.1\r\n\r\n");
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        let mut second = TcpStream::connect(server.local_addr()).unwrap();
+        let r = exchange(&mut second, b"GET / HTTP/1.1\r\n\r\n");
+        assert!(r.starts_with("HTTP/1.1 503"), "{r}");
+        // The first still works, and once it closes a new one is served.
+        let r = exchange(&mut first, b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n");
+        assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+        let addr = server.local_addr();
+        let mut deadline = 0;
+        loop {
+            let mut third = TcpStream::connect(addr).unwrap();
+            let r = exchange(&mut third, b"GET / HTTP/1.1\r\n\r\n");
+            if r.starts_with("HTTP/1.1 200") {
+                break;
+            }
+            deadline += 1;
+            assert!(deadline < 1000, "the freed slot was never reused: {r}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        shutdown.trigger("test");
+        server.wait();
+    }
+
+    #[test]
+    fn slow_heads_time_out() {
+        let limits = Limits {
+            header_timeout: Duration::from_millis(200),
+            ..Limits::default()
+        };
+        let (server, shutdown) = start(limits);
+        let mut s = TcpStream::connect(server.local_addr()).unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nX-Slow: ").unwrap();
+        let r = exchange(&mut s, b"a");
+        assert!(r.starts_with("HTTP/1.1 408"), "{r}");
+        shutdown.trigger("test");
+        server.wait();
+    }
+}
