@@ -218,7 +218,7 @@ impl<S: Socket> Read for TlsReader<S> {
     }
 }
 
-struct TlsWriter<S> {
+struct TlsWriter<S: Socket> {
     tls: Arc<Mutex<rustls::Connection>>,
     sock: S,
     cipher: Vec<u8>,
@@ -241,6 +241,16 @@ impl<S: Socket> TlsWriter<S> {
             }
             self.sock.write_all(&self.cipher)?;
         }
+    }
+}
+
+impl<S: Socket> Drop for TlsWriter<S> {
+    /// Ends the TLS session cleanly (close_notify) when the writer half
+    /// goes, so that peers that insist on it (rustls, Go's crypto/tls) see
+    /// a clean end of stream rather than a truncation.
+    fn drop(&mut self) {
+        lock(&self.tls).send_close_notify();
+        let _ = self.flush_records();
     }
 }
 

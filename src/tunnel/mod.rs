@@ -8,8 +8,11 @@
 pub mod agent;
 pub mod connect;
 pub mod identifiers;
+pub mod listen;
 pub mod message;
 pub mod proto;
 pub mod queue;
 pub mod router;
 pub mod server;
+pub mod test_client;
+pub mod test_server;

@@ -13,10 +13,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::hub::{Hub, ToFrontend};
-use super::listen::Conn;
 use crate::h2::transport::Transport;
 use crate::tls::Reloader;
 use crate::tunnel::connect::{self, ESTABLISHED};
+use crate::tunnel::listen::Conn;
 use crate::tunnel::message::Message;
 use crate::tunnel::queue::Pop;
 use crate::tunnel::router::DialFailure;
@@ -112,20 +112,20 @@ pub fn serve(hub: &Arc<Hub>, conn: Conn, tls: Option<&Reloader>, timeouts: &Time
                 log::debug!("CONNECT {peer}: refused: {refusal}");
                 let _ = writer.write_all(&connect::error_response(refusal.status, &refusal.reason));
                 let _ = writer.flush();
-                closer();
+                finish(writer, &closer);
                 return;
             }
         }
         if started.elapsed() >= timeouts.header {
             let _ = writer.write_all(&connect::error_response(408, "request header timeout"));
-            closer();
+            finish(writer, &closer);
             return;
         }
         match reader
             .read(&mut buf[..CHUNK.min(connect::MAX_HEAD + 1 - head.len().min(connect::MAX_HEAD))])
         {
             Ok(0) | Err(_) => {
-                closer();
+                finish(writer, &closer);
                 return;
             }
             Ok(n) => head.extend_from_slice(&buf[..n]),
@@ -169,7 +169,7 @@ pub fn serve(hub: &Arc<Hub>, conn: Conn, tls: Option<&Reloader>, timeouts: &Time
             let _ = writer.flush();
             hub.remove_frontend(key);
             hub.metrics.http_connections.add(&[], -1.0);
-            closer();
+            finish(writer, &closer);
             return;
         }
     };
@@ -185,7 +185,7 @@ pub fn serve(hub: &Arc<Hub>, conn: Conn, tls: Option<&Reloader>, timeouts: &Time
     {
         hub.remove_frontend(key);
         hub.metrics.http_connections.add(&[], -1.0);
-        closer();
+        finish(writer, &closer);
         return;
     }
     let early = head.split_off(request.head_len);
@@ -218,12 +218,21 @@ pub fn serve(hub: &Arc<Hub>, conn: Conn, tls: Option<&Reloader>, timeouts: &Time
             }
             let _ = writer.flush();
             queue.close_and_clear();
-            // Wakes the reader below if it is still blocked on the client.
+            // close_notify first (TLS), then wake the reader below if it is
+            // still blocked on the client.
+            drop(writer);
             closer();
         });
         loop {
             match reader.read(&mut buf) {
-                Ok(0) | Err(_) => break,
+                Ok(0) => {
+                    log::debug!("CONNECT {peer}: client closed connection {connect_id}");
+                    break;
+                }
+                Err(e) => {
+                    log::debug!("CONNECT {peer}: reading connection {connect_id}: {e}");
+                    break;
+                }
                 Ok(n) => {
                     let data = Message::Data {
                         connect_id,
@@ -244,6 +253,13 @@ pub fn serve(hub: &Arc<Hub>, conn: Conn, tls: Option<&Reloader>, timeouts: &Time
     hub.metrics
         .connection_duration
         .observe(&[], established.elapsed().as_secs_f64());
+    closer();
+}
+
+/// Ends the connection: close_notify (TLS) with the writer half, then the
+/// socket.
+fn finish(writer: Box<dyn Write + Send>, closer: &(dyn Fn() + Send + Sync)) {
+    drop(writer);
     closer();
 }
 

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use super::connect_frontend::{self, Timeouts};
 use super::hub::Hub;
-use super::listen::{Conn, Listener, Listeners};
 use super::metrics::ServerMetrics;
 use super::streams::{AGENT_PATH, PROXY_PATH, agent_handler, proxy_handler};
 use super::{Config, Frontend, Mode};
@@ -20,6 +19,7 @@ use crate::h2::transport::Transport;
 use crate::http;
 use crate::shutdown::{Shutdown, Worker};
 use crate::tls::{Reloader, ServerFiles};
+use crate::tunnel::listen::{Conn, Listener, Listeners};
 use crate::tunnel::router;
 
 /// A failure to start.
@@ -200,7 +200,7 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), Error> {
         "frontend ({mode_name}) listening on {}",
         frontend_listener.describe()
     );
-    let serve: super::listen::Serve = match config.mode {
+    let serve: crate::tunnel::listen::Serve = match config.mode {
         Mode::Grpc => {
             let server = grpc::Server::new().route(PROXY_PATH, proxy_handler(hub.clone()));
             let h2 = h2_config(config.frontend_keepalive_time);
