@@ -7,7 +7,13 @@ use std::fs;
 use std::path::Path;
 
 /// Every binary the crate ships. Keep in step with src/bin and the Makefile.
-const BINARIES: &[&str] = &["apiserver-proxy-sidecar"];
+const BINARIES: &[&str] = &[
+    "apiserver-proxy-sidecar",
+    "proxy-server",
+    "proxy-agent",
+    "proxy-test-client",
+    "http-test-server",
+];
 
 fn empty_root_with(binary: &Path) -> tempdir::Root {
     let root = tempdir::Root::new();

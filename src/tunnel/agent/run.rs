@@ -27,6 +27,7 @@ use crate::shutdown::{Shutdown, WorkerSet};
 use crate::tunnel::message::Message;
 use crate::tunnel::proto::Packet;
 use crate::tunnel::queue::{Pop, Queue, Rejected};
+use crate::tunnel::server::hub::{MIN_TUNNEL_QUEUE, SLOW_GRACE};
 
 const AGENT_PATH: &str = "/AgentService/Connect";
 /// Bytes read from a destination per DATA packet.
@@ -166,7 +167,13 @@ impl Stream {
                 }
                 Action::Dial { random, address } => self.start_dial(random, address),
                 Action::Deliver(connect_id, dest, data) => {
-                    if let Err(Rejected::Full(_)) = dest.inner.queue.try_push(data) {
+                    let pushed = match dest.inner.queue.try_push(data) {
+                        Err(Rejected::Full(data)) => {
+                            dest.inner.queue.push_timeout(data, SLOW_GRACE)
+                        }
+                        other => other,
+                    };
+                    if let Err(Rejected::Full(_)) = pushed {
                         log::warn!(
                             "destination of connection {connect_id} is not reading: closing it"
                         );
@@ -212,7 +219,9 @@ impl Stream {
                 Ok((socket, clone)) => {
                     let dest = Dest {
                         inner: Arc::new(DestInner {
-                            queue: Queue::new(stream.shared.config.xfr_channel_size),
+                            queue: Queue::new(
+                                stream.shared.config.xfr_channel_size.max(MIN_TUNNEL_QUEUE),
+                            ),
                             socket: clone,
                         }),
                     };

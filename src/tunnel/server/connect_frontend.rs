@@ -150,6 +150,7 @@ pub fn serve(hub: &Arc<Hub>, conn: Conn, tls: Option<&Reloader>, timeouts: &Time
             Err((status_for(&reason), reason.to_string()))
         }
         Pop::TimedOut => {
+            hub.metrics.dial_failures.inc(&["frontend_close"]);
             hub.from_frontend(key, Message::DialCls { random });
             Err((
                 504,

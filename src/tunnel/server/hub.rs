@@ -24,6 +24,12 @@ const AGENT_QUEUE: usize = 256;
 /// How long a frontend reader waits for room in its agent's queue before
 /// it gives its tunnel up.
 const AGENT_QUEUE_WAIT: Duration = Duration::from_secs(60);
+/// How long an agent stream's reader waits for room in one frontend's
+/// queue (a scheduling hiccup, not a stuck client) before closing it.
+pub const SLOW_GRACE: Duration = Duration::from_millis(50);
+/// The smallest per-tunnel queue, whatever `--xfr-channel-size` says:
+/// upstream's default of 10 packets is sized for blocking hand-offs.
+pub const MIN_TUNNEL_QUEUE: usize = 64;
 
 /// What a frontend's writer receives.
 #[derive(Debug, PartialEq, Eq)]
@@ -65,7 +71,7 @@ impl Hub {
                 frontends: HashMap::new(),
             }),
             next_key: AtomicU64::new(1),
-            frontend_queue,
+            frontend_queue: frontend_queue.max(MIN_TUNNEL_QUEUE),
             metrics,
         })
     }
@@ -260,8 +266,10 @@ impl Hub {
                     queue,
                     item @ ToFrontend::Message(Message::Data { .. }),
                 ) => {
-                    if let Err(Rejected::Full(_)) = queue.try_push(item) {
-                        too_slow.push(frontend);
+                    if let Err(Rejected::Full(item)) = queue.try_push(item) {
+                        if let Err(Rejected::Full(_)) = queue.push_timeout(item, SLOW_GRACE) {
+                            too_slow.push(frontend);
+                        }
                     }
                 }
                 Delivery::Frontend(_, queue, item) => {

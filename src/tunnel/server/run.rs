@@ -208,9 +208,12 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), Error> {
         }
         Mode::HttpConnect => {
             let hub = hub.clone();
+            // With a backend dial timeout the router decides (and counts
+            // it); the frontend's own wait is only a backstop.
             let timeouts = Timeouts {
                 dial: config
                     .backend_dial_timeout
+                    .map(|t| t + Duration::from_secs(1))
                     .unwrap_or(Timeouts::default().dial),
                 ..Timeouts::default()
             };

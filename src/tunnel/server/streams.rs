@@ -112,6 +112,9 @@ pub fn agent_handler(
         std::thread::scope(|scope| {
             scope.spawn(|| write_queue(call, &outbox, &what, |m| m));
             read_packets(call, &what, |message| {
+                if message == Message::Drain {
+                    log::info!("agent {agent_id} is draining: new dials go to other agents");
+                }
                 hub.from_agent(key, message);
                 true
             });
