@@ -628,3 +628,37 @@ fn sigterm_drains_the_agent_and_stops_the_server_cleanly() {
         "the socket file was left behind"
     );
 }
+
+#[test]
+fn everything_sent_before_the_client_closes_arrives() {
+    // A sink that reports how many bytes it got once its peer closes.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().map_while(Result::ok) {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut conn = conn;
+                let mut total = 0usize;
+                let mut buf = vec![0u8; 1 << 16];
+                while let Ok(n) = conn.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    total += n;
+                }
+                let _ = tx.send(total);
+            });
+        }
+    });
+    let tunnel = Tunnel::start("http-connect", "uds", &[], true);
+    for size in [1usize, 100_000, 16 * 1024 * 1024 + 7] {
+        let (mut sock, head) = tunnel.connect_uds(&format!("127.0.0.1:{port}"));
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        sock.write_all(&vec![0xA5; size]).unwrap();
+        sock.shutdown(std::net::Shutdown::Write).unwrap();
+        let got = rx.recv_timeout(DEADLINE).expect("the sink saw the close");
+        assert_eq!(got, size, "bytes lost when the client closed");
+    }
+}

@@ -128,9 +128,17 @@ impl fmt::Debug for Dest {
 }
 
 impl Dest {
+    /// Closes now: queued data is dropped, the socket shut down.
     fn close(&self) {
         self.inner.queue.close_and_clear();
         let _ = self.inner.socket.shutdown(SocketShutdown::Both);
+    }
+
+    /// Closes once the queued data is written: the writer thread drains the
+    /// closed queue, then shuts the socket down (bounded by its write
+    /// timeout if the destination stops reading).
+    fn close_after_flush(&self) {
+        self.inner.queue.close();
     }
 }
 
@@ -184,6 +192,10 @@ impl Stream {
                 }
                 Action::Close(dest) => {
                     dest.close();
+                    self.shared.metrics.open_endpoints.add(&[], -1.0);
+                }
+                Action::CloseAfterFlush(dest) => {
+                    dest.close_after_flush();
                     self.shared.metrics.open_endpoints.add(&[], -1.0);
                 }
             }
