@@ -5,7 +5,7 @@
 SHELL := /bin/bash
 MUSL_TARGET := x86_64-unknown-linux-musl
 RELEASE_DIR := target/$(MUSL_TARGET)/release
-BINARIES := apiserver-proxy-sidecar apiserver-proxy-pod-webhook
+BINARIES := apiserver-proxy-sidecar apiserver-proxy-pod-webhook proxy-server proxy-agent proxy-test-client http-test-server
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: all build test lint unit integration demo deps deps-build deps-test clean venv certs

@@ -25,9 +25,14 @@
 //! - [`webhook`]: `apiserver-proxy-pod-webhook`. [`webhook::review`] turns an
 //!   AdmissionReview into its answer (pure), [`webhook::server`] routes and
 //!   counts, [`webhook::run`] serves.
-//! - [`tunnel`]: Konnectivity. [`tunnel::message`] is the protocol's
-//!   vocabulary, [`tunnel::router`] the server's routing state machine (pure),
-//!   [`tunnel::connect`] the HTTP CONNECT request parser (pure).
+//! - [`tunnel`]: Konnectivity. Pure: [`tunnel::proto`] (packets),
+//!   [`tunnel::message`] (the protocol's vocabulary), [`tunnel::router`] (the
+//!   server's routing state machine), [`tunnel::agent::table`] (the agent's
+//!   connection table), [`tunnel::connect`] (the HTTP CONNECT parser). I/O:
+//!   [`tunnel::server`] (hub, gRPC services, CONNECT frontend),
+//!   [`tunnel::agent`] (streams, dials, pumps), [`tunnel::listen`] (sockets
+//!   and connection threads), [`tunnel::queue`] (bounded per-tunnel queues),
+//!   and the test tools [`tunnel::test_client`] and [`tunnel::test_server`].
 //! - [`h2`]: synchronous HTTP/2 over any blocking byte stream.
 //!   [`h2::frame`] is the pure frame codec, [`h2::transport`] splits TCP,
 //!   Unix and rustls streams into one reader and one writer half,

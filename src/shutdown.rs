@@ -156,6 +156,47 @@ impl Drop for Worker {
     }
 }
 
+/// A growing set of owned threads (one per connection, say): finished ones
+/// are joined as new ones start, the rest when the set drops.
+#[derive(Default)]
+pub struct WorkerSet {
+    workers: Mutex<Vec<(Arc<std::sync::atomic::AtomicBool>, Worker)>>,
+}
+
+impl WorkerSet {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Starts `body` on a new owned thread.
+    pub fn spawn(&self, name: &str, body: impl FnOnce() + Send + 'static) -> io::Result<()> {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let done = Arc::new(AtomicBool::new(false));
+        let finished = done.clone();
+        let worker = Worker::spawn(name, move || {
+            body();
+            finished.store(true, Ordering::Release);
+        })?;
+        let mut workers = lock(&self.workers);
+        // Joining a finished thread returns at once.
+        workers.retain(|(done, _)| !done.load(Ordering::Acquire));
+        workers.push((done, worker));
+        Ok(())
+    }
+
+    /// Joins every thread (they must be ending: close what they block on first).
+    pub fn join_all(&self) {
+        let workers = std::mem::take(&mut *lock(&self.workers));
+        drop(workers);
+    }
+}
+
+impl Drop for WorkerSet {
+    fn drop(&mut self) {
+        self.join_all();
+    }
+}
+
 /// Blocks SIGTERM/SIGINT and starts a thread that trips `shutdown` when one
 /// arrives. Call from `main` before spawning other threads. The thread ends
 /// when shutdown triggers for any reason.

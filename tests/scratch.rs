@@ -7,7 +7,14 @@ use std::fs;
 use std::path::Path;
 
 /// Every binary the crate ships. Keep in step with src/bin and the Makefile.
-const BINARIES: &[&str] = &["apiserver-proxy-sidecar", "apiserver-proxy-pod-webhook"];
+const BINARIES: &[&str] = &[
+    "apiserver-proxy-sidecar",
+    "apiserver-proxy-pod-webhook",
+    "proxy-server",
+    "proxy-agent",
+    "proxy-test-client",
+    "http-test-server",
+];
 
 fn empty_root_with(binary: &Path) -> tempdir::Root {
     let root = tempdir::Root::new();

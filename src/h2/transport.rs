@@ -121,10 +121,22 @@ impl Transport {
     /// A TLS stream: runs the handshake on `sock` (bounded by the socket
     /// timeouts) and requires ALPN `h2`.
     pub fn tls<S: Socket>(
+        sock: S,
+        conn: impl Into<rustls::Connection>,
+        read_timeout: Option<Duration>,
+        write_timeout: Option<Duration>,
+    ) -> Result<Self, Error> {
+        Self::tls_alpn(sock, conn, read_timeout, write_timeout, true)
+    }
+
+    /// [`Transport::tls`] for protocols other than HTTP/2 (the HTTP CONNECT
+    /// frontend): ALPN `h2` is only required when `require_h2`.
+    pub fn tls_alpn<S: Socket>(
         mut sock: S,
         conn: impl Into<rustls::Connection>,
         read_timeout: Option<Duration>,
         write_timeout: Option<Duration>,
+        require_h2: bool,
     ) -> Result<Self, Error> {
         let mut conn: rustls::Connection = conn.into();
         let peer = sock.peer();
@@ -139,7 +151,7 @@ impl Transport {
                     err,
                 })?;
         }
-        if conn.alpn_protocol() != Some(b"h2") {
+        if require_h2 && conn.alpn_protocol() != Some(b"h2") {
             return Err(Error::NoAlpnH2 { peer });
         }
         sock.set_timeouts(read_timeout, write_timeout)
@@ -218,7 +230,7 @@ impl<S: Socket> Read for TlsReader<S> {
     }
 }
 
-struct TlsWriter<S> {
+struct TlsWriter<S: Socket> {
     tls: Arc<Mutex<rustls::Connection>>,
     sock: S,
     cipher: Vec<u8>,
@@ -241,6 +253,16 @@ impl<S: Socket> TlsWriter<S> {
             }
             self.sock.write_all(&self.cipher)?;
         }
+    }
+}
+
+impl<S: Socket> Drop for TlsWriter<S> {
+    /// Ends the TLS session cleanly (close_notify) when the writer half
+    /// goes, so that peers that insist on it (rustls, Go's crypto/tls) see
+    /// a clean end of stream rather than a truncation.
+    fn drop(&mut self) {
+        lock(&self.tls).send_close_notify();
+        let _ = self.flush_records();
     }
 }
 

@@ -105,17 +105,7 @@ fn validate_authority(target: &str) -> Result<(), &'static str> {
 /// The answer for a refusal or a failed dial: status line, a plain-text
 /// body with the reason, and `Connection: close`.
 pub fn error_response(status: u16, body: &str) -> Vec<u8> {
-    let phrase = match status {
-        400 => "Bad Request",
-        405 => "Method Not Allowed",
-        408 => "Request Timeout",
-        431 => "Request Header Fields Too Large",
-        500 => "Internal Server Error",
-        502 => "Bad Gateway",
-        503 => "Service Unavailable",
-        504 => "Gateway Timeout",
-        _ => "Error",
-    };
+    let phrase = crate::http::reason_phrase(status);
     let body = format!("{body}\n");
     let mut out = format!(
         "HTTP/1.1 {status} {phrase}\r\nContent-Type: text/plain; charset=utf-8\r\n\

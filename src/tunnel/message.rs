@@ -53,3 +53,182 @@ impl Message {
         }
     }
 }
+
+use super::proto::{self, Packet, PacketType, Payload};
+
+impl From<Message> for Packet {
+    fn from(message: Message) -> Packet {
+        match message {
+            Message::DialReq {
+                protocol,
+                address,
+                random,
+            } => Packet::dial_request(&protocol, &address, random),
+            Message::DialRsp {
+                error,
+                connect_id,
+                random,
+            } => Packet::dial_response(random, connect_id, &error),
+            Message::CloseReq { connect_id } => Packet::close_request(connect_id),
+            Message::CloseRsp { error, connect_id } => Packet::close_response(connect_id, &error),
+            Message::Data {
+                connect_id,
+                error,
+                data,
+            } => {
+                let mut packet = Packet::data(connect_id, data);
+                if let Some(Payload::Data(d)) = &mut packet.payload {
+                    d.error = error;
+                }
+                packet
+            }
+            Message::DialCls { random } => Packet::close_dial(random),
+            Message::Drain => Packet::drain(),
+        }
+    }
+}
+
+impl TryFrom<Packet> for Message {
+    type Error = String;
+
+    /// The packet's `type` decides, as in upstream (`GetDialRequest()` and
+    /// friends): a missing or mismatched payload reads as all defaults.
+    fn try_from(packet: Packet) -> Result<Message, String> {
+        let kind = packet
+            .kind()
+            .ok_or_else(|| format!("unknown packet type {}", packet.r#type))?;
+        let payload = packet.payload;
+        Ok(match kind {
+            PacketType::DialReq => {
+                let p = match payload {
+                    Some(Payload::DialRequest(p)) => p,
+                    _ => proto::DialRequest::default(),
+                };
+                Message::DialReq {
+                    protocol: p.protocol,
+                    address: p.address,
+                    random: p.random,
+                }
+            }
+            PacketType::DialRsp => {
+                let p = match payload {
+                    Some(Payload::DialResponse(p)) => p,
+                    _ => proto::DialResponse::default(),
+                };
+                Message::DialRsp {
+                    error: p.error,
+                    connect_id: p.connect_id,
+                    random: p.random,
+                }
+            }
+            PacketType::CloseReq => {
+                let p = match payload {
+                    Some(Payload::CloseRequest(p)) => p,
+                    _ => proto::CloseRequest::default(),
+                };
+                Message::CloseReq {
+                    connect_id: p.connect_id,
+                }
+            }
+            PacketType::CloseRsp => {
+                let p = match payload {
+                    Some(Payload::CloseResponse(p)) => p,
+                    _ => proto::CloseResponse::default(),
+                };
+                Message::CloseRsp {
+                    error: p.error,
+                    connect_id: p.connect_id,
+                }
+            }
+            PacketType::Data => {
+                let p = match payload {
+                    Some(Payload::Data(p)) => p,
+                    _ => proto::Data::default(),
+                };
+                Message::Data {
+                    connect_id: p.connect_id,
+                    error: p.error,
+                    data: p.data,
+                }
+            }
+            PacketType::DialCls => {
+                let p = match payload {
+                    Some(Payload::CloseDial(p)) => p,
+                    _ => proto::CloseDial::default(),
+                };
+                Message::DialCls { random: p.random }
+            }
+            PacketType::Drain => Message::Drain,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_message_survives_the_packet_form() {
+        let all = vec![
+            Message::DialReq {
+                protocol: "tcp".into(),
+                address: "10.0.0.1:443".into(),
+                random: -3,
+            },
+            Message::DialRsp {
+                error: "refused".into(),
+                connect_id: 0,
+                random: 9,
+            },
+            Message::DialRsp {
+                error: String::new(),
+                connect_id: 4,
+                random: 9,
+            },
+            Message::CloseReq { connect_id: 4 },
+            Message::CloseRsp {
+                error: String::new(),
+                connect_id: 4,
+            },
+            Message::Data {
+                connect_id: 4,
+                error: "x".into(),
+                data: vec![0, 1, 2],
+            },
+            Message::DialCls { random: 9 },
+            Message::Drain,
+        ];
+        for message in all {
+            let packet = Packet::from(message.clone());
+            assert_eq!(Message::try_from(packet), Ok(message));
+        }
+    }
+
+    #[test]
+    fn the_type_field_decides() {
+        // A missing type reads as DIAL_REQ with default fields (proto3).
+        assert_eq!(
+            Message::try_from(Packet::default()),
+            Ok(Message::DialReq {
+                protocol: String::new(),
+                address: String::new(),
+                random: 0
+            })
+        );
+        let mut mismatched = Packet::close_request(5);
+        mismatched.r#type = PacketType::Data as i32;
+        assert_eq!(
+            Message::try_from(mismatched),
+            Ok(Message::Data {
+                connect_id: 0,
+                error: String::new(),
+                data: vec![]
+            })
+        );
+        let unknown = Packet {
+            r#type: 99,
+            payload: None,
+        };
+        assert!(Message::try_from(unknown).is_err());
+    }
+}

@@ -37,6 +37,8 @@ pub enum DialFailure {
     AgentGone,
     /// The agent did not answer within the backend dial timeout.
     Timeout,
+    /// The agent gave up on the dial (DIAL_CLS from the agent).
+    AgentClosed,
     /// The agent answered with this error (its dial failed).
     Agent(String),
 }
@@ -49,7 +51,23 @@ impl fmt::Display for DialFailure {
             DialFailure::DuplicateDial => f.write_str("a dial with this id is already pending"),
             DialFailure::AgentGone => f.write_str("agent disconnected before answering the dial"),
             DialFailure::Timeout => f.write_str("dial timeout waiting for the agent"),
+            DialFailure::AgentClosed => f.write_str("dial closed by the agent"),
             DialFailure::Agent(error) => f.write_str(error),
+        }
+    }
+}
+
+impl DialFailure {
+    /// The `reason` label of `dial_failure_count`, upstream's names where
+    /// upstream has one.
+    pub fn label(&self) -> &'static str {
+        match self {
+            DialFailure::NoAgent => "no_agent",
+            DialFailure::TooManyPending => "too_many_pending",
+            DialFailure::DuplicateDial => "duplicate_dial",
+            DialFailure::AgentGone | DialFailure::AgentClosed => "backend_close",
+            DialFailure::Timeout => "backend_dial_timeout",
+            DialFailure::Agent(_) => "error_response",
         }
     }
 }
@@ -365,7 +383,7 @@ impl Router {
                 vec![Action::DialFailed {
                     frontend: pending.frontend,
                     random,
-                    reason: DialFailure::Agent("dial closed by the agent".into()),
+                    reason: DialFailure::AgentClosed,
                 }]
             }
             Message::Drain => {

@@ -1,7 +1,12 @@
 //! `proxy-agent`: the Konnectivity agent. This module owns its flags and
-//! validated [`Config`], with upstream's names, defaults and checks.
+//! validated [`Config`], with upstream's names, defaults and checks; the
+//! work is in [`table`] (the per-stream connection table, pure) and
+//! [`run`] (streams, dials, pumps, reconnecting, draining).
 
+pub mod run;
 pub mod table;
+
+pub use run::run;
 
 use std::ffi::OsString;
 use std::path::PathBuf;

@@ -21,8 +21,12 @@ pub enum Action<C> {
     Dial { random: i64, address: String },
     /// Hand these bytes to the connection.
     Deliver(i64, C, Vec<u8>),
-    /// Close the connection (its socket and threads).
+    /// Close the connection (its socket and threads) now, dropping what is
+    /// still queued for the destination.
     Close(C),
+    /// Close the connection once the data already queued for the
+    /// destination is written (CLOSE_REQ: the client sent everything).
+    CloseAfterFlush(C),
 }
 
 /// Why a dial was refused before it started.
@@ -95,7 +99,7 @@ impl<C: Clone> Table<C> {
             },
             Message::CloseReq { connect_id } => match self.connections.remove(&connect_id) {
                 Some(c) => vec![
-                    Action::Close(c),
+                    Action::CloseAfterFlush(c),
                     Action::Reply(Message::CloseRsp {
                         error: String::new(),
                         connect_id,
@@ -279,7 +283,7 @@ mod tests {
         assert_eq!(
             t.from_server(Message::CloseReq { connect_id: 1 }),
             vec![
-                Action::Close("sock"),
+                Action::CloseAfterFlush("sock"),
                 Action::Reply(Message::CloseRsp {
                     error: String::new(),
                     connect_id: 1

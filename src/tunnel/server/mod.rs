@@ -1,5 +1,16 @@
 //! `proxy-server`: the Konnectivity server. This module owns its flags and
-//! validated [`Config`], with upstream's names, defaults and checks.
+//! validated [`Config`], with upstream's names, defaults and checks; the
+//! work is in [`hub`] (routing core and delivery), [`streams`] (the gRPC
+//! services), [`connect_frontend`] (HTTP CONNECT), [`crate::tunnel::listen`]
+//! (sockets and connection threads) and [`run`] (start-up and shutdown).
+
+pub mod connect_frontend;
+pub mod hub;
+pub mod metrics;
+pub mod run;
+pub mod streams;
+
+pub use run::run;
 
 use std::ffi::OsString;
 use std::path::PathBuf;

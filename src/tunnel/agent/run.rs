@@ -1,0 +1,655 @@
+//! The proxy-agent at work: keeps one stream per proxy-server replica (up
+//! to the count the servers announce), serves each with its connection
+//! [`Table`], dials destinations, pumps bytes, and drains on SIGTERM.
+//!
+//! Threads: the main loop (connecting, with backoff); per server stream a
+//! reader (the stream's thread) and a writer (its outbound queue); per
+//! destination a reader and a writer; per dial in flight one dialler. Every
+//! thread is owned by a [`WorkerSet`] and joined.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io::{Read, Write};
+use std::net::{Shutdown as SocketShutdown, TcpStream, ToSocketAddrs};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use prost::Message as _;
+
+use super::Config;
+use super::table::{Action, Table};
+use crate::grpc::{self, ClientCall};
+use crate::h2::conn::{Config as H2Config, Connection};
+use crate::h2::transport::Transport;
+use crate::http;
+use crate::metrics::{Counter, Gauge, Histogram, LATENCY_BUCKETS, Registry};
+use crate::shutdown::{Shutdown, WorkerSet};
+use crate::tunnel::message::Message;
+use crate::tunnel::proto::Packet;
+use crate::tunnel::queue::{Pop, Queue, Rejected};
+use crate::tunnel::server::hub::{MIN_TUNNEL_QUEUE, SLOW_GRACE};
+
+const AGENT_PATH: &str = "/AgentService/Connect";
+/// Bytes read from a destination per DATA packet.
+const CHUNK: usize = 32 * 1024;
+/// Packets queued towards one server stream before destination readers wait.
+const OUTBOX: usize = 256;
+/// A destination reader waits this long for room before it gives up.
+const OUTBOX_WAIT: Duration = Duration::from_secs(60);
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A failure to start.
+#[derive(Debug)]
+pub struct Error(pub String);
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Error {}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The agent's metrics, with upstream's names.
+#[derive(Clone)]
+struct AgentMetrics {
+    registry: Arc<Registry>,
+    dial_duration: Histogram,
+    dial_failures: Counter,
+    server_failures: Counter,
+    open_servers: Gauge,
+    known_servers: Gauge,
+    open_endpoints: Gauge,
+}
+
+impl AgentMetrics {
+    fn new() -> Self {
+        let r = Registry::new();
+        let n = |s: &str| format!("konnectivity_network_proxy_agent_{s}");
+        AgentMetrics {
+            dial_duration: r.histogram(
+                &n("dial_duration_seconds"),
+                "Latency of dial to the remote endpoint in seconds",
+                &[],
+                LATENCY_BUCKETS,
+            ),
+            dial_failures: r.counter(
+                &n("endpoint_dial_failure_total"),
+                "Number of failures dialing the remote endpoint, by reason",
+                &["reason"],
+            ),
+            server_failures: r.counter(
+                &n("server_connection_failure_count"),
+                "Count of failures to send to or receive from the proxy server, by direction",
+                &["direction"],
+            ),
+            open_servers: r.gauge(
+                &n("open_server_connections"),
+                "Current number of open server connections",
+                &[],
+            ),
+            known_servers: r.gauge(&n("known_server_count"), "Current known server count", &[]),
+            open_endpoints: r.gauge(
+                &n("open_endpoint_connections"),
+                "Current number of open endpoint connections",
+                &[],
+            ),
+            registry: Arc::new(r),
+        }
+    }
+}
+
+/// A live destination connection, as the table holds it.
+#[derive(Clone)]
+struct Dest {
+    inner: Arc<DestInner>,
+}
+
+struct DestInner {
+    queue: Queue<Vec<u8>>,
+    socket: TcpStream,
+}
+
+impl PartialEq for Dest {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+}
+
+impl fmt::Debug for Dest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Dest")
+    }
+}
+
+impl Dest {
+    /// Closes now: queued data is dropped, the socket shut down.
+    fn close(&self) {
+        self.inner.queue.close_and_clear();
+        let _ = self.inner.socket.shutdown(SocketShutdown::Both);
+    }
+
+    /// Closes once the queued data is written: the writer thread drains the
+    /// closed queue, then shuts the socket down (bounded by its write
+    /// timeout if the destination stops reading).
+    fn close_after_flush(&self) {
+        self.inner.queue.close();
+    }
+}
+
+/// Servers connected right now, by server id, with each stream's outbound
+/// queue (the one way to send on it: one writer per call).
+struct Servers {
+    streams: HashMap<String, Queue<Message>>,
+    count: u32,
+}
+
+struct Shared {
+    config: Config,
+    tls: Arc<rustls::ClientConfig>,
+    metrics: AgentMetrics,
+    servers: Mutex<Servers>,
+    changed: Condvar,
+    threads: WorkerSet,
+}
+
+/// One server stream's state.
+struct Stream {
+    shared: Arc<Shared>,
+    table: Mutex<Table<Dest>>,
+    outbox: Queue<Message>,
+    threads: WorkerSet,
+}
+
+impl Stream {
+    fn execute(self: &Arc<Self>, actions: Vec<Action<Dest>>) {
+        for action in actions {
+            match action {
+                Action::Reply(message) => {
+                    let _ = self.outbox.push_control(message);
+                }
+                Action::Dial { random, address } => self.start_dial(random, address),
+                Action::Deliver(connect_id, dest, data) => {
+                    let pushed = match dest.inner.queue.try_push(data) {
+                        Err(Rejected::Full(data)) => {
+                            dest.inner.queue.push_timeout(data, SLOW_GRACE)
+                        }
+                        other => other,
+                    };
+                    if let Err(Rejected::Full(_)) = pushed {
+                        log::warn!(
+                            "destination of connection {connect_id} is not reading: closing it"
+                        );
+                        let actions = lock(&self.table)
+                            .destination_closed(connect_id, "destination too slow");
+                        self.execute(actions);
+                    }
+                }
+                Action::Close(dest) => {
+                    dest.close();
+                    self.shared.metrics.open_endpoints.add(&[], -1.0);
+                }
+                Action::CloseAfterFlush(dest) => {
+                    dest.close_after_flush();
+                    self.shared.metrics.open_endpoints.add(&[], -1.0);
+                }
+            }
+        }
+    }
+
+    fn start_dial(self: &Arc<Self>, random: i64, address: String) {
+        let stream = self.clone();
+        let spawned = self.threads.spawn("dial", move || {
+            let started = Instant::now();
+            let outcome = dial(&address, stream.shared.config.dial_timeout);
+            let metrics = &stream.shared.metrics;
+            let outcome = match outcome {
+                Ok(socket) => {
+                    metrics
+                        .dial_duration
+                        .observe(&[], started.elapsed().as_secs_f64());
+                    match socket.try_clone() {
+                        Ok(clone) => Ok((socket, clone)),
+                        Err(e) => Err(format!("dial tcp {address}: {e}")),
+                    }
+                }
+                Err(e) => {
+                    metrics.dial_failures.inc(&[if e.contains("timed out") {
+                        "timeout"
+                    } else {
+                        "connection"
+                    }]);
+                    Err(e)
+                }
+            };
+            let (pair, outcome) = match outcome {
+                Ok((socket, clone)) => {
+                    let dest = Dest {
+                        inner: Arc::new(DestInner {
+                            queue: Queue::new(
+                                stream.shared.config.xfr_channel_size.max(MIN_TUNNEL_QUEUE),
+                            ),
+                            socket: clone,
+                        }),
+                    };
+                    // Counted from here; every Close action uncounts it.
+                    metrics.open_endpoints.add(&[], 1.0);
+                    (Some((socket, dest.clone())), Ok(dest))
+                }
+                Err(e) => (None, Err(e)),
+            };
+            let (id, actions) = lock(&stream.table).dialled(random, outcome);
+            if let (Some(connect_id), Some((socket, dest))) = (id, pair) {
+                log::debug!("connection {connect_id} to {address} established");
+                stream.start_pumps(connect_id, socket, dest);
+            }
+            stream.execute(actions);
+        });
+        if let Err(e) = spawned {
+            log::error!("starting a dial thread: {e}");
+            let (_, actions) =
+                lock(&self.table).dialled(random, Err(format!("agent cannot start a thread: {e}")));
+            self.execute(actions);
+        }
+    }
+
+    /// Starts the destination's two threads: destination -> server, and
+    /// queue -> destination.
+    fn start_pumps(self: &Arc<Self>, connect_id: i64, mut socket: TcpStream, dest: Dest) {
+        let _ = socket.set_write_timeout(Some(WRITE_TIMEOUT));
+        let mut writer_socket = match socket.try_clone() {
+            Ok(s) => s,
+            Err(e) => {
+                let actions = lock(&self.table).destination_closed(connect_id, &e.to_string());
+                self.execute(actions);
+                return;
+            }
+        };
+        let reader = self.clone();
+        let spawned = self.threads.spawn("dest-read", move || {
+            let mut buf = vec![0u8; CHUNK];
+            let error = loop {
+                match socket.read(&mut buf) {
+                    Ok(0) => break String::new(),
+                    Ok(n) => {
+                        let data = Message::Data {
+                            connect_id,
+                            error: String::new(),
+                            data: buf[..n].to_vec(),
+                        };
+                        match reader.outbox.push_timeout(data, OUTBOX_WAIT) {
+                            Ok(()) => {}
+                            Err(Rejected::Closed(_)) => break "server stream closed".into(),
+                            Err(Rejected::Full(_)) => break "server stream stalled".into(),
+                        }
+                    }
+                    Err(e) => break e.to_string(),
+                }
+            };
+            let actions = lock(&reader.table).destination_closed(connect_id, &error);
+            reader.execute(actions);
+        });
+        let writer_dest = dest.clone();
+        let spawned = spawned.and_then(|()| {
+            self.threads.spawn("dest-write", move || {
+                while let Pop::Item(data) = writer_dest.inner.queue.pop_timeout(None) {
+                    if writer_socket.write_all(&data).is_err() {
+                        break;
+                    }
+                }
+                // Ends the reader too (it then reports the close once).
+                let _ = writer_socket.shutdown(SocketShutdown::Both);
+            })
+        });
+        if let Err(e) = spawned {
+            log::error!("starting destination threads: {e}");
+            dest.close();
+        }
+    }
+}
+
+/// Dials `address` ("host:port") with a timeout per resolved address.
+fn dial(address: &str, timeout: Duration) -> Result<TcpStream, String> {
+    let addrs = address
+        .to_socket_addrs()
+        .map_err(|e| format!("dial tcp {address}: {e}"))?;
+    let mut last = format!("dial tcp {address}: no address");
+    for addr in addrs {
+        match TcpStream::connect_timeout(&addr, timeout) {
+            Ok(s) => {
+                let _ = s.set_nodelay(true);
+                return Ok(s);
+            }
+            Err(e)
+                if e.kind() == std::io::ErrorKind::TimedOut
+                    || e.kind() == std::io::ErrorKind::WouldBlock =>
+            {
+                last = format!("dial tcp {addr}: i/o timed out after {timeout:?}");
+            }
+            Err(e) => last = format!("dial tcp {addr}: {e}"),
+        }
+    }
+    Err(last)
+}
+
+/// Opens one stream to the server address; returns the client (which owns
+/// the connection), the call, and the server's id and count.
+fn open_stream(shared: &Shared) -> Result<(grpc::Client, ClientCall, String, u32), String> {
+    let config = &shared.config;
+    let target = if config.server_host.contains(':') {
+        format!("[{}]:{}", config.server_host, config.server_port)
+    } else {
+        format!("{}:{}", config.server_host, config.server_port)
+    };
+    let socket = dial(&target, CONNECT_TIMEOUT)?;
+    let name = rustls::pki_types::ServerName::try_from(config.server_host.clone())
+        .map_err(|e| format!("server name {:?}: {e}", config.server_host))?;
+    let tls =
+        rustls::ClientConnection::new(shared.tls.clone(), name).map_err(|e| format!("TLS: {e}"))?;
+    let transport =
+        Transport::tls(socket, tls, None, Some(WRITE_TIMEOUT)).map_err(|e| e.to_string())?;
+    let h2 = H2Config {
+        keepalive_interval: Some(config.keepalive_time),
+        ..H2Config::default()
+    };
+    let conn = Connection::client(transport, h2).map_err(|e| e.to_string())?;
+    let client = grpc::Client::new(conn, &target);
+    let identifiers = config.identifiers.to_string();
+    let mut metadata = vec![
+        ("agentid", config.agent_id.as_str()),
+        ("agentidentifiers", identifiers.as_str()),
+    ];
+    let bearer;
+    if let Some(path) = &config.token_path {
+        let token = std::fs::read_to_string(path)
+            .map_err(|e| format!("reading token {}: {e}", path.display()))?;
+        bearer = format!("Bearer {}", token.trim());
+        metadata.push(("authorization", bearer.as_str()));
+    }
+    let call = client
+        .call(AGENT_PATH, &metadata)
+        .map_err(|s| format!("{s:?}"))?;
+    let headers = call.headers().map_err(|s| format!("{s:?}"))?;
+    let one = |key: &str| -> Result<String, String> {
+        let values: Vec<&[u8]> = headers.get_all(key).collect();
+        match values.as_slice() {
+            [v] => Ok(String::from_utf8_lossy(v).into_owned()),
+            other => Err(format!(
+                "expected exactly one {key} header, got {}",
+                other.len()
+            )),
+        }
+    };
+    let server_id = one("serverid")?;
+    let count = one("servercount")?
+        .parse::<u32>()
+        .map_err(|e| format!("bad servercount: {e}"))?;
+    Ok((client, call, server_id, count))
+}
+
+/// Serves one server stream until it ends.
+fn serve_stream(
+    shared: Arc<Shared>,
+    client: grpc::Client,
+    call: Arc<ClientCall>,
+    server_id: String,
+    outbox: Queue<Message>,
+) {
+    let stream = Arc::new(Stream {
+        shared: shared.clone(),
+        table: Mutex::new(Table::new(shared.config.max_connections)),
+        outbox,
+        threads: WorkerSet::new(),
+    });
+    std::thread::scope(|scope| {
+        let writer_stream = stream.clone();
+        let writer_call = call.clone();
+        scope.spawn(move || {
+            loop {
+                match writer_stream.outbox.pop_timeout(None) {
+                    Pop::Item(message) => {
+                        if writer_call
+                            .send(&Packet::from(message).encode_to_vec())
+                            .is_err()
+                        {
+                            writer_stream
+                                .shared
+                                .metrics
+                                .server_failures
+                                .inc(&["to_server"]);
+                            writer_stream.outbox.close_and_clear();
+                            writer_call.cancel();
+                            return;
+                        }
+                    }
+                    // Closed and drained (a DRAIN went out last): end the stream.
+                    Pop::Closed | Pop::TimedOut => {
+                        writer_call.cancel();
+                        return;
+                    }
+                }
+            }
+        });
+        loop {
+            match call.recv() {
+                Ok(Some(bytes)) => {
+                    let message = Packet::decode(bytes.as_slice())
+                        .map_err(|e| e.to_string())
+                        .and_then(Message::try_from);
+                    match message {
+                        Ok(message) => {
+                            let actions = lock(&stream.table).from_server(message);
+                            stream.execute(actions);
+                        }
+                        Err(e) => log::warn!("server {server_id}: skipping a packet: {e}"),
+                    }
+                }
+                Ok(None) => break,
+                Err(status) => {
+                    shared.metrics.server_failures.inc(&["from_server"]);
+                    log::info!("server {server_id}: stream ended: {status:?}");
+                    break;
+                }
+            }
+        }
+        let actions = lock(&stream.table).close_all();
+        stream.execute(actions);
+        // Let a queued DRAIN or CLOSE_RSP go out only while the stream lives.
+        stream.outbox.close_and_clear();
+    });
+    stream.threads.join_all();
+    drop(client);
+}
+
+/// Runs the agent until `shutdown` triggers.
+pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), Error> {
+    let fail = |message: String| {
+        shutdown.trigger("start-up failed");
+        Error(message)
+    };
+    let mut alpn = vec![b"h2".to_vec()];
+    alpn.extend(config.alpn.iter().map(|p| p.as_bytes().to_vec()));
+    let identity = config
+        .client_cert
+        .as_ref()
+        .map(|(c, k)| (c.as_path(), k.as_path()));
+    let tls = crate::tls::client_config(&config.ca_cert, identity, alpn)
+        .map_err(|e| fail(e.to_string()))?;
+    let shared = Arc::new(Shared {
+        config: config.clone(),
+        tls,
+        metrics: AgentMetrics::new(),
+        servers: Mutex::new(Servers {
+            streams: HashMap::new(),
+            count: 1,
+        }),
+        changed: Condvar::new(),
+        threads: WorkerSet::new(),
+    });
+    {
+        let shared = shared.clone();
+        shutdown.on_trigger(move || shared.changed.notify_all());
+    }
+
+    let health_handler = |probes: bool| -> http::Handler {
+        let shared = shared.clone();
+        Arc::new(
+            move |request: &rouille::Request| match request.url().as_str() {
+                "/healthz" if probes => rouille::Response::text("ok"),
+                "/readyz" if probes => {
+                    if lock(&shared.servers).streams.is_empty() {
+                        rouille::Response::text("not ready: no connection to any proxy server")
+                            .with_status_code(503)
+                    } else {
+                        rouille::Response::text("ok")
+                    }
+                }
+                "/metrics" => rouille::Response::from_data(
+                    crate::metrics::CONTENT_TYPE,
+                    shared.metrics.registry.render(),
+                ),
+                _ => rouille::Response::empty_404(),
+            },
+        )
+    };
+    let addr = |host: &str, port: u16| -> Result<std::net::SocketAddr, Error> {
+        let host = if host.is_empty() { "0.0.0.0" } else { host };
+        let text = if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        };
+        text.parse()
+            .map_err(|_| Error(format!("bad address {host:?}")))
+    };
+    let health = http::Server::bind(
+        addr(&config.health_host, config.health_port).map_err(|e| fail(e.0))?,
+        None,
+        http::Limits::default(),
+        health_handler(true),
+        shutdown,
+    )
+    .map_err(|e| fail(format!("health port: {e}")))?;
+    log::info!("health port listening on {}", health.local_addr());
+    let admin = http::Server::bind(
+        addr(&config.admin_bind, config.admin_port).map_err(|e| fail(e.0))?,
+        None,
+        http::Limits::default(),
+        health_handler(false),
+        shutdown,
+    )
+    .map_err(|e| fail(format!("admin port: {e}")))?;
+    log::info!("admin port listening on {}", admin.local_addr());
+    log::info!(
+        "agent {} connecting to {}:{}",
+        config.agent_id,
+        config.server_host,
+        config.server_port
+    );
+
+    let mut interval = config.sync_interval;
+    loop {
+        if shutdown.is_triggered() {
+            break;
+        }
+        let (have, want) = {
+            let servers = lock(&shared.servers);
+            (servers.streams.len() as u32, servers.count)
+        };
+        let mut progressed = false;
+        if have < want || config.sync_forever {
+            match open_stream(&shared) {
+                Ok((client, call, server_id, count)) => {
+                    let call = Arc::new(call);
+                    let mut servers = lock(&shared.servers);
+                    servers.count = count.max(1);
+                    shared.metrics.known_servers.set(&[], count as f64);
+                    if servers.streams.contains_key(&server_id) {
+                        log::debug!(
+                            "already connected to server {server_id}; closing the duplicate"
+                        );
+                        drop(servers);
+                        call.cancel();
+                    } else {
+                        log::info!(
+                            "connected to server {server_id} ({} of {count})",
+                            servers.streams.len() + 1
+                        );
+                        let outbox = Queue::new(OUTBOX);
+                        servers.streams.insert(server_id.clone(), outbox.clone());
+                        shared
+                            .metrics
+                            .open_servers
+                            .set(&[], servers.streams.len() as f64);
+                        drop(servers);
+                        progressed = true;
+                        let worker_shared = shared.clone();
+                        let spawned = shared.threads.spawn("server-stream", move || {
+                            serve_stream(
+                                worker_shared.clone(),
+                                client,
+                                call,
+                                server_id.clone(),
+                                outbox,
+                            );
+                            let mut servers = lock(&worker_shared.servers);
+                            servers.streams.remove(&server_id);
+                            worker_shared
+                                .metrics
+                                .open_servers
+                                .set(&[], servers.streams.len() as f64);
+                            drop(servers);
+                            worker_shared.changed.notify_all();
+                        });
+                        if let Err(e) = spawned {
+                            log::error!("starting a stream thread: {e}");
+                        }
+                    }
+                }
+                Err(e) => {
+                    shared.metrics.server_failures.inc(&["connect"]);
+                    log::warn!(
+                        "connecting to {}:{}: {e}",
+                        config.server_host,
+                        config.server_port
+                    );
+                }
+            }
+        }
+        // Backoff: reset on progress, x1.5 with jitter otherwise, capped.
+        interval = if progressed {
+            config.sync_interval
+        } else {
+            let jitter = 1.0 + (crate::sys::random_u64() % 1000) as f64 / 10_000.0;
+            interval.mul_f64(1.5 * jitter).min(config.sync_interval_cap)
+        };
+        let servers = lock(&shared.servers);
+        let satisfied = servers.streams.len() as u32 >= servers.count && !config.sync_forever;
+        if satisfied {
+            // Wait for a stream to end (or shutdown), checking every probe interval.
+            let _ = shared.changed.wait_timeout(servers, config.probe_interval);
+            interval = config.sync_interval;
+        } else {
+            drop(servers);
+            shutdown.wait_timeout(if progressed { Duration::ZERO } else { interval });
+        }
+    }
+
+    // SIGTERM: tell every server we are going (DRAIN), then close: each
+    // stream's writer sends what is queued, DRAIN last, and ends the call.
+    for (id, outbox) in &lock(&shared.servers).streams {
+        log::info!("draining: sending DRAIN to server {id}");
+        let _ = outbox.push_control(Message::Drain);
+        outbox.close();
+    }
+    shared.threads.join_all();
+    health.wait();
+    admin.wait();
+    log::info!("stopped");
+    Ok(())
+}

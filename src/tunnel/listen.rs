@@ -1,0 +1,281 @@
+//! The server's listeners: TCP or Unix sockets, an accept thread each, one
+//! owned thread per connection, a shared cap on open connections, and the
+//! shutdown path (stop accepting; on [`Listeners::close_all`], shut every
+//! socket down so that blocked reads return).
+//!
+//! Owns: sockets until a connection thread takes one. Must not: speak any
+//! protocol; the role's `serve` closure does.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{Shutdown as SocketShutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use crate::shutdown::{Shutdown, Worker, WorkerSet};
+use crate::sys;
+
+/// An accepted connection.
+pub enum Conn {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Conn {
+    fn try_clone(&self) -> io::Result<Conn> {
+        Ok(match self {
+            Conn::Tcp(s) => Conn::Tcp(s.try_clone()?),
+            Conn::Unix(s) => Conn::Unix(s.try_clone()?),
+        })
+    }
+
+    fn shutdown(&self) {
+        let _ = match self {
+            Conn::Tcp(s) => s.shutdown(SocketShutdown::Both),
+            Conn::Unix(s) => s.shutdown(SocketShutdown::Both),
+        };
+    }
+
+    pub fn peer(&self) -> String {
+        match self {
+            Conn::Tcp(s) => s
+                .peer_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| "tcp peer".into()),
+            Conn::Unix(_) => "unix peer".into(),
+        }
+    }
+}
+
+/// A bound listener.
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    pub fn tcp(bind: &str, port: u16) -> io::Result<Listener> {
+        let host = if bind.is_empty() { "0.0.0.0" } else { bind };
+        let addr: SocketAddr = if host.contains(':') {
+            format!("[{host}]:{port}")
+        } else {
+            format!("{host}:{port}")
+        }
+        .parse()
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("bad bind address {host:?}"),
+            )
+        })?;
+        Ok(Listener::Tcp(TcpListener::bind(addr)?))
+    }
+
+    /// Binds a Unix socket; a stale socket file is removed first when
+    /// `delete_existing` (upstream's `--delete-existing-uds-file`).
+    pub fn unix(path: &Path, delete_existing: bool) -> io::Result<Listener> {
+        if delete_existing && std::fs::symlink_metadata(path).is_ok() {
+            std::fs::remove_file(path)?;
+        }
+        Ok(Listener::Unix(
+            UnixListener::bind(path)?,
+            path.to_path_buf(),
+        ))
+    }
+
+    /// Where it listens, for the start-up log line.
+    pub fn describe(&self) -> String {
+        match self {
+            Listener::Tcp(l) => l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+            Listener::Unix(_, path) => format!("unix:{}", path.display()),
+        }
+    }
+
+    pub fn local_port(&self) -> Option<u16> {
+        match self {
+            Listener::Tcp(l) => l.local_addr().ok().map(|a| a.port()),
+            Listener::Unix(..) => None,
+        }
+    }
+
+    fn set_nonblocking(&self) -> io::Result<()> {
+        match self {
+            Listener::Tcp(l) => l.set_nonblocking(true),
+            Listener::Unix(l, _) => l.set_nonblocking(true),
+        }
+    }
+
+    fn accept(&self) -> io::Result<Conn> {
+        let conn = match self {
+            Listener::Tcp(l) => Conn::Tcp(l.accept()?.0),
+            Listener::Unix(l, _) => Conn::Unix(l.accept()?.0),
+        };
+        // Accepted sockets inherit non-blocking mode on some systems.
+        match &conn {
+            Conn::Tcp(s) => {
+                s.set_nonblocking(false)?;
+                let _ = s.set_nodelay(true);
+            }
+            Conn::Unix(s) => s.set_nonblocking(false)?,
+        }
+        Ok(conn)
+    }
+
+    fn fd(&self) -> i32 {
+        match self {
+            Listener::Tcp(l) => l.as_raw_fd(),
+            Listener::Unix(l, _) => l.as_raw_fd(),
+        }
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Listener::Unix(_, path) = self {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// What a connection thread runs: the connection and a handle to mark it
+/// closing-allowed. It returns when the connection is done.
+pub type Serve = Arc<dyn Fn(Conn) + Send + Sync>;
+
+struct Open {
+    closers: Mutex<HashMap<u64, Conn>>,
+    workers: WorkerSet,
+    count: AtomicUsize,
+    next: AtomicU64,
+}
+
+/// All listeners of a process, sharing one connection cap.
+pub struct Listeners {
+    open: Arc<Open>,
+    max_connections: usize,
+    acceptors: Vec<Worker>,
+    shutdown: Shutdown,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Listeners {
+    pub fn new(max_connections: usize, shutdown: &Shutdown) -> Self {
+        Listeners {
+            open: Arc::new(Open {
+                closers: Mutex::new(HashMap::new()),
+                workers: WorkerSet::new(),
+                count: AtomicUsize::new(0),
+                next: AtomicU64::new(0),
+            }),
+            max_connections,
+            acceptors: Vec::new(),
+            shutdown: shutdown.clone(),
+        }
+    }
+
+    /// Starts accepting on `listener` until shutdown; each connection runs
+    /// `serve` on its own thread. `on_refused` is called for connections
+    /// beyond the cap (they are closed at once).
+    pub fn spawn(
+        &mut self,
+        name: &str,
+        listener: Listener,
+        serve: Serve,
+        on_refused: Arc<dyn Fn() + Send + Sync>,
+    ) -> io::Result<()> {
+        listener.set_nonblocking()?;
+        let open = self.open.clone();
+        let shutdown = self.shutdown.clone();
+        let max = self.max_connections;
+        let thread_name = format!("accept-{name}");
+        let conn_name = name.to_string();
+        let worker = Worker::spawn(&thread_name, move || {
+            let fds = [listener.fd(), shutdown.as_raw_fd()];
+            while !shutdown.is_triggered() {
+                match listener.accept() {
+                    Ok(conn) => {
+                        if open.count.load(Ordering::Acquire) >= max {
+                            log::warn!(
+                                "{conn_name}: connection cap of {max} reached, refusing {}",
+                                conn.peer()
+                            );
+                            on_refused();
+                            conn.shutdown();
+                            continue;
+                        }
+                        start_connection(&open, &conn_name, conn, serve.clone());
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        let _ = sys::poll_readable(&fds, None);
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        // EMFILE and friends: back off briefly rather than spin.
+                        log::error!("{conn_name}: accept: {e}");
+                        let _ = shutdown.wait_timeout(std::time::Duration::from_millis(100));
+                    }
+                }
+            }
+            drop(listener);
+        })?;
+        self.acceptors.push(worker);
+        Ok(())
+    }
+
+    /// Connections open right now.
+    pub fn open_connections(&self) -> usize {
+        self.open.count.load(Ordering::Acquire)
+    }
+
+    /// Shuts every open socket down (their threads then end).
+    pub fn close_all(&self) {
+        for conn in lock(&self.open.closers).values() {
+            conn.shutdown();
+        }
+    }
+
+    /// Stops accepting (shutdown must have triggered), closes everything,
+    /// and joins every thread. Dropping does the same.
+    pub fn join(self) {}
+}
+
+impl Drop for Listeners {
+    fn drop(&mut self) {
+        // Acceptors end once shutdown has triggered (the caller's job).
+        self.acceptors.clear();
+        self.close_all();
+        self.open.workers.join_all();
+    }
+}
+
+fn start_connection(open: &Arc<Open>, name: &str, conn: Conn, serve: Serve) {
+    let id = open.next.fetch_add(1, Ordering::Relaxed);
+    match conn.try_clone() {
+        Ok(closer) => {
+            lock(&open.closers).insert(id, closer);
+        }
+        Err(e) => {
+            log::error!("{name}: {e}");
+            return;
+        }
+    }
+    open.count.fetch_add(1, Ordering::AcqRel);
+    let owner = open.clone();
+    let spawned = open.workers.spawn(&format!("conn-{name}"), move || {
+        serve(conn);
+        lock(&owner.closers).remove(&id);
+        owner.count.fetch_sub(1, Ordering::AcqRel);
+    });
+    if let Err(e) = spawned {
+        log::error!("{name}: starting a connection thread: {e}");
+        if let Some(conn) = lock(&open.closers).remove(&id) {
+            conn.shutdown();
+        }
+        open.count.fetch_sub(1, Ordering::AcqRel);
+    }
+}

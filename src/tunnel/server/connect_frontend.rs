@@ -1,0 +1,272 @@
+//! The HTTP CONNECT frontend (`--mode=http-connect`): one connection, one
+//! tunnel. Reads a bounded request head within the header timeout, dials
+//! through the hub, answers exactly `200 Connection Established` (or 405,
+//! 431, 502, 503, 504 with the reason), then copies bytes both ways: this
+//! thread reads the client, a scoped writer thread drains the tunnel's
+//! queue into the client.
+//!
+//! Owns: the connection's socket and its two halves. Must not: decide
+//! routing; the hub does.
+
+use std::io::{Read, Write};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::hub::{Hub, ToFrontend};
+use crate::h2::transport::Transport;
+use crate::tls::Reloader;
+use crate::tunnel::connect::{self, ESTABLISHED};
+use crate::tunnel::listen::Conn;
+use crate::tunnel::message::Message;
+use crate::tunnel::queue::Pop;
+use crate::tunnel::router::DialFailure;
+
+/// Timeouts of the CONNECT frontend.
+#[derive(Debug, Clone)]
+pub struct Timeouts {
+    /// TLS handshake plus request head (slowloris guard).
+    pub header: Duration,
+    /// How long a client waits for the agent's answer when the server has
+    /// no `--backend-dial-timeout`.
+    pub dial: Duration,
+    /// Each write to the client; a client that stops reading for this long
+    /// loses its tunnel.
+    pub write: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            header: Duration::from_secs(10),
+            dial: Duration::from_secs(30),
+            write: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Bytes read from the client per DATA packet.
+const CHUNK: usize = 32 * 1024;
+
+/// The HTTP status for a failed dial.
+pub fn status_for(reason: &DialFailure) -> u16 {
+    match reason {
+        DialFailure::NoAgent | DialFailure::TooManyPending => 503,
+        DialFailure::Timeout => 504,
+        _ => 502,
+    }
+}
+
+/// Serves one accepted connection to its end.
+pub fn serve(hub: &Arc<Hub>, conn: Conn, tls: Option<&Reloader>, timeouts: &Timeouts) {
+    let peer = conn.peer();
+    // A handle to the raw socket, to lift the header timeout later.
+    let control = match &conn {
+        Conn::Tcp(s) => s.try_clone().map(Conn::Tcp),
+        Conn::Unix(s) => s.try_clone().map(Conn::Unix),
+    };
+    let Ok(control) = control else { return };
+    let transport = match (conn, tls) {
+        (Conn::Tcp(sock), Some(tls)) => match rustls::ServerConnection::new(tls.server_config()) {
+            Ok(server) => Transport::tls_alpn(
+                sock,
+                server,
+                Some(timeouts.header),
+                Some(timeouts.write),
+                false,
+            ),
+            Err(e) => {
+                log::error!("CONNECT {peer}: TLS set-up: {e}");
+                return;
+            }
+        },
+        (Conn::Tcp(sock), None) => {
+            Transport::plain(sock, Some(timeouts.header), Some(timeouts.write))
+        }
+        (Conn::Unix(sock), _) => {
+            Transport::plain(sock, Some(timeouts.header), Some(timeouts.write))
+        }
+    };
+    let transport = match transport {
+        Ok(t) => t,
+        Err(e) => {
+            log::debug!("CONNECT {peer}: {e}");
+            return;
+        }
+    };
+    let Transport {
+        mut reader,
+        mut writer,
+        closer,
+        ..
+    } = transport;
+
+    // The request head, within the header timeout from the connection's start.
+    let started = Instant::now();
+    let mut head = Vec::with_capacity(1024);
+    let mut buf = vec![0u8; CHUNK];
+    let request = loop {
+        match connect::parse(&head) {
+            Ok(Some(request)) => break request,
+            Ok(None) => {}
+            Err(refusal) => {
+                log::debug!("CONNECT {peer}: refused: {refusal}");
+                let _ = writer.write_all(&connect::error_response(refusal.status, &refusal.reason));
+                let _ = writer.flush();
+                finish(writer, &closer);
+                return;
+            }
+        }
+        if started.elapsed() >= timeouts.header {
+            let _ = writer.write_all(&connect::error_response(408, "request header timeout"));
+            finish(writer, &closer);
+            return;
+        }
+        match reader
+            .read(&mut buf[..CHUNK.min(connect::MAX_HEAD + 1 - head.len().min(connect::MAX_HEAD))])
+        {
+            Ok(0) | Err(_) => {
+                finish(writer, &closer);
+                return;
+            }
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    };
+    set_read_timeout(&control, None);
+
+    let (key, queue) = hub.add_frontend();
+    hub.metrics.http_connections.add(&[], 1.0);
+    let random = (crate::sys::random_u64() >> 1) as i64;
+    let dial = Message::DialReq {
+        protocol: "tcp".into(),
+        address: request.address.clone(),
+        random,
+    };
+    hub.from_frontend(key, dial);
+    let outcome = match queue.pop_timeout(Some(timeouts.dial)) {
+        Pop::Item(ToFrontend::Message(Message::DialRsp {
+            error, connect_id, ..
+        })) if error.is_empty() => Ok(connect_id),
+        Pop::Item(ToFrontend::DialFailed { reason, .. }) => {
+            Err((status_for(&reason), reason.to_string()))
+        }
+        Pop::TimedOut => {
+            hub.metrics.dial_failures.inc(&["frontend_close"]);
+            hub.from_frontend(key, Message::DialCls { random });
+            Err((
+                504,
+                format!(
+                    "dial to {} timed out after {:?}",
+                    request.address, timeouts.dial
+                ),
+            ))
+        }
+        other => Err((502, format!("unexpected answer to the dial: {other:?}"))),
+    };
+    let connect_id = match outcome {
+        Ok(id) => id,
+        Err((status, reason)) => {
+            log::info!("CONNECT {} from {peer}: {status} {reason}", request.address);
+            let _ = writer.write_all(&connect::error_response(status, &reason));
+            let _ = writer.flush();
+            hub.remove_frontend(key);
+            hub.metrics.http_connections.add(&[], -1.0);
+            finish(writer, &closer);
+            return;
+        }
+    };
+    log::debug!(
+        "CONNECT {} from {peer}: established as connection {connect_id}",
+        request.address
+    );
+    let established = Instant::now();
+    if writer
+        .write_all(ESTABLISHED)
+        .and_then(|()| writer.flush())
+        .is_err()
+    {
+        hub.remove_frontend(key);
+        hub.metrics.http_connections.add(&[], -1.0);
+        finish(writer, &closer);
+        return;
+    }
+    let early = head.split_off(request.head_len);
+    if !early.is_empty() {
+        hub.from_frontend(
+            key,
+            Message::Data {
+                connect_id,
+                error: String::new(),
+                data: early,
+            },
+        );
+    }
+
+    std::thread::scope(|scope| {
+        let queue = &queue;
+        let closer = &closer;
+        scope.spawn(move || {
+            loop {
+                match queue.pop_timeout(None) {
+                    Pop::Item(ToFrontend::Message(Message::Data { data, .. })) => {
+                        if writer.write_all(&data).is_err() {
+                            break;
+                        }
+                    }
+                    Pop::Item(ToFrontend::Message(Message::CloseRsp { .. })) => break,
+                    Pop::Item(_) => {}
+                    Pop::Closed | Pop::TimedOut => break,
+                }
+            }
+            let _ = writer.flush();
+            queue.close_and_clear();
+            // close_notify first (TLS), then wake the reader below if it is
+            // still blocked on the client.
+            drop(writer);
+            closer();
+        });
+        loop {
+            match reader.read(&mut buf) {
+                Ok(0) => {
+                    log::debug!("CONNECT {peer}: client closed connection {connect_id}");
+                    break;
+                }
+                Err(e) => {
+                    log::debug!("CONNECT {peer}: reading connection {connect_id}: {e}");
+                    break;
+                }
+                Ok(n) => {
+                    let data = Message::Data {
+                        connect_id,
+                        error: String::new(),
+                        data: buf[..n].to_vec(),
+                    };
+                    if !hub.from_frontend(key, data) {
+                        break;
+                    }
+                }
+            }
+        }
+        // The client is done (or gone): close the tunnel at the agent. Data
+        // already queued for the client is still written.
+        hub.remove_frontend_flushing(key);
+    });
+    hub.metrics.http_connections.add(&[], -1.0);
+    hub.metrics
+        .connection_duration
+        .observe(&[], established.elapsed().as_secs_f64());
+    closer();
+}
+
+/// Ends the connection: close_notify (TLS) with the writer half, then the
+/// socket.
+fn finish(writer: Box<dyn Write + Send>, closer: &(dyn Fn() + Send + Sync)) {
+    drop(writer);
+    closer();
+}
+
+fn set_read_timeout(conn: &Conn, timeout: Option<Duration>) {
+    let _ = match conn {
+        Conn::Tcp(s) => s.set_read_timeout(timeout),
+        Conn::Unix(s) => s.set_read_timeout(timeout),
+    };
+}

@@ -1,0 +1,290 @@
+//! The server's shared core: the [`Router`] behind one lock, the outbound
+//! queue of every agent stream and frontend, and the metrics. Stream
+//! threads call in with what they read; the hub decides under the lock and
+//! queues the results after releasing it.
+//!
+//! Owns: the delivery rules. A thread that reads an agent stream never
+//! blocks: data for a frontend whose queue is full closes that frontend
+//! (it is too slow; the others keep flowing). A frontend's reader may block
+//! on its agent's queue, which back-pressures that frontend alone.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+
+use super::metrics::ServerMetrics;
+use crate::tunnel::identifiers::{Identifiers, Strategy};
+use crate::tunnel::message::Message;
+use crate::tunnel::queue::{Queue, Rejected};
+use crate::tunnel::router::{self, Action, AgentKey, DialFailure, FrontendKey, Router};
+
+/// Packets queued for one agent stream before frontend readers wait.
+const AGENT_QUEUE: usize = 256;
+/// How long a frontend reader waits for room in its agent's queue before
+/// it gives its tunnel up.
+const AGENT_QUEUE_WAIT: Duration = Duration::from_secs(60);
+/// How long an agent stream's reader waits for room in one frontend's
+/// queue (a scheduling hiccup, not a stuck client) before closing it.
+pub const SLOW_GRACE: Duration = Duration::from_millis(50);
+/// The smallest per-tunnel queue, whatever `--xfr-channel-size` says:
+/// upstream's default of 10 packets is sized for blocking hand-offs.
+pub const MIN_TUNNEL_QUEUE: usize = 64;
+
+/// What a frontend's writer receives.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ToFrontend {
+    Message(Message),
+    DialFailed { random: i64, reason: DialFailure },
+}
+
+struct State {
+    router: Router,
+    agents: HashMap<AgentKey, Queue<Message>>,
+    frontends: HashMap<FrontendKey, Queue<ToFrontend>>,
+}
+
+/// The server core. Shared by every listener and stream thread.
+pub struct Hub {
+    state: Mutex<State>,
+    next_key: AtomicU64,
+    frontend_queue: usize,
+    pub metrics: ServerMetrics,
+}
+
+enum Delivery {
+    Agent(Queue<Message>, Message),
+    Frontend(FrontendKey, Queue<ToFrontend>, ToFrontend),
+}
+
+impl Hub {
+    pub fn new(
+        strategies: Vec<Strategy>,
+        limits: router::Limits,
+        frontend_queue: usize,
+        metrics: ServerMetrics,
+    ) -> Arc<Hub> {
+        Arc::new(Hub {
+            state: Mutex::new(State {
+                router: Router::new(strategies, limits),
+                agents: HashMap::new(),
+                frontends: HashMap::new(),
+            }),
+            next_key: AtomicU64::new(1),
+            frontend_queue: frontend_queue.max(MIN_TUNNEL_QUEUE),
+            metrics,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn key(&self) -> u64 {
+        self.next_key.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Registers an agent stream; returns its key and outbound queue.
+    pub fn add_agent(&self, id: &str, identifiers: Identifiers) -> (AgentKey, Queue<Message>) {
+        let key = self.key();
+        let queue = Queue::new(AGENT_QUEUE);
+        {
+            let mut state = self.lock();
+            state.router.add_agent(key, id, identifiers);
+            state.agents.insert(key, queue.clone());
+            self.update_gauges(&state);
+        }
+        (key, queue)
+    }
+
+    /// An agent stream ended: its dials fail, its tunnels close.
+    pub fn remove_agent(&self, key: AgentKey) {
+        let actions = {
+            let mut state = self.lock();
+            if let Some(queue) = state.agents.remove(&key) {
+                queue.close_and_clear();
+            }
+            state.router.remove_agent(key)
+        };
+        self.execute(actions, None);
+    }
+
+    pub fn from_agent(&self, key: AgentKey, message: Message) {
+        let actions = self.lock().router.from_agent(key, message, Instant::now());
+        self.execute(actions, None);
+    }
+
+    /// Registers a frontend; returns its key and the queue its writer reads.
+    pub fn add_frontend(&self) -> (FrontendKey, Queue<ToFrontend>) {
+        let key = self.key();
+        let queue = Queue::new(self.frontend_queue);
+        let mut state = self.lock();
+        state.router.add_frontend(key);
+        state.frontends.insert(key, queue.clone());
+        (key, queue)
+    }
+
+    /// A frontend ended (or is being closed): its dials are cancelled and
+    /// its tunnels closed at the agents; its queue closes.
+    pub fn remove_frontend(&self, key: FrontendKey) {
+        self.drop_frontend(key, false);
+    }
+
+    /// [`Hub::remove_frontend`], but what is already queued for the
+    /// frontend is still delivered (its client closed its side only).
+    pub fn remove_frontend_flushing(&self, key: FrontendKey) {
+        self.drop_frontend(key, true);
+    }
+
+    fn drop_frontend(&self, key: FrontendKey, flush: bool) {
+        let actions = {
+            let mut state = self.lock();
+            if let Some(queue) = state.frontends.remove(&key) {
+                if flush {
+                    queue.close();
+                } else {
+                    queue.close_and_clear();
+                }
+            }
+            state.router.remove_frontend(key)
+        };
+        self.execute(actions, None);
+    }
+
+    /// A message from a frontend. Returns false when the frontend must give
+    /// up (its agent's queue stayed full for a minute).
+    pub fn from_frontend(&self, key: FrontendKey, message: Message) -> bool {
+        let actions = {
+            let mut state = self.lock();
+            if !state.frontends.contains_key(&key) {
+                return false; // closed meanwhile (too slow, or shutting down)
+            }
+            state
+                .router
+                .from_frontend(key, message, Instant::now(), &mut |n| {
+                    (crate::sys::random_u64() % n.max(1) as u64) as usize
+                })
+        };
+        self.execute(actions, Some(key))
+    }
+
+    /// Fails dials past the backend dial timeout; returns when to call again.
+    pub fn expire_dials(&self) -> Option<Instant> {
+        let (actions, next) = {
+            let mut state = self.lock();
+            let actions = state.router.expire_dials(Instant::now());
+            (actions, state.router.next_dial_deadline())
+        };
+        self.execute(actions, None);
+        next
+    }
+
+    /// Whether any agent is connected (`/readyz`).
+    pub fn ready(&self) -> bool {
+        self.lock().router.ready_agents() > 0
+    }
+
+    /// Open frontends (for graceful shutdown).
+    pub fn frontends(&self) -> usize {
+        self.lock().frontends.len()
+    }
+
+    fn update_gauges(&self, state: &State) {
+        let m = &self.metrics;
+        m.ready_backends
+            .set(&[], state.router.ready_agents() as f64);
+        m.pending_dials
+            .set(&[], state.router.pending_dials() as f64);
+        m.established
+            .set(&[], state.router.established_connections() as f64);
+    }
+
+    /// Queues the router's decisions. `blocking_for`: the frontend whose
+    /// reader is calling, which may wait for room in its agent's queue.
+    /// Returns false if that frontend must give up.
+    fn execute(&self, actions: Vec<Action>, blocking_for: Option<FrontendKey>) -> bool {
+        let mut deliveries = Vec::with_capacity(actions.len());
+        {
+            let state = self.lock();
+            for action in actions {
+                match action {
+                    Action::ToAgent(agent, message) => {
+                        if let Some(q) = state.agents.get(&agent) {
+                            deliveries.push(Delivery::Agent(q.clone(), message));
+                        }
+                    }
+                    Action::ToFrontend(frontend, message) => {
+                        if let Some(q) = state.frontends.get(&frontend) {
+                            deliveries.push(Delivery::Frontend(
+                                frontend,
+                                q.clone(),
+                                ToFrontend::Message(message),
+                            ));
+                        }
+                    }
+                    Action::DialFailed {
+                        frontend,
+                        random,
+                        reason,
+                    } => {
+                        log::debug!("dial {random} failed: {reason}");
+                        self.metrics.dial_failures.inc(&[reason.label()]);
+                        if let Some(q) = state.frontends.get(&frontend) {
+                            deliveries.push(Delivery::Frontend(
+                                frontend,
+                                q.clone(),
+                                ToFrontend::DialFailed { random, reason },
+                            ));
+                        }
+                    }
+                    Action::Dialed { elapsed, .. } => {
+                        self.metrics
+                            .dial_duration
+                            .observe(&[], elapsed.as_secs_f64());
+                    }
+                }
+            }
+            self.update_gauges(&state);
+        }
+        let mut keep_going = true;
+        let mut too_slow = Vec::new();
+        for delivery in deliveries {
+            match delivery {
+                Delivery::Agent(queue, message @ Message::Data { .. })
+                    if blocking_for.is_some() =>
+                {
+                    if let Err(Rejected::Full(_)) = queue.push_timeout(message, AGENT_QUEUE_WAIT) {
+                        log::warn!("agent queue full for {AGENT_QUEUE_WAIT:?}: closing the tunnel");
+                        keep_going = false;
+                    }
+                }
+                Delivery::Agent(queue, message) => {
+                    let _ = queue.push_control(message);
+                }
+                Delivery::Frontend(
+                    frontend,
+                    queue,
+                    item @ ToFrontend::Message(Message::Data { .. }),
+                ) => {
+                    if let Err(Rejected::Full(item)) = queue.try_push(item) {
+                        if let Err(Rejected::Full(_)) = queue.push_timeout(item, SLOW_GRACE) {
+                            too_slow.push(frontend);
+                        }
+                    }
+                }
+                Delivery::Frontend(_, queue, item) => {
+                    let _ = queue.push_control(item);
+                }
+            }
+        }
+        for frontend in too_slow {
+            log::warn!(
+                "frontend {frontend} is not reading ({} packets queued): closing its tunnel",
+                self.frontend_queue
+            );
+            self.metrics.slow_frontends.inc(&[]);
+            self.remove_frontend(frontend);
+        }
+        keep_going
+    }
+}

@@ -1,0 +1,158 @@
+//! The server's two gRPC services: `AgentService/Connect` (an agent's
+//! stream, the backend) and `ProxyService/Proxy` (a frontend's stream).
+//! Each call runs a reader (this handler's thread) and a writer (a scoped
+//! thread draining the call's queue), so reading never waits on writing.
+//!
+//! Owns: the metadata rules (exactly one `agentid`; `serverid` and
+//! `servercount` in the response headers before any packet) and the
+//! conversion between packets and the hub's messages.
+
+use std::sync::Arc;
+
+use prost::Message as _;
+
+use super::hub::{Hub, ToFrontend};
+use crate::grpc::{Code, ServerCall, Status};
+use crate::tunnel::identifiers::Identifiers;
+use crate::tunnel::message::Message;
+use crate::tunnel::proto::Packet;
+use crate::tunnel::queue::{Pop, Queue};
+
+pub const AGENT_PATH: &str = "/AgentService/Connect";
+pub const PROXY_PATH: &str = "/ProxyService/Proxy";
+
+/// Reads packets until the peer half-closes or the call breaks, handing
+/// each decoded message to `deliver`; undecodable packets are logged and
+/// skipped. Stops early when `deliver` returns false.
+fn read_packets(call: &ServerCall, what: &str, mut deliver: impl FnMut(Message) -> bool) {
+    loop {
+        match call.recv() {
+            Ok(Some(bytes)) => match Packet::decode(bytes.as_slice())
+                .map_err(|e| e.to_string())
+                .and_then(Message::try_from)
+            {
+                Ok(message) => {
+                    if !deliver(message) {
+                        return;
+                    }
+                }
+                Err(e) => log::warn!("{what}: skipping a packet: {e}"),
+            },
+            Ok(None) => return,
+            Err(status) => {
+                log::debug!("{what}: stream ended: {status:?}");
+                return;
+            }
+        }
+    }
+}
+
+/// Sends every queued item until the queue closes or a send fails.
+fn write_queue<T>(
+    call: &ServerCall,
+    queue: &Queue<T>,
+    what: &str,
+    into_message: impl Fn(T) -> Message,
+) {
+    loop {
+        match queue.pop_timeout(None) {
+            Pop::Item(item) => {
+                let packet = Packet::from(into_message(item));
+                if let Err(status) = call.send(&packet.encode_to_vec()) {
+                    log::debug!("{what}: send failed: {status:?}");
+                    queue.close_and_clear();
+                    return;
+                }
+            }
+            Pop::Closed | Pop::TimedOut => return,
+        }
+    }
+}
+
+/// The `AgentService/Connect` handler.
+pub fn agent_handler(
+    hub: Arc<Hub>,
+    server_id: String,
+    server_count: u32,
+) -> impl Fn(&Arc<ServerCall>) -> Status + Send + Sync + 'static {
+    move |call: &Arc<ServerCall>| {
+        let metadata = call.metadata();
+        let ids: Vec<&[u8]> = metadata.get_all("agentid").collect();
+        let [agent_id] = ids.as_slice() else {
+            return Status::new(
+                Code::INVALID_ARGUMENT,
+                format!("expected exactly one agentid, got {}", ids.len()),
+            );
+        };
+        let agent_id = String::from_utf8_lossy(agent_id).into_owned();
+        let identifiers = match metadata
+            .get("agentidentifiers")
+            .map(|q| Identifiers::parse(q, false))
+        {
+            None => Identifiers::default(),
+            Some(Ok(ids)) => ids,
+            Some(Err(e)) => {
+                return Status::new(Code::INVALID_ARGUMENT, format!("bad agentidentifiers: {e}"));
+            }
+        };
+        call.set_header("serverid", &server_id);
+        call.set_header("servercount", &server_count.to_string());
+        if let Err(status) = call.send_headers() {
+            return status;
+        }
+        let (key, outbox) = hub.add_agent(&agent_id, identifiers.clone());
+        hub.metrics
+            .grpc_connections
+            .add(&["AgentService/Connect"], 1.0);
+        log::info!(
+            "agent {agent_id} connected from {} ({identifiers})",
+            call.peer()
+        );
+        let what = format!("agent {agent_id}");
+        std::thread::scope(|scope| {
+            scope.spawn(|| write_queue(call, &outbox, &what, |m| m));
+            read_packets(call, &what, |message| {
+                if message == Message::Drain {
+                    log::info!("agent {agent_id} is draining: new dials go to other agents");
+                }
+                hub.from_agent(key, message);
+                true
+            });
+            hub.remove_agent(key); // closes the outbox, so the writer ends
+        });
+        hub.metrics
+            .grpc_connections
+            .add(&["AgentService/Connect"], -1.0);
+        log::info!("agent {agent_id} disconnected");
+        Status::ok()
+    }
+}
+
+/// The `ProxyService/Proxy` handler (gRPC frontend).
+pub fn proxy_handler(hub: Arc<Hub>) -> impl Fn(&Arc<ServerCall>) -> Status + Send + Sync + 'static {
+    move |call: &Arc<ServerCall>| {
+        let (key, queue) = hub.add_frontend();
+        hub.metrics
+            .grpc_connections
+            .add(&["ProxyService/Proxy"], 1.0);
+        let what = format!("frontend {key}");
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                write_queue(call, &queue, &what, |item| match item {
+                    ToFrontend::Message(m) => m,
+                    ToFrontend::DialFailed { random, reason } => Message::DialRsp {
+                        error: reason.to_string(),
+                        connect_id: 0,
+                        random,
+                    },
+                })
+            });
+            read_packets(call, &what, |message| hub.from_frontend(key, message));
+            hub.remove_frontend(key);
+        });
+        hub.metrics
+            .grpc_connections
+            .add(&["ProxyService/Proxy"], -1.0);
+        Status::ok()
+    }
+}

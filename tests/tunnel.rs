@@ -1,0 +1,664 @@
+//! proxy-server, proxy-agent, proxy-test-client and http-test-server end to
+//! end: real processes on loopback and Unix sockets, real mTLS with
+//! certificates from scripts/make-certs.sh, and curl as an independent
+//! HTTP CONNECT client.
+
+mod common;
+
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{ChildGuard, poll, unique};
+
+const SERVER: &str = env!("CARGO_BIN_EXE_proxy-server");
+const AGENT: &str = env!("CARGO_BIN_EXE_proxy-agent");
+const CLIENT: &str = env!("CARGO_BIN_EXE_proxy-test-client");
+const TEST_SERVER: &str = env!("CARGO_BIN_EXE_http-test-server");
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// A temporary directory with the upstream certificate layout.
+struct Certs {
+    dir: PathBuf,
+}
+
+impl Certs {
+    fn new() -> Self {
+        let dir = std::env::temp_dir().join(unique("tunnel-certs-"));
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/make-certs.sh");
+        let out = Command::new(script)
+            .arg(&dir)
+            .output()
+            .expect("run make-certs.sh");
+        assert!(
+            out.status.success(),
+            "make-certs.sh: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Certs { dir }
+    }
+
+    fn path(&self, rel: &str) -> String {
+        self.dir.join(rel).to_string_lossy().into_owned()
+    }
+
+    fn cluster_flags(&self) -> Vec<String> {
+        vec![
+            format!(
+                "--cluster-cert={}",
+                self.path("agent/issued/proxy-frontend.crt")
+            ),
+            format!(
+                "--cluster-key={}",
+                self.path("agent/private/proxy-frontend.key")
+            ),
+            format!("--cluster-ca-cert={}", self.path("agent/issued/ca.crt")),
+        ]
+    }
+
+    fn frontend_flags(&self) -> Vec<String> {
+        vec![
+            format!(
+                "--server-cert={}",
+                self.path("frontend/issued/proxy-frontend.crt")
+            ),
+            format!(
+                "--server-key={}",
+                self.path("frontend/private/proxy-frontend.key")
+            ),
+            format!("--server-ca-cert={}", self.path("frontend/issued/ca.crt")),
+        ]
+    }
+}
+
+impl Drop for Certs {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A process whose stderr is collected, so the test can read the ports it
+/// logged and its errors.
+struct Proc {
+    child: ChildGuard,
+    log: Arc<Mutex<String>>,
+}
+
+impl Proc {
+    fn start(program: &str, args: &[String]) -> Self {
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .env("RUST_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        let mut child = ChildGuard::spawn(&mut cmd);
+        let stderr = child.child.as_mut().unwrap().stderr.take().unwrap();
+        let log = Arc::new(Mutex::new(String::new()));
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                let mut log = sink.lock().unwrap();
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        Proc { child, log }
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits for "<what> listening on ADDR" and returns ADDR's port.
+    fn port(&mut self, what: &str) -> u16 {
+        let needle = format!("{what} listening on ");
+        poll(&format!("{needle:?} in the log"), DEADLINE, || {
+            assert!(self.child.is_running(), "exited early:\n{}", self.log());
+            let log = self.log();
+            let line = log.lines().find(|l| l.contains(&needle))?;
+            let addr = line.split(&needle).nth(1)?.split_whitespace().next()?;
+            addr.rsplit(':').next()?.parse().ok()
+        })
+    }
+
+    fn wait_for_log(&mut self, needle: &str) {
+        poll(&format!("{needle:?} in the log"), DEADLINE, || {
+            assert!(self.child.is_running(), "exited early:\n{}", self.log());
+            self.log().contains(needle).then_some(())
+        });
+    }
+}
+
+fn uds_path() -> PathBuf {
+    std::env::temp_dir().join(unique("konn-").replace('-', "") + ".sock")
+}
+
+/// A running tunnel: server, optional agent, destination.
+struct Tunnel {
+    certs: Certs,
+    server: Proc,
+    agent: Option<Proc>,
+    agent_port: u16,
+    health_port: u16,
+    frontend_port: Option<u16>,
+    uds: Option<PathBuf>,
+}
+
+impl Tunnel {
+    /// `frontend`: "uds" or "tcp"; `mode`: grpc or http-connect.
+    fn start(mode: &str, frontend: &str, extra: &[&str], with_agent: bool) -> Tunnel {
+        let certs = Certs::new();
+        let mut args = vec![
+            format!("--mode={mode}"),
+            "--agent-port=0".into(),
+            "--health-port=0".into(),
+            "--admin-port=0".into(),
+            "--agent-bind-address=127.0.0.1".into(),
+            "--health-bind-address=127.0.0.1".into(),
+        ];
+        args.extend(certs.cluster_flags());
+        let uds = (frontend == "uds").then(uds_path);
+        match &uds {
+            Some(path) => {
+                args.push(format!("--uds-name={}", path.display()));
+                args.push("--server-port=0".into());
+            }
+            None => {
+                args.extend(certs.frontend_flags());
+                args.push("--server-port=0".into());
+                args.push("--server-bind-address=127.0.0.1".into());
+            }
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut server = Proc::start(SERVER, &args);
+        let agent_port = server.port("agent port");
+        let health_port = server.port("health port");
+        let frontend_port = uds
+            .is_none()
+            .then(|| server.port(&format!("frontend ({mode})")));
+        let mut tunnel = Tunnel {
+            certs,
+            server,
+            agent: None,
+            agent_port,
+            health_port,
+            frontend_port,
+            uds,
+        };
+        if with_agent {
+            tunnel.start_agent(&[]);
+        }
+        tunnel
+    }
+
+    fn start_agent(&mut self, extra: &[&str]) {
+        let mut args = vec![
+            format!("--ca-cert={}", self.certs.path("agent/issued/ca.crt")),
+            format!(
+                "--agent-cert={}",
+                self.certs.path("agent/issued/proxy-agent.crt")
+            ),
+            format!(
+                "--agent-key={}",
+                self.certs.path("agent/private/proxy-agent.key")
+            ),
+            format!("--proxy-server-port={}", self.agent_port),
+            "--health-server-port=0".into(),
+            "--admin-server-port=0".into(),
+            "--health-server-host=127.0.0.1".into(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut agent = Proc::start(AGENT, &args);
+        agent.wait_for_log("connected to server");
+        poll("the server to see the agent", DEADLINE, || {
+            (self.health("/readyz").0 == 200).then_some(())
+        });
+        self.agent = Some(agent);
+    }
+
+    /// GET on the server's health port: status and body.
+    fn health(&self, path: &str) -> (u16, String) {
+        http_get(self.health_port, path)
+    }
+
+    /// Opens a CONNECT tunnel over the Unix socket; returns the stream and
+    /// the raw answer head.
+    fn connect_uds(&self, target: &str) -> (UnixStream, String) {
+        let mut sock =
+            UnixStream::connect(self.uds.as_ref().expect("uds frontend")).expect("connect uds");
+        sock.set_read_timeout(Some(DEADLINE)).unwrap();
+        sock.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+            .unwrap();
+        let head = read_head(&mut sock);
+        (sock, head)
+    }
+
+    fn curl_connect(&self, url: &str, with_cert: bool) -> std::process::Output {
+        let mut args = vec![
+            "-s".to_string(),
+            "-p".into(),
+            "--max-time".into(),
+            "15".into(),
+        ];
+        args.extend([
+            "--proxy-cacert".into(),
+            self.certs.path("frontend/issued/ca.crt"),
+        ]);
+        if with_cert {
+            args.extend([
+                "--proxy-cert".into(),
+                self.certs.path("frontend/issued/proxy-client.crt"),
+            ]);
+            args.extend([
+                "--proxy-key".into(),
+                self.certs.path("frontend/private/proxy-client.key"),
+            ]);
+        }
+        args.extend([
+            "-x".into(),
+            format!("https://127.0.0.1:{}", self.frontend_port.unwrap()),
+            url.into(),
+        ]);
+        Command::new("curl").args(&args).output().expect("run curl")
+    }
+}
+
+impl Drop for Tunnel {
+    fn drop(&mut self) {
+        if let Some(path) = &self.uds {
+            let _ = fs::remove_file(path);
+        }
+    }
+}
+
+/// Reads up to and including the blank line, byte by byte.
+fn read_head(sock: &mut impl Read) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match sock.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+fn read_all(sock: &mut impl Read) -> String {
+    let mut out = Vec::new();
+    let _ = sock.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn http_get(port: u16, path: &str) -> (u16, String) {
+    let Ok(mut sock) = TcpStream::connect(("127.0.0.1", port)) else {
+        return (0, String::new());
+    };
+    sock.set_read_timeout(Some(DEADLINE)).unwrap();
+    let _ = sock.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+    );
+    let text = read_all(&mut sock);
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (
+        status,
+        text.split("\r\n\r\n").nth(1).unwrap_or("").to_string(),
+    )
+}
+
+/// The sample destination on a free port.
+fn test_server() -> (Proc, u16) {
+    let mut proc = Proc::start(TEST_SERVER, &["--server-port=0".into()]);
+    let port = proc.port("http-test-server");
+    (proc, port)
+}
+
+/// A TCP echo destination (for byte-exact transfers).
+fn echo_server() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().map_while(Result::ok) {
+            std::thread::spawn(move || {
+                let mut reader = conn.try_clone().unwrap();
+                let mut writer = conn;
+                let _ = std::io::copy(&mut reader, &mut writer);
+            });
+        }
+    });
+    port
+}
+
+/// A destination whose connects hang: a listener with a full backlog that
+/// never accepts (Linux then drops further SYNs).
+fn blackhole() -> (ChildGuard, u16) {
+    let script = "import socket,sys,time\n\
+        s=socket.socket(); s.bind(('127.0.0.1',0)); s.listen(0)\n\
+        print(s.getsockname()[1], flush=True)\n\
+        time.sleep(600)\n";
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", script]).stdout(Stdio::piped());
+    let mut child = ChildGuard::spawn(&mut cmd);
+    let stdout = child.child.as_mut().unwrap().stdout.take().unwrap();
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line).unwrap();
+    let port: u16 = line.trim().parse().unwrap();
+    // Fill the backlog with connections nobody accepts.
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        if let Ok(s) = TcpStream::connect_timeout(
+            &format!("127.0.0.1:{port}").parse().unwrap(),
+            Duration::from_millis(300),
+        ) {
+            held.push(s);
+        }
+    }
+    std::mem::forget(held); // kept open for the test's life
+    (child, port)
+}
+
+#[test]
+fn upstream_example_http_connect_mtls_with_curl() {
+    let (_dest, dest_port) = test_server();
+    let tunnel = Tunnel::start("http-connect", "tcp", &[], true);
+    let out = tunnel.curl_connect(&format!("http://localhost:{dest_port}/success"), true);
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && body.contains("The success test page!"),
+        "curl: {body} {}",
+        tunnel.server.log()
+    );
+    // The destination's own error status comes through the tunnel.
+    let out = tunnel.curl_connect(&format!("http://localhost:{dest_port}/error"), true);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Internal Server Error"));
+    // No client certificate: the TLS handshake is refused.
+    let out = tunnel.curl_connect(&format!("http://localhost:{dest_port}/success"), false);
+    assert!(
+        !out.status.success(),
+        "a client without a certificate got through"
+    );
+}
+
+#[test]
+fn upstream_example_grpc_over_uds_with_the_test_client() {
+    let (_dest, dest_port) = test_server();
+    let tunnel = Tunnel::start("grpc", "uds", &[], true);
+    let out = Command::new(CLIENT)
+        .args(["--proxy-port=0", "--proxy-host="])
+        .arg(format!(
+            "--proxy-uds={}",
+            tunnel.uds.as_ref().unwrap().display()
+        ))
+        .arg(format!("--request-port={dest_port}"))
+        .arg("--test-requests=20")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(stdout.matches("The success test page!").count(), 20);
+}
+
+#[test]
+fn grpc_over_mtls_tcp_with_the_test_client() {
+    let (_dest, dest_port) = test_server();
+    let tunnel = Tunnel::start("grpc", "tcp", &[], true);
+    let out = Command::new(CLIENT)
+        .args(["--proxy-host=127.0.0.1"])
+        .arg(format!("--proxy-port={}", tunnel.frontend_port.unwrap()))
+        .arg(format!(
+            "--ca-cert={}",
+            tunnel.certs.path("frontend/issued/ca.crt")
+        ))
+        .arg(format!(
+            "--client-cert={}",
+            tunnel.certs.path("frontend/issued/proxy-client.crt")
+        ))
+        .arg(format!(
+            "--client-key={}",
+            tunnel.certs.path("frontend/private/proxy-client.key")
+        ))
+        .arg(format!("--request-port={dest_port}"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("The success test page!"));
+}
+
+#[test]
+fn connect_answers_exactly_and_with_the_right_errors() {
+    let echo = echo_server();
+    let tunnel = Tunnel::start("http-connect", "uds", &[], true);
+    // Success: exactly the status line and a blank line, then tunnel bytes.
+    let (mut sock, head) = tunnel.connect_uds(&format!("127.0.0.1:{echo}"));
+    assert_eq!(head, "HTTP/1.1 200 Connection Established\r\n\r\n");
+    sock.write_all(b"ping").unwrap();
+    let mut back = [0u8; 4];
+    sock.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"ping");
+    // A refused dial: 502 with the agent's error.
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (mut sock, head) = tunnel.connect_uds(&format!("127.0.0.1:{closed}"));
+    assert!(head.starts_with("HTTP/1.1 502 "), "{head}");
+    assert!(read_all(&mut sock).to_lowercase().contains("refused"));
+    // Not CONNECT: 405.
+    let mut sock = UnixStream::connect(tunnel.uds.as_ref().unwrap()).unwrap();
+    sock.set_read_timeout(Some(DEADLINE)).unwrap();
+    sock.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    assert!(read_head(&mut sock).starts_with("HTTP/1.1 405 "));
+    // A huge header: 431.
+    let mut sock = UnixStream::connect(tunnel.uds.as_ref().unwrap()).unwrap();
+    sock.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut huge = b"CONNECT x:1 HTTP/1.1\r\nX-Big: ".to_vec();
+    huge.resize(20 * 1024, b'a');
+    let _ = sock.write_all(&huge);
+    assert!(read_head(&mut sock).starts_with("HTTP/1.1 431 "));
+}
+
+#[test]
+fn no_agent_means_503_and_not_ready() {
+    let tunnel = Tunnel::start("http-connect", "uds", &[], false);
+    assert_eq!(
+        tunnel.health("/readyz"),
+        (500, "no connection to any proxy agent".into())
+    );
+    assert_eq!(tunnel.health("/healthz").0, 200);
+    let (_sock, head) = tunnel.connect_uds("127.0.0.1:1");
+    assert!(head.starts_with("HTTP/1.1 503 "), "{head}");
+}
+
+#[test]
+fn backend_dial_timeout_means_504() {
+    let (_hole, port) = blackhole();
+    let mut tunnel = Tunnel::start(
+        "http-connect",
+        "uds",
+        &["--backend-dial-timeout=300ms"],
+        false,
+    );
+    tunnel.start_agent(&["--dial-timeout=20s"]);
+    let started = Instant::now();
+    let (_sock, head) = tunnel.connect_uds(&format!("127.0.0.1:{port}"));
+    assert!(head.starts_with("HTTP/1.1 504 "), "{head}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let (_, metrics) = tunnel.health("/metrics");
+    assert!(metrics.contains("konnectivity_network_proxy_server_dial_failure_count{reason=\"backend_dial_timeout\"} 1"), "{metrics}\n{}", tunnel.server.log());
+}
+
+#[test]
+fn pending_dials_fail_at_once_when_their_agent_goes() {
+    let (_hole, port) = blackhole();
+    let mut tunnel = Tunnel::start("http-connect", "uds", &[], false);
+    tunnel.start_agent(&["--dial-timeout=60s"]);
+    let uds = tunnel.uds.clone().unwrap();
+    let target = format!("127.0.0.1:{port}");
+    let waiters: Vec<_> = (0..20)
+        .map(|_| {
+            let uds = uds.clone();
+            let target = target.clone();
+            std::thread::spawn(move || {
+                let mut sock = UnixStream::connect(&uds).unwrap();
+                sock.set_read_timeout(Some(Duration::from_secs(30)))
+                    .unwrap();
+                sock.write_all(format!("CONNECT {target} HTTP/1.1\r\n\r\n").as_bytes())
+                    .unwrap();
+                read_head(&mut sock)
+            })
+        })
+        .collect();
+    poll("20 pending dials", DEADLINE, || {
+        tunnel
+            .health("/metrics")
+            .1
+            .contains("konnectivity_network_proxy_server_pending_backend_dials 20")
+            .then_some(())
+    });
+    let killed = Instant::now();
+    tunnel.agent.as_mut().unwrap().child.signal("KILL");
+    for waiter in waiters {
+        let head = waiter.join().unwrap();
+        assert!(head.starts_with("HTTP/1.1 502 "), "{head}");
+    }
+    assert!(
+        killed.elapsed() < Duration::from_secs(10),
+        "dials failed only after {:?}",
+        killed.elapsed()
+    );
+    let (_, metrics) = tunnel.health("/metrics");
+    assert!(
+        metrics.contains("konnectivity_network_proxy_server_pending_backend_dials 0"),
+        "{metrics}"
+    );
+}
+
+#[test]
+fn bytes_arrive_exactly_both_ways_on_parallel_tunnels() {
+    let echo = echo_server();
+    let tunnel = Tunnel::start("http-connect", "uds", &[], true);
+    let handles: Vec<_> = (0..4u8)
+        .map(|seed| {
+            let (sock, head) = tunnel.connect_uds(&format!("127.0.0.1:{echo}"));
+            assert!(head.starts_with("HTTP/1.1 200"));
+            std::thread::spawn(move || {
+                let payload: Vec<u8> = (0..4 * 1024 * 1024u32)
+                    .map(|i| (i.wrapping_mul(31) as u8) ^ seed)
+                    .collect();
+                let mut writer = sock.try_clone().unwrap();
+                let mut reader = sock;
+                let sent = payload.clone();
+                let w = std::thread::spawn(move || writer.write_all(&sent).unwrap());
+                let mut got = vec![0u8; payload.len()];
+                reader.read_exact(&mut got).unwrap();
+                w.join().unwrap();
+                assert!(got == payload, "tunnel {seed} corrupted its bytes");
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().unwrap();
+    }
+}
+
+#[test]
+fn bad_flags_exit_2() {
+    for (program, args, message) in [
+        (SERVER, vec!["--mode=tcp"], "mode must be"),
+        (
+            SERVER,
+            vec!["--uds-name=/tmp/x", "--server-port=8090"],
+            "should be set to 0",
+        ),
+        (AGENT, vec![], "--ca-cert is required"),
+        (CLIENT, vec!["--mode=udp", "--proxy-uds=/x"], "mode must be"),
+    ] {
+        let out = Command::new(program).args(&args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{program} {args:?}: {stderr}");
+        assert!(stderr.contains(message), "{program} {args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn sigterm_drains_the_agent_and_stops_the_server_cleanly() {
+    let mut tunnel = Tunnel::start("grpc", "uds", &[], true);
+    let agent = tunnel.agent.as_mut().unwrap();
+    agent.child.signal("TERM");
+    let out = agent.child.wait_output(DEADLINE);
+    assert!(
+        out.status.success(),
+        "agent exit {:?}: {}",
+        out.status,
+        agent.log()
+    );
+    tunnel.server.wait_for_log("is draining");
+    poll("the server to notice", DEADLINE, || {
+        (tunnel.health("/readyz").0 == 500).then_some(())
+    });
+    tunnel.server.child.signal("TERM");
+    let out = tunnel.server.child.wait_output(DEADLINE);
+    assert!(
+        out.status.success(),
+        "server exit {:?}: {}",
+        out.status,
+        tunnel.server.log()
+    );
+    assert!(
+        !tunnel.uds.as_ref().unwrap().exists(),
+        "the socket file was left behind"
+    );
+}
+
+#[test]
+fn everything_sent_before_the_client_closes_arrives() {
+    // A sink that reports how many bytes it got once its peer closes.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().map_while(Result::ok) {
+            let tx = tx.clone();
+            std::thread::spawn(move || {
+                let mut conn = conn;
+                let mut total = 0usize;
+                let mut buf = vec![0u8; 1 << 16];
+                while let Ok(n) = conn.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    total += n;
+                }
+                let _ = tx.send(total);
+            });
+        }
+    });
+    let tunnel = Tunnel::start("http-connect", "uds", &[], true);
+    for size in [1usize, 100_000, 16 * 1024 * 1024 + 7] {
+        let (mut sock, head) = tunnel.connect_uds(&format!("127.0.0.1:{port}"));
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        sock.write_all(&vec![0xA5; size]).unwrap();
+        sock.shutdown(std::net::Shutdown::Write).unwrap();
+        let got = rx.recv_timeout(DEADLINE).expect("the sink saw the close");
+        assert_eq!(got, size, "bytes lost when the client closed");
+    }
+}
