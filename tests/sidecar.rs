@@ -500,3 +500,38 @@ fn missing_interface_becomes_a_dummy_link_or_a_clear_error() {
         assert!(!ns.run("ip", &["link", "show", "apxdummy"]).status.success());
     }
 }
+
+#[test]
+fn health_port_reports_the_last_successful_check() {
+    let ns = Netns::new();
+    let port = 18000 + (std::process::id() % 1000) as u16;
+    let mut daemon = ns.start(&["--ip-address=10.96.0.2", &format!("--health-port={port}")]);
+    let body = poll("/healthz to answer 200", DEADLINE, || {
+        let out = ns.run(
+            "curl",
+            &[
+                "-s",
+                "-w",
+                " %{http_code}",
+                &format!("http://127.0.0.1:{port}/healthz"),
+            ],
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.ends_with(" 200").then_some(text)
+    });
+    assert!(body.starts_with("ok: last successful check"), "{body}");
+    let out = ns.run(
+        "curl",
+        &[
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            &format!("http://127.0.0.1:{port}/other"),
+        ],
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "404");
+    let (out, log) = daemon.terminate();
+    assert!(out.status.success(), "{log}");
+}

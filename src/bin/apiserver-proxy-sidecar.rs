@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use apiserver_proxy::cli;
 use apiserver_proxy::shutdown::{self, Shutdown};
-use apiserver_proxy::sidecar::{self, run::Health};
+use apiserver_proxy::sidecar::{self, run, run::Health};
 
 fn main() -> ExitCode {
     cli::main_with(
@@ -17,9 +17,20 @@ fn main() -> ExitCode {
             let _signals =
                 shutdown::watch_signals(&shutdown).map_err(|e| format!("watching signals: {e}"))?;
             let health = Health::default();
-            let result = sidecar::run(&config, &shutdown, &health).map_err(|e| e.to_string());
-            // Stop the signal watcher (it joins on drop) whatever the outcome.
+            // Threads started here wait for shutdown when dropped, so the
+            // trigger below runs on every path before they go.
+            let mut health_server = None;
+            let result = (|| {
+                if let Some(port) = config.health_port {
+                    health_server = Some(
+                        run::serve_health(port, &health, config.sync_interval, &shutdown)
+                            .map_err(|e| e.to_string())?,
+                    );
+                }
+                sidecar::run(&config, &shutdown, &health).map_err(|e| e.to_string())
+            })();
             shutdown.trigger("exiting");
+            drop(health_server);
             result
         },
     )

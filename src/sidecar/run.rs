@@ -87,9 +87,62 @@ impl Health {
         *self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn record_success(&self) {
+    pub(crate) fn record_success(&self) {
         *self.inner.lock().unwrap_or_else(PoisonError::into_inner) = Some(SystemTime::now());
     }
+}
+
+impl Health {
+    /// The `/healthz` answer at `now`: healthy while the last successful
+    /// full check is at most two sync intervals (plus 30 s of slack for
+    /// iptables lock waits) old.
+    pub fn status(&self, sync_interval: Duration, now: SystemTime) -> (u16, String) {
+        let Some(last) = self.last_success() else {
+            return (503, "no successful check yet\n".to_string());
+        };
+        let age = now.duration_since(last).unwrap_or_default();
+        let unix = last
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let text = format!(
+            "last successful check {}s ago (unix time {unix})\n",
+            age.as_secs()
+        );
+        if age <= sync_interval * 2 + Duration::from_secs(30) {
+            (200, format!("ok: {text}"))
+        } else {
+            (500, format!("stale: {text}"))
+        }
+    }
+}
+
+/// Serves `GET /healthz` on all addresses at `port` until shutdown.
+pub fn serve_health(
+    port: u16,
+    health: &Health,
+    sync_interval: Duration,
+    shutdown: &Shutdown,
+) -> Result<crate::http::Server, Error> {
+    let health = health.clone();
+    let handler: crate::http::Handler = std::sync::Arc::new(move |request: &rouille::Request| {
+        if request.url() != "/healthz" {
+            return rouille::Response::empty_404();
+        }
+        let (status, body) = health.status(sync_interval, SystemTime::now());
+        rouille::Response::text(body).with_status_code(status)
+    });
+    let addr = std::net::SocketAddr::from(([0, 0, 0, 0], port));
+    let server = crate::http::Server::bind(
+        addr,
+        None,
+        crate::http::Limits::default(),
+        handler,
+        shutdown,
+    )
+    .map_err(|e| Error::Setup(format!("health port: {e}")))?;
+    log::info!("health port listening on {}", server.local_addr());
+    Ok(server)
 }
 
 /// Applies plans to the kernel and remembers what it added.
@@ -376,5 +429,31 @@ fn open_watcher() -> Option<Watcher> {
             log::error!("{e}; repairs wait for the periodic check");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn health_follows_the_last_success() {
+        let health = Health::default();
+        let minute = Duration::from_secs(60);
+        assert_eq!(health.status(minute, SystemTime::now()).0, 503);
+        health.record_success();
+        let now = SystemTime::now();
+        let (status, body) = health.status(minute, now);
+        assert_eq!(status, 200);
+        assert!(
+            body.starts_with("ok: last successful check 0s ago"),
+            "{body}"
+        );
+        let (status, body) = health.status(minute, now + Duration::from_secs(151));
+        assert_eq!(status, 500);
+        assert!(
+            body.starts_with("stale: last successful check 151s ago"),
+            "{body}"
+        );
     }
 }
