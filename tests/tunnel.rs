@@ -197,6 +197,35 @@ impl Tunnel {
     }
 
     fn start_agent(&mut self, extra: &[&str]) {
+        let agent = self.spawn_agent(self.agent_port, extra);
+        poll("the server to see the agent", DEADLINE, || {
+            (self.health("/readyz").0 == 200).then_some(())
+        });
+        self.agent = Some(agent);
+    }
+
+    /// Another server with the same certificates (a replica): its agent
+    /// port and health port.
+    fn start_replica(&self, extra: &[&str]) -> (Proc, u16, u16) {
+        let mut args = vec![
+            "--agent-port=0".into(),
+            "--health-port=0".into(),
+            "--admin-port=0".into(),
+            "--agent-bind-address=127.0.0.1".into(),
+            "--health-bind-address=127.0.0.1".into(),
+            format!("--uds-name={}", uds_path().display()),
+            "--server-port=0".into(),
+        ];
+        args.extend(self.certs.cluster_flags());
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut server = Proc::start(SERVER, &args);
+        let agent_port = server.port("agent port");
+        let health_port = server.port("health port");
+        (server, agent_port, health_port)
+    }
+
+    /// An agent connecting to `port`, once it reports a connection.
+    fn spawn_agent(&self, port: u16, extra: &[&str]) -> Proc {
         let mut args = vec![
             format!("--ca-cert={}", self.certs.path("agent/issued/ca.crt")),
             format!(
@@ -207,7 +236,7 @@ impl Tunnel {
                 "--agent-key={}",
                 self.certs.path("agent/private/proxy-agent.key")
             ),
-            format!("--proxy-server-port={}", self.agent_port),
+            format!("--proxy-server-port={port}"),
             "--health-server-port=0".into(),
             "--admin-server-port=0".into(),
             "--health-server-host=127.0.0.1".into(),
@@ -215,10 +244,7 @@ impl Tunnel {
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut agent = Proc::start(AGENT, &args);
         agent.wait_for_log("connected to server");
-        poll("the server to see the agent", DEADLINE, || {
-            (self.health("/readyz").0 == 200).then_some(())
-        });
-        self.agent = Some(agent);
+        agent
     }
 
     /// GET on the server's health port: status and body.
@@ -661,4 +687,167 @@ fn everything_sent_before_the_client_closes_arrives() {
         let got = rx.recv_timeout(DEADLINE).expect("the sink saw the close");
         assert_eq!(got, size, "bytes lost when the client closed");
     }
+}
+
+/// A TCP forwarder that sends each new connection to the next backend in
+/// turn: the load balancer in front of server replicas.
+fn round_robin(backends: Vec<u16>) -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for (i, client) in listener.incoming().map_while(Result::ok).enumerate() {
+            let backend = backends[i % backends.len()];
+            let Ok(server) = TcpStream::connect(("127.0.0.1", backend)) else {
+                continue;
+            };
+            for (mut from, mut to) in [
+                (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                (server, client),
+            ] {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        }
+    });
+    port
+}
+
+fn metric(port: u16, name: &str) -> Option<f64> {
+    let (_, text) = http_get(port, "/metrics");
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[test]
+fn one_agent_serves_every_replica_behind_one_address() {
+    let tunnel = Tunnel::start(
+        "grpc",
+        "uds",
+        &["--server-id=s1", "--server-count=2"],
+        false,
+    );
+    let (_replica, replica_agent_port, replica_health) =
+        tunnel.start_replica(&["--server-id=s2", "--server-count=2"]);
+    let balancer = round_robin(vec![tunnel.agent_port, replica_agent_port]);
+    let mut agent = tunnel.spawn_agent(balancer, &[]);
+    poll("both replicas to have the agent", DEADLINE, || {
+        (tunnel.health("/readyz").0 == 200 && http_get(replica_health, "/readyz").0 == 200)
+            .then_some(())
+    });
+    poll("the agent to report two servers", DEADLINE, || {
+        agent.log().contains("(2 of 2)").then_some(())
+    });
+    let health = agent.port("health port");
+    assert_eq!(
+        metric(
+            health,
+            "konnectivity_network_proxy_agent_open_server_connections"
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        metric(
+            health,
+            "konnectivity_network_proxy_agent_known_server_count"
+        ),
+        Some(2.0)
+    );
+    for server_health in [tunnel.health_port, replica_health] {
+        assert_eq!(
+            metric(
+                server_health,
+                "konnectivity_network_proxy_server_ready_backends"
+            ),
+            Some(1.0)
+        );
+    }
+}
+
+#[test]
+fn dest_host_strategy_picks_the_agent_that_names_the_host() {
+    // An echo destination on 127.0.0.2, which only the first agent names.
+    let listener = TcpListener::bind("127.0.0.2:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming().map_while(Result::ok) {
+            drop(conn);
+        }
+    });
+    let tunnel = Tunnel::start(
+        "http-connect",
+        "uds",
+        &["--proxy-strategies=destHost,default"],
+        false,
+    );
+    let mut named = tunnel.spawn_agent(
+        tunnel.agent_port,
+        &[
+            "--agent-id=named",
+            "--agent-identifiers=ipv4=127.0.0.2&host=node-2",
+        ],
+    );
+    let mut other = tunnel.spawn_agent(tunnel.agent_port, &["--agent-id=other"]);
+    poll("two ready backends", DEADLINE, || {
+        (metric(
+            tunnel.health_port,
+            "konnectivity_network_proxy_server_ready_backends",
+        ) == Some(2.0))
+        .then_some(())
+    });
+    for _ in 0..10 {
+        let (_sock, head) = tunnel.connect_uds(&format!("127.0.0.2:{port}"));
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    }
+    let dials = |agent: &mut Proc| {
+        let health = agent.port("health port");
+        metric(
+            health,
+            "konnectivity_network_proxy_agent_dial_duration_seconds_count",
+        )
+        .unwrap_or(0.0)
+    };
+    assert_eq!(
+        dials(&mut named),
+        10.0,
+        "every dial to 127.0.0.2 goes to the agent naming it"
+    );
+    assert_eq!(dials(&mut other), 0.0);
+}
+
+#[test]
+fn sigterm_with_a_grace_period_lets_open_tunnels_finish() {
+    let echo = echo_server();
+    let mut tunnel = Tunnel::start(
+        "http-connect",
+        "uds",
+        &["--graceful-shutdown-timeout=30s"],
+        true,
+    );
+    let (mut sock, head) = tunnel.connect_uds(&format!("127.0.0.1:{echo}"));
+    assert!(head.starts_with("HTTP/1.1 200"));
+    tunnel.server.child.signal("TERM");
+    let uds = tunnel.uds.clone().unwrap();
+    poll("the frontend to stop accepting", DEADLINE, || {
+        UnixStream::connect(&uds).is_err().then_some(())
+    });
+    // The open tunnel still works during the grace period.
+    sock.write_all(b"still here").unwrap();
+    let mut back = [0u8; 10];
+    sock.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"still here");
+    assert!(tunnel.server.child.is_running());
+    // Once it closes, the server exits at once, not after 30 s.
+    let closed = Instant::now();
+    drop(sock);
+    let out = tunnel.server.child.wait_output(DEADLINE);
+    assert!(out.status.success(), "{}", tunnel.server.log());
+    assert!(
+        closed.elapsed() < Duration::from_secs(10),
+        "exit took {:?}",
+        closed.elapsed()
+    );
 }
