@@ -27,17 +27,6 @@ pub enum Flag {
     Value(OsString),
 }
 
-impl Flag {
-    /// The flag's name as typed (`v` for `-v`), empty for a bare value.
-    pub fn name(&self) -> String {
-        match self {
-            Flag::Long(name) => name.clone(),
-            Flag::Short(c) => c.to_string(),
-            Flag::Value(_) => String::new(),
-        }
-    }
-}
-
 /// The next item on the command line, if any.
 pub fn next_flag(parser: &mut Parser) -> Result<Option<Flag>, UsageError> {
     Ok(parser.next()?.map(|arg| match arg {
@@ -301,6 +290,38 @@ impl LogFlags {
         }
         Ok(true)
     }
+}
+
+/// What [`next_long`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    /// `-h` or `--help`.
+    Help,
+    /// A long flag for the role to handle (its value not yet consumed).
+    Long(String),
+}
+
+/// The next role flag: logging flags are consumed into `log`, `-h` and
+/// `--help` become [`Next::Help`], and anything that is not a long flag is
+/// an error. Every role's parse loop is built on it.
+pub fn next_long(parser: &mut Parser, log: &mut LogFlags) -> Result<Option<Next>, UsageError> {
+    while let Some(flag) = next_flag(parser)? {
+        if log.accept(&flag, parser)? {
+            continue;
+        }
+        return match flag {
+            Flag::Short('h') => Ok(Some(Next::Help)),
+            Flag::Long(name) if name == "help" => Ok(Some(Next::Help)),
+            Flag::Long(name) => Ok(Some(Next::Long(name))),
+            other => Err(unexpected(other)),
+        };
+    }
+    Ok(None)
+}
+
+/// The error for a long flag no role knows.
+pub fn unknown_flag(name: &str) -> UsageError {
+    UsageError(format!("unknown flag --{name}"))
 }
 
 /// The error for an argument no flag claimed.

@@ -234,6 +234,22 @@ pub fn watch_signals(shutdown: &Shutdown) -> io::Result<Worker> {
     })
 }
 
+/// The frame of every long-running `main`: a [`Shutdown`] tripped by
+/// SIGTERM/SIGINT (watched from before any other thread starts, so every
+/// thread inherits the blocked mask), `body`, then the trigger on every
+/// path, so that threads waiting for shutdown end and can be joined.
+pub fn run_with_signals<E>(
+    setup_error: impl Fn(io::Error) -> E,
+    body: impl FnOnce(&Shutdown) -> Result<(), E>,
+) -> Result<(), E> {
+    let shutdown = Shutdown::new().map_err(&setup_error)?;
+    let signals = watch_signals(&shutdown).map_err(&setup_error)?;
+    let result = body(&shutdown);
+    shutdown.trigger("exiting");
+    signals.join();
+    result
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

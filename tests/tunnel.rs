@@ -92,21 +92,8 @@ struct Proc {
 impl Proc {
     fn start(program: &str, args: &[String]) -> Self {
         let mut cmd = Command::new(program);
-        cmd.args(args)
-            .env("RUST_LOG", "debug")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = ChildGuard::spawn(&mut cmd);
-        let stderr = child.child.as_mut().unwrap().stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let mut log = sink.lock().unwrap();
-                log.push_str(&line);
-                log.push('\n');
-            }
-        });
+        cmd.args(args).env("RUST_LOG", "debug");
+        let (child, log, _reader) = common::spawn_logged(&mut cmd);
         Proc { child, log }
     }
 

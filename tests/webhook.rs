@@ -5,7 +5,7 @@
 mod common;
 
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -74,20 +74,8 @@ impl Webhook {
             .arg(cert_dir)
             .args(["--host", "127.0.0.1", "--port", "0"])
             .args(extra)
-            .env("RUST_LOG", "apiserver_proxy=debug")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        let mut child = ChildGuard::spawn(&mut cmd);
-        let stderr = child.child.as_mut().unwrap().stderr.take().unwrap();
-        let log = Arc::new(Mutex::new(String::new()));
-        let sink = log.clone();
-        let reader = std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                let mut log = sink.lock().unwrap();
-                log.push_str(&line);
-                log.push('\n');
-            }
-        });
+            .env("RUST_LOG", "apiserver_proxy=debug");
+        let (child, log, reader) = common::spawn_logged(&mut cmd);
         let mut webhook = Webhook {
             child,
             addr: "0.0.0.0:0".parse().unwrap(),
@@ -635,7 +623,10 @@ fn certificates_reload_on_rewrite_and_a_bad_pair_keeps_the_old_one() {
             webhook.metric("apiserver_proxy_webhook_certificate_reloads_total{result=\"failure\"}");
         (failures >= 1.0).then_some(())
     });
-    assert!(webhook.log().contains("keeping the previous certificate"));
+    // The log line travels through a pipe and a reader thread: poll for it.
+    poll("the log line", Duration::from_secs(20), || {
+        webhook.log().contains("keeping the previous certificate").then_some(())
+    });
 
     // Rewritten in place (cert first, then key, as a copy would): the
     // half-done state is refused, the complete one loaded.

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use lexopt::Parser;
 
-use crate::cli::{self, Command, Flag, LogFlags, UsageError};
+use crate::cli::{self, Command, LogFlags, UsageError};
 
 pub use run::run;
 
@@ -103,34 +103,25 @@ pub fn parse(args: Vec<OsString>) -> Result<Command<Config>, UsageError> {
     let mut daemon = true;
     let mut sync_interval = Duration::from_secs(60);
     let mut health_port = None;
-    while let Some(flag) = cli::next_flag(&mut parser)? {
-        if log.accept(&flag, &mut parser)? {
-            continue;
-        }
-        let name = flag.name();
-        match &flag {
-            Flag::Short('h') | Flag::Long(_) if name == "h" || name == "help" => {
-                return Ok(Command::Help);
+    while let Some(next) = cli::next_long(&mut parser, &mut log)? {
+        let cli::Next::Long(name) = next else {
+            return Ok(Command::Help);
+        };
+        match name.as_str() {
+            "ip-address" => ip_address = Some(cli::string_value(&mut parser, &name)?),
+            "kubernetes-service-ip-address" => {
+                service_ip = Some(cli::string_value(&mut parser, &name)?)
             }
-            Flag::Long(_) => match name.as_str() {
-                "ip-address" => ip_address = Some(cli::string_value(&mut parser, &name)?),
-                "kubernetes-service-ip-address" => {
-                    service_ip = Some(cli::string_value(&mut parser, &name)?)
-                }
-                "interface" => interface = cli::string_value(&mut parser, &name)?,
-                "port" => port = cli::string_value(&mut parser, &name)?,
-                "setup-iptables" => setup_iptables = cli::bool_value(&mut parser, &name)?,
-                "cleanup" => cleanup = cli::bool_value(&mut parser, &name)?,
-                "daemon" => daemon = cli::bool_value(&mut parser, &name)?,
-                "sync-interval" => {
-                    sync_interval = cli::parsed_value(&mut parser, &name, cli::parse_duration)?
-                }
-                "health-port" => {
-                    health_port = Some(cli::parsed_value(&mut parser, &name, parse_port)?)
-                }
-                _ => return Err(cli::unexpected(flag)),
-            },
-            _ => return Err(cli::unexpected(flag)),
+            "interface" => interface = cli::string_value(&mut parser, &name)?,
+            "port" => port = cli::string_value(&mut parser, &name)?,
+            "setup-iptables" => setup_iptables = cli::bool_value(&mut parser, &name)?,
+            "cleanup" => cleanup = cli::bool_value(&mut parser, &name)?,
+            "daemon" => daemon = cli::bool_value(&mut parser, &name)?,
+            "sync-interval" => {
+                sync_interval = cli::parsed_value(&mut parser, &name, cli::parse_duration)?
+            }
+            "health-port" => health_port = Some(cli::parsed_value(&mut parser, &name, parse_port)?),
+            _ => return Err(cli::unknown_flag(&name)),
         }
     }
 

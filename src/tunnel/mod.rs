@@ -16,3 +16,16 @@ pub mod router;
 pub mod server;
 pub mod test_client;
 pub mod test_server;
+
+/// A tunnel role that could not start (a port taken, a certificate
+/// unreadable): what failed, ready to print.
+#[derive(Debug)]
+pub struct StartError(pub String);
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for StartError {}

@@ -17,7 +17,7 @@ use prost::Message as _;
 
 use super::message::Message;
 use super::proto::Packet;
-use crate::cli::{self, Command, Flag, LogFlags, UsageError};
+use crate::cli::{self, Command, LogFlags, UsageError};
 use crate::grpc;
 use crate::h2::conn::{Config as H2Config, Connection};
 use crate::h2::transport::Transport;
@@ -91,15 +91,9 @@ pub fn parse(args: Vec<OsString>) -> Result<Command<Config>, UsageError> {
     };
     let (mut cert, mut key) = (String::new(), String::new());
     let secs = |s: &str| s.parse::<u64>().map(Duration::from_secs);
-    while let Some(flag) = cli::next_flag(&mut p)? {
-        if c.log.accept(&flag, &mut p)? {
-            continue;
-        }
-        let name = match &flag {
-            Flag::Short('h') => return Ok(Command::Help),
-            Flag::Long(n) if n == "help" => return Ok(Command::Help),
-            Flag::Long(n) => n.clone(),
-            _ => return Err(cli::unexpected(flag)),
+    while let Some(next) = cli::next_long(&mut p, &mut c.log)? {
+        let cli::Next::Long(name) = next else {
+            return Ok(Command::Help);
         };
         let n = name.as_str();
         match n {
@@ -131,7 +125,7 @@ pub fn parse(args: Vec<OsString>) -> Result<Command<Config>, UsageError> {
             "close-idle-conn" | "enable-http2-healthchecks" => {
                 cli::bool_value(&mut p, n)?;
             }
-            _ => return Err(cli::unexpected(flag)),
+            _ => return Err(cli::unknown_flag(n)),
         }
     }
     if c.mode != "grpc" && c.mode != "http-connect" {

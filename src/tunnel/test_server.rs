@@ -14,7 +14,7 @@ use std::time::Duration;
 use lexopt::Parser;
 
 use super::listen::{Conn, Listener, Listeners};
-use crate::cli::{self, Command, Flag, LogFlags, UsageError};
+use crate::cli::{self, Command, LogFlags, UsageError};
 use crate::shutdown::Shutdown;
 
 pub const SUCCESS_PAGE: &str = "<!DOCTYPE html>\n<html>\n    <head>\n        <title>Success</title>\n    </head>\n    <body>\n        <p>The success test page!</p>\n    </body>\n</html>";
@@ -48,18 +48,14 @@ pub fn parse(args: Vec<OsString>) -> Result<Command<Config>, UsageError> {
         bind: "127.0.0.1".into(),
         log: LogFlags::default(),
     };
-    while let Some(flag) = cli::next_flag(&mut p)? {
-        if config.log.accept(&flag, &mut p)? {
-            continue;
-        }
-        match &flag {
-            Flag::Short('h') => return Ok(Command::Help),
-            Flag::Long(n) if n == "help" => return Ok(Command::Help),
-            Flag::Long(n) if n == "server-port" => {
-                config.port = cli::parsed_value(&mut p, n, |s| s.parse::<u16>())?
-            }
-            Flag::Long(n) if n == "bind-address" => config.bind = cli::string_value(&mut p, n)?,
-            _ => return Err(cli::unexpected(flag)),
+    while let Some(next) = cli::next_long(&mut p, &mut config.log)? {
+        let cli::Next::Long(n) = next else {
+            return Ok(Command::Help);
+        };
+        match n.as_str() {
+            "server-port" => config.port = cli::parsed_value(&mut p, &n, |s| s.parse::<u16>())?,
+            "bind-address" => config.bind = cli::string_value(&mut p, &n)?,
+            _ => return Err(cli::unknown_flag(&n)),
         }
     }
     Ok(Command::Run(config))

@@ -3,8 +3,11 @@
 //! and the static release binaries for empty-root tests.
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// Polls `check` every few milliseconds until it returns `Some` or the
@@ -132,4 +135,27 @@ pub fn unique(prefix: &str) -> String {
         std::process::id() % 100_000,
         NEXT.fetch_add(1, Ordering::Relaxed)
     )
+}
+
+/// Starts `cmd` with stderr collected line by line into the returned log
+/// (for the ports a binary logs at start and for failure messages). The
+/// collecting thread ends when the process does.
+pub fn spawn_logged(cmd: &mut Command) -> (ChildGuard, Arc<Mutex<String>>, JoinHandle<()>) {
+    cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+    let mut child = ChildGuard::spawn(cmd);
+    let stderr = child
+        .child
+        .as_mut()
+        .and_then(|c| c.stderr.take())
+        .expect("stderr is piped");
+    let log = Arc::new(Mutex::new(String::new()));
+    let sink = log.clone();
+    let reader = std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let mut log = sink.lock().unwrap();
+            log.push_str(&line);
+            log.push('\n');
+        }
+    });
+    (child, log, reader)
 }

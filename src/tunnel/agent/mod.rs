@@ -15,7 +15,7 @@ use std::time::Duration;
 use lexopt::Parser;
 
 use super::identifiers::Identifiers;
-use crate::cli::{self, Command, Flag, LogFlags, UsageError};
+use crate::cli::{self, Command, LogFlags, UsageError};
 
 /// The validated command line.
 #[derive(Debug, Clone, PartialEq)]
@@ -119,15 +119,9 @@ pub fn parse(
     let mut count_leases = false;
     let mut profiling = false;
     let mut contention = false;
-    while let Some(flag) = cli::next_flag(&mut p)? {
-        if log.accept(&flag, &mut p)? {
-            continue;
-        }
-        let name = match &flag {
-            Flag::Short('h') => return Ok(Command::Help),
-            Flag::Long(name) if name == "help" => return Ok(Command::Help),
-            Flag::Long(name) => name.clone(),
-            _ => return Err(cli::unexpected(flag)),
+    while let Some(next) = cli::next_long(&mut p, &mut log)? {
+        let cli::Next::Long(name) = next else {
+            return Ok(Command::Help);
         };
         let n = name.as_str();
         match n {
@@ -186,7 +180,7 @@ pub fn parse(
             | "kubeconfig" => {
                 cli::string_value(&mut p, n)?;
             }
-            _ => return Err(cli::unexpected(flag)),
+            _ => return Err(cli::unknown_flag(n)),
         }
     }
 

@@ -19,7 +19,7 @@ use std::time::Duration;
 use lexopt::Parser;
 
 use super::identifiers::{Strategy, parse_strategies};
-use crate::cli::{self, Command, Flag, LogFlags, UsageError};
+use crate::cli::{self, Command, LogFlags, UsageError};
 
 /// Which protocol the frontend speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -165,15 +165,9 @@ pub fn parse(
     let mut contention = false;
     let mut token_auth: Vec<(String, String)> = Vec::new();
     let mut lease_controller = false;
-    while let Some(flag) = cli::next_flag(&mut p)? {
-        if log.accept(&flag, &mut p)? {
-            continue;
-        }
-        let name = match &flag {
-            Flag::Short('h') => return Ok(Command::Help),
-            Flag::Long(name) if name == "help" => return Ok(Command::Help),
-            Flag::Long(name) => name.clone(),
-            _ => return Err(cli::unexpected(flag)),
+    while let Some(next) = cli::next_long(&mut p, &mut log)? {
+        let cli::Next::Long(name) = next else {
+            return Ok(Command::Help);
         };
         let n = name.as_str();
         match n {
@@ -245,7 +239,7 @@ pub fn parse(
                     token_auth.push((name.clone(), v));
                 }
             }
-            _ => return Err(cli::unexpected(flag)),
+            _ => return Err(cli::unknown_flag(n)),
         }
     }
 

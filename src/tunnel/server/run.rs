@@ -3,7 +3,6 @@
 //! the dial-timeout timer; then waits for SIGTERM and shuts down (drain for
 //! `--graceful-shutdown-timeout`, then close everything and join).
 
-use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,17 +21,7 @@ use crate::tls::{Reloader, ServerFiles};
 use crate::tunnel::listen::{Conn, Listener, Listeners};
 use crate::tunnel::router;
 
-/// A failure to start.
-#[derive(Debug)]
-pub struct Error(pub String);
-
-impl fmt::Display for Error {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for Error {}
+pub use crate::tunnel::StartError as Error;
 
 /// A write to a peer that stalls this long ends its connection.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
