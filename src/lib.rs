@@ -16,7 +16,7 @@
 //! - [`shutdown`]: the shutdown flag, the signal watcher, join-on-drop workers.
 //! - [`sidecar`]: `apiserver-proxy-sidecar`. [`sidecar::plan`] decides (pure),
 //!   [`sidecar::netlink`] talks rtnetlink, [`sidecar::iptables`] runs the
-//!   iptables binaries, [`sidecar::run`] is the reconcile loop.
+//!   iptables binaries, [`sidecar::run`](mod@sidecar::run) is the reconcile loop.
 //! - [`tls`]: the only TLS module: rustls configs from PEM files (ring
 //!   provider), client-CA verification, certificate reload on file change.
 //! - [`http`]: the shared HTTP/1.1 server (TLS or plain TCP) with rouille
@@ -39,23 +39,28 @@
 //!   [`h2::conn`] runs a connection on two threads (reader, writer).
 //! - [`grpc`]: gRPC on top of [`h2`]: message framing, metadata, status,
 //!   a client (calls) and a server (handlers by `:path`, one thread each).
-//! - [`tunnel::proto`]: the Konnectivity packets as prost messages (pure).
 //!
 //! # Invariants
 //!
-//! - Decision code does no I/O: the sidecar's plan and the tunnel's router
-//!   and CONNECT parser are pure functions of their inputs (the caller passes
-//!   clocks and random picks) and are unit-tested with literal inputs.
+//! - Decision code does no I/O: the sidecar's plan, the tunnel's router,
+//!   agent table and CONNECT parser are pure functions of their inputs (the
+//!   caller passes clocks and random picks) and are unit-tested with literal
+//!   inputs.
 //! - The webhook's review is a pure function of the review JSON and the
 //!   FQDN; only `http` touches its sockets, only `tls` builds TLS configs.
 //! - Every buffer filled from the network is bounded (`http::Limits`), and
 //!   every socket has a timeout.
 //! - Only `sidecar::netlink` opens netlink sockets; only `sidecar::iptables`
 //!   starts processes; only `sys` contains `unsafe`.
-//! - Roles share only `cli`, `sys` and `shutdown` (and later the TLS, HTTP
-//!   and metrics modules); no role imports another.
-//! - Every thread has an owner that joins it ([`shutdown::Worker`]); shutdown
-//!   has one path, driven by SIGTERM/SIGINT, and wakes blocked calls.
+//! - Roles share only `cli`, `sys`, `shutdown`, `tls`, `http`, `metrics`
+//!   (and the tunnel roles `h2`, `grpc` and the tunnel's shared modules);
+//!   no role imports another (the proxy-server and proxy-agent share only
+//!   `tunnel::{proto, message, queue, listen, identifiers}`).
+//! - A thread that reads a stream carrying many tunnels never blocks on one
+//!   of them: a tunnel whose bounded queue stays full is closed instead.
+//! - Every thread has an owner that joins it ([`shutdown::Worker`],
+//!   [`shutdown::WorkerSet`]); shutdown has one path, driven by SIGTERM/SIGINT
+//!   ([`shutdown::run_with_signals`]), and wakes blocked calls.
 //! - Input from the network, files or the kernel never panics; an `expect`
 //!   states the invariant that makes it unreachable.
 //! - An HTTP/2 connection has exactly one thread writing its socket and one

@@ -625,7 +625,10 @@ fn certificates_reload_on_rewrite_and_a_bad_pair_keeps_the_old_one() {
     });
     // The log line travels through a pipe and a reader thread: poll for it.
     poll("the log line", Duration::from_secs(20), || {
-        webhook.log().contains("keeping the previous certificate").then_some(())
+        webhook
+            .log()
+            .contains("keeping the previous certificate")
+            .then_some(())
     });
 
     // Rewritten in place (cert first, then key, as a copy would): the

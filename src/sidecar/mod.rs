@@ -4,7 +4,7 @@
 //!
 //! Owns: the sidecar's flags and validated [`Config`]. The work is split in
 //! [`plan`] (pure decisions), [`netlink`] (the kernel's links and
-//! addresses), [`iptables`] (the rules, through the binaries) and [`run`]
+//! addresses), [`iptables`] (the rules, through the binaries) and [`run`](mod@run)
 //! (the reconcile loop).
 
 pub mod iptables;

@@ -8,7 +8,7 @@
 //! pin golden bytes that the Python protobuf runtime produced from it
 //! (tests/peers/golden_packets.py, cross-checked again by tests/h2_interop.rs).
 
-/// The packet kind. Unknown values decode into [`Packet::r#type`] as the
+/// The packet kind. Unknown values decode into `Packet::type` as the
 /// raw number; [`Packet::kind`] reports them as `None`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
 #[repr(i32)]

@@ -14,6 +14,14 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+/// How long a reader that multiplexes many tunnels waits for room in one
+/// tunnel's queue (a scheduling hiccup, not a stuck peer) before it closes
+/// that tunnel as too slow.
+pub const SLOW_GRACE: Duration = Duration::from_millis(50);
+/// The smallest per-tunnel queue, whatever `--xfr-channel-size` says:
+/// upstream's default of 10 packets is sized for blocking hand-offs.
+pub const MIN_TUNNEL_QUEUE: usize = 64;
+
 /// Why an item was not queued; the item comes back.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Rejected<T> {

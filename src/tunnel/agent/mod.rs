@@ -1,7 +1,7 @@
 //! `proxy-agent`: the Konnectivity agent. This module owns its flags and
 //! validated [`Config`], with upstream's names, defaults and checks; the
 //! work is in [`table`] (the per-stream connection table, pure) and
-//! [`run`] (streams, dials, pumps, reconnecting, draining).
+//! [`run`](mod@run) (streams, dials, pumps, reconnecting, draining).
 
 pub mod run;
 pub mod table;

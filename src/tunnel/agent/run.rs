@@ -26,8 +26,7 @@ use crate::metrics::{Counter, Gauge, Histogram, LATENCY_BUCKETS, Registry};
 use crate::shutdown::{Shutdown, WorkerSet};
 use crate::tunnel::message::Message;
 use crate::tunnel::proto::Packet;
-use crate::tunnel::queue::{Pop, Queue, Rejected};
-use crate::tunnel::server::hub::{MIN_TUNNEL_QUEUE, SLOW_GRACE};
+use crate::tunnel::queue::{MIN_TUNNEL_QUEUE, Pop, Queue, Rejected, SLOW_GRACE};
 
 const AGENT_PATH: &str = "/AgentService/Connect";
 /// Bytes read from a destination per DATA packet.

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use super::metrics::ServerMetrics;
 use crate::tunnel::identifiers::{Identifiers, Strategy};
 use crate::tunnel::message::Message;
-use crate::tunnel::queue::{Queue, Rejected};
+use crate::tunnel::queue::{MIN_TUNNEL_QUEUE, Queue, Rejected, SLOW_GRACE};
 use crate::tunnel::router::{self, Action, AgentKey, DialFailure, FrontendKey, Router};
 
 /// Packets queued for one agent stream before frontend readers wait.
@@ -24,12 +24,6 @@ const AGENT_QUEUE: usize = 256;
 /// How long a frontend reader waits for room in its agent's queue before
 /// it gives its tunnel up.
 const AGENT_QUEUE_WAIT: Duration = Duration::from_secs(60);
-/// How long an agent stream's reader waits for room in one frontend's
-/// queue (a scheduling hiccup, not a stuck client) before closing it.
-pub const SLOW_GRACE: Duration = Duration::from_millis(50);
-/// The smallest per-tunnel queue, whatever `--xfr-channel-size` says:
-/// upstream's default of 10 packets is sized for blocking hand-offs.
-pub const MIN_TUNNEL_QUEUE: usize = 64;
 
 /// What a frontend's writer receives.
 #[derive(Debug, PartialEq, Eq)]

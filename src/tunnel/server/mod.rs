@@ -2,7 +2,7 @@
 //! validated [`Config`], with upstream's names, defaults and checks; the
 //! work is in [`hub`] (routing core and delivery), [`streams`] (the gRPC
 //! services), [`connect_frontend`] (HTTP CONNECT), [`crate::tunnel::listen`]
-//! (sockets and connection threads) and [`run`] (start-up and shutdown).
+//! (sockets and connection threads) and [`run`](mod@run) (start-up and shutdown).
 
 pub mod connect_frontend;
 pub mod hub;
