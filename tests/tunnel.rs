@@ -838,3 +838,63 @@ fn sigterm_with_a_grace_period_lets_open_tunnels_finish() {
         closed.elapsed()
     );
 }
+
+/// Threads and open file descriptors of a process.
+fn resources(pid: u32) -> (usize, usize) {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let threads = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let fds = fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    (threads, fds)
+}
+
+#[test]
+fn no_thread_or_descriptor_outlives_its_tunnel() {
+    let echo = echo_server();
+    let tunnel = Tunnel::start("http-connect", "uds", &[], true);
+    let server = tunnel.server.child.pid();
+    let agent = tunnel.agent.as_ref().unwrap().child.pid();
+    let round = |n: usize| {
+        let socks: Vec<_> = (0..n)
+            .map(|_| {
+                let (mut sock, head) = tunnel.connect_uds(&format!("127.0.0.1:{echo}"));
+                assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+                sock.write_all(b"x").unwrap();
+                let mut one = [0u8; 1];
+                sock.read_exact(&mut one).unwrap();
+                sock
+            })
+            .collect();
+        drop(socks);
+    };
+    // Warm up (lazily created pools, allocator arenas), then measure.
+    round(2);
+    // Settled: the same counts on two polls in a row.
+    let settled = |pid: u32| {
+        let mut last = None;
+        poll("the process to settle", DEADLINE, || {
+            let now = resources(pid);
+            let same = last == Some(now);
+            last = Some(now);
+            same.then_some(now)
+        })
+    };
+    let (server_before, agent_before) = (settled(server), settled(agent));
+    round(50);
+    poll("the server back at its baseline", DEADLINE, || {
+        (resources(server) == server_before).then_some(())
+    });
+    poll("the agent back at its baseline", DEADLINE, || {
+        (resources(agent) == agent_before).then_some(())
+    });
+    let (_, metrics) = tunnel.health("/metrics");
+    assert!(
+        metrics.contains("konnectivity_network_proxy_server_established_connections 0"),
+        "{metrics}"
+    );
+}
