@@ -898,3 +898,47 @@ fn no_thread_or_descriptor_outlives_its_tunnel() {
         "{metrics}"
     );
 }
+
+#[test]
+fn a_client_that_stops_reading_does_not_stall_the_others() {
+    // A destination that sends as fast as it can until the peer goes.
+    let flood = TcpListener::bind("127.0.0.1:0").unwrap();
+    let flood_port = flood.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for conn in flood.incoming().map_while(Result::ok) {
+            std::thread::spawn(move || {
+                let mut conn = conn;
+                let chunk = vec![0x5A; 64 * 1024];
+                while conn.write_all(&chunk).is_ok() {}
+            });
+        }
+    });
+    let echo = echo_server();
+    let tunnel = Tunnel::start("http-connect", "uds", &[], true);
+    // The stalled tunnel: connected, then never read.
+    let (stalled, head) = tunnel.connect_uds(&format!("127.0.0.1:{flood_port}"));
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // Meanwhile another tunnel on the same agent moves 16 MiB each way.
+    let (sock, head) = tunnel.connect_uds(&format!("127.0.0.1:{echo}"));
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let payload: Vec<u8> = (0..16 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+    let mut writer = sock.try_clone().unwrap();
+    let sent = payload.clone();
+    let w = std::thread::spawn(move || writer.write_all(&sent).unwrap());
+    let mut got = vec![0u8; payload.len()];
+    let mut reader = sock;
+    reader
+        .read_exact(&mut got)
+        .expect("the healthy tunnel kept flowing");
+    w.join().unwrap();
+    assert!(got == payload);
+    // The stalled one was closed as too slow, and counted.
+    poll("the stalled tunnel to be closed", DEADLINE, || {
+        metric(
+            tunnel.health_port,
+            "konnectivity_network_proxy_server_slow_frontend_closes_total",
+        )
+        .filter(|n| *n >= 1.0)
+    });
+    drop(stalled);
+}
