@@ -127,6 +127,7 @@ fn uds_path() -> PathBuf {
 
 /// A running tunnel: server, optional agent, destination.
 struct Tunnel {
+    agent_bin: String,
     certs: Certs,
     server: Proc,
     agent: Option<Proc>,
@@ -139,6 +140,17 @@ struct Tunnel {
 impl Tunnel {
     /// `frontend`: "uds" or "tcp"; `mode`: grpc or http-connect.
     fn start(mode: &str, frontend: &str, extra: &[&str], with_agent: bool) -> Tunnel {
+        Self::start_with(SERVER, AGENT, mode, frontend, extra, with_agent)
+    }
+
+    fn start_with(
+        server_bin: &str,
+        agent_bin: &str,
+        mode: &str,
+        frontend: &str,
+        extra: &[&str],
+        with_agent: bool,
+    ) -> Tunnel {
         let certs = Certs::new();
         let mut args = vec![
             format!("--mode={mode}"),
@@ -162,13 +174,14 @@ impl Tunnel {
             }
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        let mut server = Proc::start(SERVER, &args);
+        let mut server = Proc::start(server_bin, &args);
         let agent_port = server.port("agent port");
         let health_port = server.port("health port");
         let frontend_port = uds
             .is_none()
             .then(|| server.port(&format!("frontend ({mode})")));
         let mut tunnel = Tunnel {
+            agent_bin: agent_bin.to_string(),
             certs,
             server,
             agent: None,
@@ -229,7 +242,7 @@ impl Tunnel {
             "--health-server-host=127.0.0.1".into(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        let mut agent = Proc::start(AGENT, &args);
+        let mut agent = Proc::start(&self.agent_bin, &args);
         agent.wait_for_log("connected to server");
         agent
     }
@@ -941,4 +954,181 @@ fn a_client_that_stops_reading_does_not_stall_the_others() {
         .filter(|n| *n >= 1.0)
     });
     drop(stalled);
+}
+
+/// Bytes `[offset, offset + out.len())` of a deterministic stream per
+/// seed: byte k is byte k % 8 of splitmix64(seed + k / 8). Writer and reader
+/// of a tunnel agree on every byte however the transfer is chunked.
+fn pattern_at(seed: u64, offset: usize, out: &mut [u8]) {
+    let mut k = offset;
+    let mut i = 0;
+    while i < out.len() {
+        let mut z = seed
+            .wrapping_add((k / 8) as u64)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        let word = (z ^ (z >> 31)).to_le_bytes();
+        let from = k % 8;
+        let n = (8 - from).min(out.len() - i);
+        out[i..i + n].copy_from_slice(&word[from..from + n]);
+        i += n;
+        k += n;
+    }
+}
+
+const BULK_TUNNELS: usize = 100;
+const BULK_BYTES: usize = 10 * 1024 * 1024;
+
+/// Sends BULK_BYTES of `seed`'s pattern with `send` while `recv` checks
+/// the echo byte by byte; returns once both are done.
+fn echo_and_check(
+    seed: u64,
+    mut send: impl FnMut(&[u8]) + Send,
+    mut recv: impl FnMut(&mut Vec<u8>) -> bool,
+) {
+    std::thread::scope(|scope| {
+        scope.spawn(move || {
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut sent = 0;
+            while sent < BULK_BYTES {
+                let n = buf.len().min(BULK_BYTES - sent);
+                pattern_at(seed, sent, &mut buf[..n]);
+                send(&buf[..n]);
+                sent += n;
+            }
+        });
+        let mut want = Vec::new();
+        let mut got = Vec::new();
+        let mut checked = 0;
+        while checked < BULK_BYTES {
+            assert!(recv(&mut got), "tunnel {seed} ended after {checked} bytes");
+            want.resize(got.len(), 0);
+            pattern_at(seed, checked, &mut want);
+            assert!(
+                got == want,
+                "tunnel {seed}: corrupted bytes after {checked}"
+            );
+            checked += got.len();
+            got.clear();
+        }
+    });
+}
+
+/// The release binaries when `make test` provides them (this test moves
+/// 2 GiB through each frontend), else the debug ones.
+fn bulk_binary(name: &str, debug: &str) -> String {
+    match std::env::var_os("APISERVER_PROXY_RELEASE_DIR") {
+        Some(dir) => PathBuf::from(dir).join(name).to_string_lossy().into_owned(),
+        None => debug.to_string(),
+    }
+}
+
+#[test]
+fn a_hundred_tunnels_move_10_mib_each_way_through_http_connect() {
+    let echo = echo_server();
+    let tunnel = Tunnel::start_with(
+        &bulk_binary("proxy-server", SERVER),
+        &bulk_binary("proxy-agent", AGENT),
+        "http-connect",
+        "uds",
+        &[],
+        true,
+    );
+    std::thread::scope(|scope| {
+        for seed in 0..BULK_TUNNELS as u64 {
+            let tunnel = &tunnel;
+            scope.spawn(move || {
+                let (sock, head) = tunnel.connect_uds(&format!("127.0.0.1:{echo}"));
+                assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+                let mut writer = sock.try_clone().unwrap();
+                let mut reader = sock;
+                let mut buf = vec![0u8; 64 * 1024];
+                echo_and_check(
+                    seed,
+                    move |data| writer.write_all(data).unwrap(),
+                    |got| match reader.read(&mut buf) {
+                        Ok(n) if n > 0 => {
+                            got.extend_from_slice(&buf[..n]);
+                            true
+                        }
+                        _ => false,
+                    },
+                );
+            });
+        }
+    });
+}
+
+#[test]
+fn a_hundred_tunnels_move_10_mib_each_way_through_grpc() {
+    use apiserver_proxy::grpc;
+    use apiserver_proxy::h2::{Config, Connection, Transport};
+    use apiserver_proxy::tunnel::message::Message;
+    use apiserver_proxy::tunnel::proto::Packet;
+    use prost::Message as _;
+
+    let echo = echo_server();
+    let tunnel = Tunnel::start_with(
+        &bulk_binary("proxy-server", SERVER),
+        &bulk_binary("proxy-agent", AGENT),
+        "grpc",
+        "uds",
+        &[],
+        true,
+    );
+    let uds = tunnel.uds.clone().unwrap();
+    std::thread::scope(|scope| {
+        for seed in 0..BULK_TUNNELS as u64 {
+            let uds = uds.clone();
+            scope.spawn(move || {
+                // One connection per tunnel, as kube-apiserver does.
+                let sock = UnixStream::connect(&uds).unwrap();
+                let transport = Transport::plain(sock, Some(DEADLINE), Some(DEADLINE)).unwrap();
+                let conn = Connection::client(transport, Config::default()).unwrap();
+                let client = grpc::Client::new(conn, "localhost");
+                let call = client.call("/ProxyService/Proxy", &[]).unwrap();
+                let send = |m: Message| call.send(&Packet::from(m).encode_to_vec()).unwrap();
+                let recv = || -> Option<Message> {
+                    let bytes = call.recv().ok()??;
+                    Message::try_from(Packet::decode(bytes.as_slice()).ok()?).ok()
+                };
+                send(Message::DialReq {
+                    protocol: "tcp".into(),
+                    address: format!("127.0.0.1:{echo}"),
+                    random: seed as i64 + 1,
+                });
+                let connect_id = match recv() {
+                    Some(Message::DialRsp {
+                        error, connect_id, ..
+                    }) if error.is_empty() => connect_id,
+                    other => panic!("tunnel {seed}: {other:?}"),
+                };
+                echo_and_check(
+                    seed,
+                    |data| {
+                        send(Message::Data {
+                            connect_id,
+                            error: String::new(),
+                            data: data.to_vec(),
+                        })
+                    },
+                    |got| match recv() {
+                        Some(Message::Data { data, .. }) => {
+                            got.extend_from_slice(&data);
+                            true
+                        }
+                        _ => false,
+                    },
+                );
+                send(Message::CloseReq { connect_id });
+                loop {
+                    match recv() {
+                        Some(Message::CloseRsp { .. }) | None => break,
+                        Some(_) => {}
+                    }
+                }
+            });
+        }
+    });
 }
