@@ -1132,3 +1132,140 @@ fn a_hundred_tunnels_move_10_mib_each_way_through_grpc() {
         }
     });
 }
+
+#[test]
+fn killing_an_agent_mid_transfer_closes_its_tunnels_and_the_other_agent_serves() {
+    let echo = echo_server();
+    let mut tunnel = Tunnel::start("http-connect", "uds", &[], true);
+    let server_pid = tunnel.server.child.pid();
+    // The baseline with one agent connected: what is left at the end.
+    let baseline = {
+        let mut last = None;
+        poll("the server to settle", DEADLINE, || {
+            let now = resources(server_pid);
+            let same = last == Some(now);
+            last = Some(now);
+            same.then_some(now)
+        })
+    };
+    let mut spare = tunnel.spawn_agent(tunnel.agent_port, &["--agent-id=spare"]);
+    poll("two ready backends", DEADLINE, || {
+        (metric(
+            tunnel.health_port,
+            "konnectivity_network_proxy_server_ready_backends",
+        ) == Some(2.0))
+        .then_some(())
+    });
+    // Tunnels through both agents, mid-transfer (bytes flowing).
+    let mut socks = Vec::new();
+    for _ in 0..10 {
+        let (mut sock, head) = tunnel.connect_uds(&format!("127.0.0.1:{echo}"));
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        sock.write_all(&[7u8; 1000]).unwrap();
+        let mut back = [0u8; 1000];
+        sock.read_exact(&mut back).unwrap();
+        socks.push(sock);
+    }
+    let killed = Instant::now();
+    tunnel.agent.as_mut().unwrap().child.signal("KILL");
+    // The killed agent's tunnels end promptly; the spare's stay up.
+    let mut ended = 0;
+    for sock in &mut socks {
+        sock.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let _ = sock.write_all(b"?");
+        let mut one = [0u8; 1];
+        match sock.read(&mut one) {
+            Ok(1) => {}
+            _ => ended += 1,
+        }
+    }
+    assert!(
+        ended > 0 && ended < 10,
+        "{ended} of 10 tunnels ended (random agent choice)"
+    );
+    assert!(killed.elapsed() < Duration::from_secs(10));
+    assert_eq!(
+        tunnel.health("/readyz").0,
+        200,
+        "the spare agent keeps the server ready"
+    );
+    let (mut sock, head) = tunnel.connect_uds(&format!("127.0.0.1:{echo}"));
+    assert!(
+        head.starts_with("HTTP/1.1 200"),
+        "new tunnels go to the spare: {head}"
+    );
+    sock.write_all(b"ok").unwrap();
+    drop((sock, socks));
+    poll(
+        "the server back at its one-agent baseline",
+        DEADLINE,
+        || (resources(server_pid) == baseline).then_some(()),
+    );
+    assert!(spare.child.is_running());
+    let _ = spare.port("health port");
+}
+
+#[test]
+fn the_agent_comes_back_after_a_server_restart() {
+    let mut tunnel = Tunnel::start("grpc", "uds", &[], false);
+    tunnel.start_agent(&["--sync-interval=100ms", "--sync-interval-cap=1s"]);
+    let agent_port = tunnel.agent_port;
+    tunnel.server.child.signal("KILL");
+    let _ = tunnel.server.child.wait_output(DEADLINE);
+    // A new server on the same agent port.
+    let mut args = vec![
+        format!("--agent-port={agent_port}"),
+        "--health-port=0".into(),
+        "--admin-port=0".into(),
+        "--agent-bind-address=127.0.0.1".into(),
+        "--health-bind-address=127.0.0.1".into(),
+        format!("--uds-name={}", uds_path().display()),
+        "--server-port=0".into(),
+    ];
+    args.extend(tunnel.certs.cluster_flags());
+    let mut server = Proc::start(SERVER, &args);
+    let health = server.port("health port");
+    let restarted = Instant::now();
+    poll("the agent to reconnect", DEADLINE, || {
+        (http_get(health, "/readyz").0 == 200).then_some(())
+    });
+    assert!(
+        restarted.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        restarted.elapsed()
+    );
+}
+
+#[test]
+fn an_agent_with_a_certificate_from_another_ca_is_refused() {
+    let tunnel = Tunnel::start("grpc", "uds", &[], false);
+    let stranger = Certs::new();
+    let args = vec![
+        format!("--ca-cert={}", tunnel.certs.path("agent/issued/ca.crt")),
+        format!(
+            "--agent-cert={}",
+            stranger.path("agent/issued/proxy-agent.crt")
+        ),
+        format!(
+            "--agent-key={}",
+            stranger.path("agent/private/proxy-agent.key")
+        ),
+        format!("--proxy-server-port={}", tunnel.agent_port),
+        "--health-server-port=0".into(),
+        "--admin-server-port=0".into(),
+        "--sync-interval=100ms".into(),
+        "--sync-interval-cap=200ms".into(),
+    ];
+    let mut agent = Proc::start(AGENT, &args);
+    poll("the refused connection in the agent log", DEADLINE, || {
+        assert!(agent.child.is_running());
+        agent.log().contains("connecting to").then_some(())
+    });
+    assert!(
+        !agent.log().contains("connected to server"),
+        "{}",
+        agent.log()
+    );
+    assert_eq!(tunnel.health("/readyz").0, 500);
+}
