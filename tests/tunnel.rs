@@ -1158,7 +1158,8 @@ fn killing_an_agent_mid_transfer_closes_its_tunnels_and_the_other_agent_serves()
     });
     // Tunnels through both agents, mid-transfer (bytes flowing).
     let mut socks = Vec::new();
-    for _ in 0..10 {
+    for _ in 0..20 {
+        // all on one agent by chance: odds of 2 in a million
         let (mut sock, head) = tunnel.connect_uds(&format!("127.0.0.1:{echo}"));
         assert!(head.starts_with("HTTP/1.1 200"), "{head}");
         sock.write_all(&[7u8; 1000]).unwrap();
@@ -1181,8 +1182,8 @@ fn killing_an_agent_mid_transfer_closes_its_tunnels_and_the_other_agent_serves()
         }
     }
     assert!(
-        ended > 0 && ended < 10,
-        "{ended} of 10 tunnels ended (random agent choice)"
+        ended > 0 && ended < 20,
+        "{ended} of 20 tunnels ended (random agent choice)"
     );
     assert!(killed.elapsed() < Duration::from_secs(10));
     assert_eq!(
