@@ -6,7 +6,9 @@
 //! - a grpcio frontend (kube-apiserver's konnectivity client) -> our
 //!   proxy-server (h2c on a Unix socket, and mTLS TCP) -> our proxy-agent;
 //! - a grpcio agent -> our proxy-server, driven through the HTTP CONNECT
-//!   and the gRPC frontends.
+//!   and the gRPC frontends;
+//! - our proxy-agent -> a grpcio AgentService (upstream's proxy-server),
+//!   which drives the protocol's flows.
 //!
 //! The peers are tests/peers/konn_*.py; they check the packets they get and
 //! print events, which these tests check in turn. Needs
@@ -630,4 +632,46 @@ fn grpcio_agent_behind_our_grpc_frontend() {
     ]);
     agent.child.signal("TERM");
     server.wait_ready(500);
+}
+
+// --- 3. our proxy-agent -> a grpcio AgentService ----------------------------------------
+
+const OUR_AGENT_ID: &str = "our-agent";
+const OUR_IDENTIFIERS: &str = "host=node-1&ipv4=10.0.0.7&default-route=true";
+
+/// Starts tests/peers/konn_server.py and returns it with its port.
+fn grpcio_server(work: &Workdir, mode: &str, server_ids: &str) -> (Proc, u16) {
+    let mut server = python_peer(
+        "konn_server.py",
+        &[
+            &work.path("schema"),
+            &work.path("certs"),
+            mode,
+            OUR_AGENT_ID,
+            OUR_IDENTIFIERS,
+            server_ids,
+        ],
+    );
+    let line = server.wait_for("PORT ");
+    let port = line.trim_start_matches("PORT ").trim().parse().unwrap();
+    (server, port)
+}
+
+fn our_agent_for(work: &Workdir, port: u16, extra: &[&str]) -> Proc {
+    let mut args = vec![
+        format!("--agent-id={OUR_AGENT_ID}"),
+        format!("--agent-identifiers={OUR_IDENTIFIERS}"),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    our_agent(work, port, &args)
+}
+
+#[test]
+fn our_agent_under_a_grpcio_server() {
+    let work = Workdir::new();
+    let (mut server, port) = grpcio_server(&work, "drive", "py-1");
+    let mut agent = our_agent_for(&work, port, &["--dial-timeout=30s"]);
+    agent.wait_for("connected to server py-1 (1 of 1)");
+    server.wait_for("PASS drive");
 }

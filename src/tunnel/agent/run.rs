@@ -244,11 +244,15 @@ impl Stream {
                 Err(e) => (None, Err(e)),
             };
             let (id, actions) = lock(&stream.table).dialled(random, outcome);
+            // The DIAL_RSP is queued before the destination is read: a
+            // destination that speaks first (SSH, SMTP, a greeter) would
+            // otherwise get DATA, even its CLOSE_RSP, onto the stream ahead
+            // of the DIAL_RSP, and the server would drop them as unknown.
+            stream.execute(actions);
             if let (Some(connect_id), Some((socket, dest))) = (id, pair) {
                 log::debug!("connection {connect_id} to {address} established");
                 stream.start_pumps(connect_id, socket, dest);
             }
-            stream.execute(actions);
         });
         if let Err(e) = spawned {
             log::error!("starting a dial thread: {e}");
