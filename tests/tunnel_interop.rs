@@ -8,7 +8,7 @@
 //! - a grpcio agent -> our proxy-server, driven through the HTTP CONNECT
 //!   and the gRPC frontends;
 //! - our proxy-agent -> a grpcio AgentService (upstream's proxy-server),
-//!   which drives the protocol's flows.
+//!   which drives the protocol's flows, several server ids, and DRAIN.
 //!
 //! The peers are tests/peers/konn_*.py; they check the packets they get and
 //! print events, which these tests check in turn. Needs
@@ -667,11 +667,102 @@ fn our_agent_for(work: &Workdir, port: u16, extra: &[&str]) -> Proc {
     our_agent(work, port, &args)
 }
 
+/// Index of the first line containing `needle`.
+fn line_of(log: &str, needle: &str) -> Option<usize> {
+    log.lines().position(|l| l.contains(needle))
+}
+
+/// SIGTERM to our agent: every stream gets DRAIN, then ends; the agent
+/// exits 0.
+fn sigterm_drains(agent: &mut Proc, server: &mut Proc, streams: &[(u32, &str)]) {
+    agent.child.signal("TERM");
+    let out = agent.child.wait_output(DEADLINE);
+    assert!(
+        out.status.success(),
+        "agent exit {}:\n{}",
+        out.status,
+        agent.log()
+    );
+    for (n, id) in streams {
+        let end = format!("END {n} {id}");
+        server.wait_for(&end);
+        let log = server.log();
+        let drain = line_of(&log, &format!("DRAIN {n} {id}"));
+        assert!(
+            drain.is_some() && drain < line_of(&log, &end),
+            "stream {n} ({id}) ended without a DRAIN first:\n{log}"
+        );
+    }
+}
+
 #[test]
-fn our_agent_under_a_grpcio_server() {
+fn our_agent_under_a_grpcio_server_then_drains() {
     let work = Workdir::new();
     let (mut server, port) = grpcio_server(&work, "drive", "py-1");
     let mut agent = our_agent_for(&work, port, &["--dial-timeout=30s"]);
     agent.wait_for("connected to server py-1 (1 of 1)");
     server.wait_for("PASS drive");
+    sigterm_drains(&mut agent, &mut server, &[(1, "py-1")]);
+}
+
+/// One grpcio server behind one address answering servercount=2 with the
+/// server ids of `ids` in turn: our agent must keep exactly one stream per
+/// distinct id (`kept`: stream numbers of s1 and s2) and close the
+/// duplicates (`closed`: stream number and id).
+fn our_agent_keeps_one_stream_per_server_id(
+    ids: &str,
+    extra: &[&str],
+    kept: [u32; 2],
+    closed: &[(u32, &str)],
+) {
+    let work = Workdir::new();
+    let (mut server, port) = grpcio_server(&work, "ha", ids);
+    let mut args = vec!["--sync-interval=50ms", "--sync-interval-cap=200ms"];
+    args.extend(extra);
+    let mut agent = our_agent_for(&work, port, &args);
+    agent.wait_for("(2 of 2)");
+    let health = agent.port("health port");
+    // The first stream of each id was kept and serves dials (ids from 1).
+    server.wait_for(&format!("PROBE {} s1 connectID=1", kept[0]));
+    server.wait_for(&format!("PROBE {} s2 connectID=1", kept[1]));
+    for (n, id) in closed {
+        server.wait_for(&format!("END {n} {id}"));
+    }
+    poll("the agent's metrics", DEADLINE, || {
+        let (_, m) = http_get(health, "/metrics");
+        let want = [
+            "konnectivity_network_proxy_agent_open_server_connections 2",
+            "konnectivity_network_proxy_agent_known_server_count 2",
+        ];
+        want.iter()
+            .all(|w| m.lines().any(|l| l == *w))
+            .then_some(())
+    });
+    let log = server.log();
+    for n in kept {
+        assert!(
+            line_of(&log, &format!("END {n} ")).is_none(),
+            "stream {n} should have been kept:\n{log}"
+        );
+    }
+    sigterm_drains(&mut agent, &mut server, &[(kept[0], "s1"), (kept[1], "s2")]);
+}
+
+#[test]
+fn our_agent_closes_a_duplicate_server_id_and_keeps_connecting() {
+    // Default agent settings: the second stream repeats s1; the agent closes
+    // it and connects again, finding s2.
+    our_agent_keeps_one_stream_per_server_id("s1,s1,s2", &[], [1, 3], &[(2, "s1")]);
+}
+
+#[test]
+fn our_agent_with_sync_forever_keeps_exactly_two_streams() {
+    // s1, s2, s1, s2, ...: the agent keeps syncing, and every stream after
+    // the second is a duplicate it closes.
+    our_agent_keeps_one_stream_per_server_id(
+        "s1,s2",
+        &["--sync-forever"],
+        [1, 2],
+        &[(3, "s1"), (4, "s2")],
+    );
 }

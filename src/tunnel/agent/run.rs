@@ -38,6 +38,9 @@ const OUTBOX: usize = 256;
 const OUTBOX_WAIT: Duration = Duration::from_secs(60);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a stream the agent half-closed (on SIGTERM, after DRAIN) waits
+/// for the server to end the call before resetting it.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 /// A failure to start.
 #[derive(Debug)]
@@ -410,6 +413,9 @@ fn serve_stream(
         outbox,
         threads: WorkerSet::new(),
     });
+    // Disconnected when the reader below is done: the writer's cue that
+    // the call has ended.
+    let (reader_finished, reader_done) = std::sync::mpsc::channel::<()>();
     std::thread::scope(|scope| {
         let writer_stream = stream.clone();
         let writer_call = call.clone();
@@ -431,8 +437,15 @@ fn serve_stream(
                             return;
                         }
                     }
-                    // Closed and drained (a DRAIN went out last): end the stream.
+                    // Closed and drained (a DRAIN went out last): end the
+                    // stream with a half-close, not a reset. gRPC C-core
+                    // (grpcio) drops messages its application has not read
+                    // yet when RST_STREAM follows them, so the DRAIN was
+                    // lost. The server then ends the call; reset if it
+                    // does not within CLOSE_WAIT.
                     Pop::Closed | Pop::TimedOut => {
+                        let _ = writer_call.close_send();
+                        let _ = reader_done.recv_timeout(CLOSE_WAIT);
                         writer_call.cancel();
                         return;
                     }
@@ -461,6 +474,7 @@ fn serve_stream(
                 }
             }
         }
+        drop(reader_finished);
         let actions = lock(&stream.table).close_all();
         stream.execute(actions);
         // Let a queued DRAIN or CLOSE_RSP go out only while the stream lives.
