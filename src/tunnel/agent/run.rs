@@ -37,6 +37,9 @@ const OUTBOX: usize = 256;
 const OUTBOX_WAIT: Duration = Duration::from_secs(60);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a stream the agent half-closed (on SIGTERM, after DRAIN) waits
+/// for the server to end the call before resetting it.
+const CLOSE_WAIT: Duration = Duration::from_secs(5);
 
 pub use crate::tunnel::StartError as Error;
 
@@ -233,11 +236,15 @@ impl Stream {
                 Err(e) => (None, Err(e)),
             };
             let (id, actions) = lock(&stream.table).dialled(random, outcome);
+            // The DIAL_RSP is queued before the destination is read: a
+            // destination that speaks first (SSH, SMTP, a greeter) would
+            // otherwise get DATA, even its CLOSE_RSP, onto the stream ahead
+            // of the DIAL_RSP, and the server would drop them as unknown.
+            stream.execute(actions);
             if let (Some(connect_id), Some((socket, dest))) = (id, pair) {
                 log::debug!("connection {connect_id} to {address} established");
                 stream.start_pumps(connect_id, socket, dest);
             }
-            stream.execute(actions);
         });
         if let Err(e) = spawned {
             log::error!("starting a dial thread: {e}");
@@ -395,6 +402,9 @@ fn serve_stream(
         outbox,
         threads: WorkerSet::new(),
     });
+    // Disconnected when the reader below is done: the writer's cue that
+    // the call has ended.
+    let (reader_finished, reader_done) = std::sync::mpsc::channel::<()>();
     std::thread::scope(|scope| {
         let writer_stream = stream.clone();
         let writer_call = call.clone();
@@ -416,8 +426,15 @@ fn serve_stream(
                             return;
                         }
                     }
-                    // Closed and drained (a DRAIN went out last): end the stream.
+                    // Closed and drained (a DRAIN went out last): end the
+                    // stream with a half-close, not a reset. gRPC C-core
+                    // (grpcio) drops messages its application has not read
+                    // yet when RST_STREAM follows them, so the DRAIN was
+                    // lost. The server then ends the call; reset if it
+                    // does not within CLOSE_WAIT.
                     Pop::Closed | Pop::TimedOut => {
+                        let _ = writer_call.close_send();
+                        let _ = reader_done.recv_timeout(CLOSE_WAIT);
                         writer_call.cancel();
                         return;
                     }
@@ -446,6 +463,7 @@ fn serve_stream(
                 }
             }
         }
+        drop(reader_finished);
         let actions = lock(&stream.table).close_all();
         stream.execute(actions);
         // Let a queued DRAIN or CLOSE_RSP go out only while the stream lives.
