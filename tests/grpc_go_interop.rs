@@ -14,7 +14,7 @@
 mod common;
 
 use std::fs;
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
@@ -30,6 +30,10 @@ use common::{ChildGuard, poll, unique};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
+const SERVER: &str = env!("CARGO_BIN_EXE_proxy-server");
+const AGENT: &str = env!("CARGO_BIN_EXE_proxy-agent");
+const CLIENT: &str = env!("CARGO_BIN_EXE_proxy-test-client");
+const TEST_SERVER: &str = env!("CARGO_BIN_EXE_http-test-server");
 const DEADLINE: Duration = Duration::from_secs(30);
 const IO_TIMEOUT: Option<Duration> = Some(Duration::from_secs(30));
 const ECHO: &str = "/interop.Echo/Bidi";
@@ -662,4 +666,318 @@ fn grpc_go_client_to_our_server_over_uds() {
     let listener = UnixListener::bind(&path).unwrap();
     let _server = OurServer::start(Listener::Unix(listener, path.clone()));
     run_go_client(&bin[0], format!("unix://{}", path.display()), None);
+}
+
+// --- 2: our proxy-server and proxy-agent against grpc-go roles -------------------
+
+/// One of our binaries, its stderr collected for ports and failures.
+struct Ours {
+    child: ChildGuard,
+    log: Arc<Mutex<String>>,
+}
+
+impl Ours {
+    fn start(program: &str, args: &[String]) -> Ours {
+        let mut cmd = Command::new(program);
+        cmd.args(args).env("RUST_LOG", "debug");
+        let (child, log, _reader) = common::spawn_logged(&mut cmd);
+        Ours { child, log }
+    }
+
+    fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits for "<what> listening on ADDR" and returns ADDR's port.
+    fn port(&mut self, what: &str) -> u16 {
+        let needle = format!("{what} listening on ");
+        poll(&format!("{needle:?} in the log"), DEADLINE, || {
+            assert!(self.child.is_running(), "exited early:\n{}", self.log());
+            let log = self.log();
+            let line = log.lines().find(|l| l.contains(&needle))?;
+            let addr = line.split(&needle).nth(1)?.split_whitespace().next()?;
+            addr.rsplit(':').next()?.parse().ok()
+        })
+    }
+}
+
+/// Our proxy-server with its frontend on a Unix socket (`uds`) or on mTLS
+/// TCP; returns it, its agent port, its health port and the gRPC target of
+/// its frontend.
+fn our_server(certs: &Certs, dir: &TempDir, mode: &str, uds: bool) -> (Ours, u16, u16, String) {
+    let [ca, cert, key] = certs.triple("agent", "proxy-frontend");
+    let mut args = vec![
+        format!("--mode={mode}"),
+        "--agent-port=0".into(),
+        "--health-port=0".into(),
+        "--admin-port=0".into(),
+        "--agent-bind-address=127.0.0.1".into(),
+        "--health-bind-address=127.0.0.1".into(),
+        "--server-port=0".into(),
+        "--server-id=rust-server-1".into(),
+        format!("--cluster-ca-cert={ca}"),
+        format!("--cluster-cert={cert}"),
+        format!("--cluster-key={key}"),
+    ];
+    let path = dir.path("konn.sock");
+    if uds {
+        args.push(format!("--uds-name={}", path.display()));
+    } else {
+        let [ca, cert, key] = certs.triple("frontend", "proxy-frontend");
+        args.extend([
+            "--server-bind-address=127.0.0.1".into(),
+            format!("--server-ca-cert={ca}"),
+            format!("--server-cert={cert}"),
+            format!("--server-key={key}"),
+        ]);
+    }
+    let mut server = Ours::start(SERVER, &args);
+    let agent_port = server.port("agent port");
+    let health_port = server.port("health port");
+    let target = if uds {
+        format!("unix://{}", path.display())
+    } else {
+        format!("127.0.0.1:{}", server.port(&format!("frontend ({mode})")))
+    };
+    (server, agent_port, health_port, target)
+}
+
+fn our_agent(certs: &Certs, port: u16) -> Ours {
+    let [ca, cert, key] = certs.triple("agent", "proxy-agent");
+    Ours::start(
+        AGENT,
+        &[
+            format!("--ca-cert={ca}"),
+            format!("--agent-cert={cert}"),
+            format!("--agent-key={key}"),
+            "--proxy-server-host=127.0.0.1".into(),
+            format!("--proxy-server-port={port}"),
+            "--health-server-port=0".into(),
+            "--admin-server-port=0".into(),
+            "--health-server-host=127.0.0.1".into(),
+        ],
+    )
+}
+
+fn http_status(port: u16, path: &str) -> u16 {
+    let Ok(mut sock) = TcpStream::connect(("127.0.0.1", port)) else {
+        return 0;
+    };
+    sock.set_read_timeout(IO_TIMEOUT).unwrap();
+    let _ = sock.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+    );
+    let mut text = String::new();
+    let _ = sock.read_to_string(&mut text);
+    text.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+fn wait_ready(server: &mut Ours, health_port: u16) {
+    poll("the server to see an agent", DEADLINE, || {
+        assert!(server.child.is_running(), "{}", server.log());
+        (http_status(health_port, "/readyz") == 200).then_some(())
+    });
+}
+
+/// A kube-apiserver-like grpc-go frontend through our server and agent.
+fn grpc_go_frontend(uds: bool) {
+    let dir = TempDir::new("go-interop-");
+    let bin = build_go(&dir, &["frontend"]);
+    let certs = Certs::new();
+    let (mut server, agent_port, health_port, target) = our_server(&certs, &dir, "grpc", uds);
+    let _agent = our_agent(&certs, agent_port);
+    wait_ready(&mut server, health_port);
+    let mut args = vec![format!("-target={target}")];
+    if !uds {
+        args.extend(tls_flags("", &certs.triple("frontend", "proxy-client")));
+    }
+    let out = GoPeer::start(&bin[0], &args).pass(DEADLINE * 2);
+    assert!(out.contains("OK DIAL_RSP connectID=1"), "{out}");
+    assert!(out.contains("OK DATA 1048576 bytes"), "{out}");
+    assert!(out.contains("OK CLOSE_RSP connectID=1"), "{out}");
+    assert!(out.contains("OK refused DIAL_RSP error="), "{out}");
+    eprint!("{out}");
+}
+
+#[test]
+fn grpc_go_frontend_through_our_server_and_agent_over_uds() {
+    grpc_go_frontend(true);
+}
+
+#[test]
+fn grpc_go_frontend_through_our_server_and_agent_over_mtls() {
+    grpc_go_frontend(false);
+}
+
+/// A destination that echoes, and one that says "bye" and closes.
+fn destinations() -> (u16, u16) {
+    let echo = TcpListener::bind("127.0.0.1:0").unwrap();
+    let closer = TcpListener::bind("127.0.0.1:0").unwrap();
+    let ports = (
+        echo.local_addr().unwrap().port(),
+        closer.local_addr().unwrap().port(),
+    );
+    // The threads end with the test process.
+    std::thread::spawn(move || {
+        for conn in echo.incoming().map_while(Result::ok) {
+            std::thread::spawn(move || {
+                let mut reader = conn.try_clone().unwrap();
+                let mut writer = conn;
+                let _ = std::io::copy(&mut reader, &mut writer);
+            });
+        }
+    });
+    std::thread::spawn(move || {
+        for mut conn in closer.incoming().map_while(Result::ok) {
+            let _ = conn.write_all(b"bye");
+        }
+    });
+    ports
+}
+
+fn start_go_agent(bin: &Path, certs: &Certs, agent_port: u16) -> GoPeer {
+    let mut args = vec![format!("-target=127.0.0.1:{agent_port}")];
+    args.extend(tls_flags("", &certs.triple("agent", "proxy-agent")));
+    let mut agent = GoPeer::start(bin, &args);
+    assert_eq!(agent.line("SERVER "), "rust-server-1 1");
+    agent
+}
+
+fn connect(uds: &Path, target: &str) -> (UnixStream, String) {
+    let mut sock = UnixStream::connect(uds).unwrap();
+    sock.set_read_timeout(IO_TIMEOUT).unwrap();
+    sock.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match sock.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => break,
+        }
+    }
+    (sock, String::from_utf8_lossy(&head).into_owned())
+}
+
+#[test]
+fn grpc_go_agent_behind_our_http_connect_frontend() {
+    let dir = TempDir::new("go-interop-");
+    let bin = build_go(&dir, &["agent"]);
+    let certs = Certs::new();
+    let (mut server, agent_port, health_port, target) =
+        our_server(&certs, &dir, "http-connect", true);
+    let uds = PathBuf::from(target.trim_start_matches("unix://"));
+    let mut agent = start_go_agent(&bin[0], &certs, agent_port);
+    wait_ready(&mut server, health_port);
+    let (echo, closer) = destinations();
+
+    // 1 MiB each way, byte-exact, through the Go agent.
+    let (mut sock, head) = connect(&uds, &format!("127.0.0.1:{echo}"));
+    assert_eq!(head, "HTTP/1.1 200 Connection Established\r\n\r\n");
+    let payload: Vec<u8> = pool().into_iter().take(1 << 20).collect();
+    let mut writer = sock.try_clone().unwrap();
+    let sent = payload.clone();
+    let sender = std::thread::spawn(move || writer.write_all(&sent).unwrap());
+    let mut back = vec![0u8; payload.len()];
+    sock.read_exact(&mut back).unwrap();
+    sender.join().unwrap();
+    assert!(back == payload, "echoed bytes differ");
+    assert_eq!(agent.line("DIAL ok "), format!("127.0.0.1:{echo} 1"));
+    // Our side closes: the server sends CLOSE_REQ to the agent.
+    drop(sock);
+    assert_eq!(agent.line("CLOSE_REQ "), "1");
+
+    // A refused destination: the agent's DIAL_RSP error becomes a 502.
+    let refused = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let (mut sock, head) = connect(&uds, &format!("127.0.0.1:{refused}"));
+    assert!(head.starts_with("HTTP/1.1 502 "), "{head}");
+    let mut body = String::new();
+    let _ = sock.read_to_string(&mut body);
+    assert!(body.to_lowercase().contains("refused"), "{body}");
+
+    // The destination closes: the agent's unsolicited CLOSE_RSP ends our
+    // tunnel after the bytes it sent.
+    let (mut sock, head) = connect(&uds, &format!("127.0.0.1:{closer}"));
+    assert_eq!(head, "HTTP/1.1 200 Connection Established\r\n\r\n");
+    let mut rest = Vec::new();
+    sock.read_to_end(&mut rest).unwrap();
+    assert_eq!(rest, b"bye");
+    assert_eq!(agent.line("DEST_CLOSED "), "2");
+    assert!(server.child.is_running(), "{}", server.log());
+}
+
+#[test]
+fn grpc_go_agent_serves_our_test_client_over_grpc() {
+    let dir = TempDir::new("go-interop-");
+    let bin = build_go(&dir, &["agent"]);
+    let certs = Certs::new();
+    let (mut server, agent_port, health_port, target) = our_server(&certs, &dir, "grpc", true);
+    let _agent = start_go_agent(&bin[0], &certs, agent_port);
+    wait_ready(&mut server, health_port);
+    let mut dest = Ours::start(TEST_SERVER, &["--server-port=0".into()]);
+    let dest_port = dest.port("http-test-server");
+    let out = Command::new(CLIENT)
+        .args(["--mode=grpc", "--proxy-port=0", "--proxy-host="])
+        .arg(format!(
+            "--proxy-uds={}",
+            target.trim_start_matches("unix://")
+        ))
+        .arg(format!("--request-port={dest_port}"))
+        .arg("--test-requests=10")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}\nserver:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        server.log()
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(stdout.matches("The success test page!").count(), 10);
+}
+
+/// Our proxy-agent against a grpc-go server playing upstream's proxy-server.
+#[test]
+fn our_agent_against_a_grpc_go_proxy_server() {
+    let dir = TempDir::new("go-interop-");
+    let bin = build_go(&dir, &["proxy_server"]);
+    let certs = Certs::new();
+    let mut go_server = GoPeer::start(
+        &bin[0],
+        &tls_flags("", &certs.triple("agent", "proxy-frontend")),
+    );
+    let addr = go_server.line("LISTENING ");
+    let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
+    let mut agent = our_agent(&certs, port);
+    assert!(
+        go_server.line("AGENT ").starts_with("agentid=["),
+        "{}",
+        go_server.output()
+    );
+    go_server.line("AWAIT_DRAIN");
+    agent.child.signal("TERM");
+    let out = go_server.pass(DEADLINE);
+    for step in [
+        "OK DIAL_RSP connectID=1",
+        "OK DATA 1048576 bytes each way",
+        "OK CLOSE_RSP connectID=1",
+        "OK CLOSE_RSP for unknown connectID",
+        "OK CLOSE_RSP for DATA on unknown connectID",
+        "OK unsolicited CLOSE_RSP connectID=2",
+        "OK refused DIAL_RSP",
+        "OK DIAL_CLS honoured",
+        "OK DRAIN",
+    ] {
+        assert!(out.contains(step), "{step} missing:\n{out}");
+    }
+    eprint!("{out}");
+    let status = agent.child.wait_output(DEADLINE).status;
+    assert!(status.success(), "agent exit {status}:\n{}", agent.log());
 }

@@ -1,11 +1,13 @@
 // A grpc-go server with one bidirectional method, /interop.Echo/Bidi,
 // registered from a raw ServiceDesc, for tests/grpc_go_interop.rs. What a
 // call does is chosen by its `x-mode` metadata:
-//   echo  (default) response headers serverid=go-server and x-echo-id=<x-id>,
-//         every message echoed, status 0 after the client half-closes;
-//   error echo the first message, then end with INVALID_ARGUMENT and -message;
-//   hold  echo until the client cancels, and remember that it did;
-//   probe answer one message, "yes" once a hold call was seen cancelled.
+//
+//	echo  (default) response headers serverid=go-server and x-echo-id=<x-id>,
+//	      every message echoed, status 0 after the client half-closes;
+//	error echo the first message, then end with INVALID_ARGUMENT and -message;
+//	hold  echo until the client cancels, and remember that it did;
+//	probe answer one message, "yes" once a hold call was seen cancelled.
+//
 // Prints "LISTENING <addr>" once serving; serves until killed.
 package main
 
