@@ -20,7 +20,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use apiserver_proxy::grpc::{self, Code, ServerCall, Status};
@@ -66,39 +66,66 @@ impl Drop for TempDir {
     }
 }
 
-/// Builds the Go peers `names` into `dir/bin` and returns their paths. The
-/// build cache lives in cargo's target tmp dir, so only the first build
-/// compiles grpc-go.
-fn build_go(dir: &TempDir, names: &[&str]) -> Vec<PathBuf> {
-    let src = dir.path("gopath/src");
-    fs::create_dir_all(&src).unwrap();
+const GO_PEERS: [&str; 5] = [
+    "echo_server",
+    "echo_client",
+    "frontend",
+    "agent",
+    "proxy_server",
+];
+
+/// The path of a Go peer. The first call builds them all, once per test
+/// run, with one `go build` into cargo's temporary directory for
+/// integration tests (target/tmp); the Go build cache lives there too, so
+/// only the first run compiles grpc-go.
+fn go_peer(name: &str) -> PathBuf {
+    static BUILT: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    let bin = BUILT
+        .get_or_init(build_go_peers)
+        .as_ref()
+        .unwrap_or_else(|err| panic!("{err}"));
+    bin.join(name)
+}
+
+fn build_go_peers() -> Result<PathBuf, String> {
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("grpc-go-interop");
+    let src = root.join("gopath/src");
+    let _ = fs::remove_dir_all(&src);
+    fs::create_dir_all(&src).map_err(|e| format!("{}: {e}", src.display()))?;
     let peers = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/peers/go");
-    for entry in fs::read_dir(&peers).unwrap() {
-        let entry = entry.unwrap();
-        std::os::unix::fs::symlink(entry.path(), src.join(entry.file_name())).unwrap();
+    for entry in fs::read_dir(&peers).map_err(|e| e.to_string())? {
+        let entry = entry.map_err(|e| e.to_string())?;
+        std::os::unix::fs::symlink(entry.path(), src.join(entry.file_name()))
+            .map_err(|e| e.to_string())?;
     }
-    let bin = dir.path("bin");
-    fs::create_dir_all(&bin).unwrap();
-    let gopath = format!("{}:/usr/share/gocode", dir.path("gopath").display());
-    let cache = Path::new(env!("CARGO_TARGET_TMPDIR")).join("go-build");
-    let out = Command::new("go")
-        .arg("build")
-        .arg("-o")
-        .arg(format!("{}/", bin.display()))
-        .args(names)
-        .current_dir(&dir.0)
-        .env("GOPATH", gopath)
-        .env("GO111MODULE", "off")
-        .env("GOFLAGS", "")
-        .env("GOCACHE", cache)
-        .output()
-        .expect("run go (make deps-test installs golang-go)");
-    assert!(
-        out.status.success(),
-        "go build {names:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let bin = root.join("bin");
+    fs::create_dir_all(&bin).map_err(|e| e.to_string())?;
+    let mut build = ChildGuard::spawn(
+        Command::new("go")
+            .arg("build")
+            .arg("-o")
+            .arg(format!("{}/", bin.display()))
+            .args(GO_PEERS)
+            .current_dir(&root)
+            .env(
+                "GOPATH",
+                format!("{}:/usr/share/gocode", root.join("gopath").display()),
+            )
+            .env("GO111MODULE", "off")
+            .env("GOFLAGS", "")
+            .env("GOCACHE", root.join("cache"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped()),
     );
-    names.iter().map(|n| bin.join(n)).collect()
+    // A cold build compiles grpc-go (tens of seconds on a busy machine).
+    let out = build.wait_output(Duration::from_secs(300));
+    if !out.status.success() {
+        return Err(format!(
+            "go build (make deps-test installs golang-go and Debian's grpc-go): {}",
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    Ok(bin)
 }
 
 /// A Go peer whose stdout lines are collected.
@@ -437,17 +464,17 @@ fn our_client(addr: &str, certs: Option<&Certs>, config: h2::Config) -> grpc::Cl
 #[test]
 fn our_client_to_grpc_go_server_over_mtls() {
     let dir = TempDir::new("go-interop-");
-    let bin = build_go(&dir, &["echo_server"]);
+    let bin = go_peer("echo_server");
     let certs = Certs::new();
-    let (_peer, addr) = start_go_server(&bin[0], &dir, Some(&certs), &[]);
+    let (_peer, addr) = start_go_server(&bin, &dir, Some(&certs), &[]);
     drive_go_server(our_client(&addr, Some(&certs), h2::Config::default()));
 }
 
 #[test]
 fn our_client_to_grpc_go_server_over_uds() {
     let dir = TempDir::new("go-interop-");
-    let bin = build_go(&dir, &["echo_server"]);
-    let (_peer, addr) = start_go_server(&bin[0], &dir, None, &[]);
+    let bin = go_peer("echo_server");
+    let (_peer, addr) = start_go_server(&bin, &dir, None, &[]);
     drive_go_server(our_client(&addr, None, h2::Config::default()));
 }
 
@@ -462,8 +489,8 @@ fn our_client_to_grpc_go_server_over_uds() {
 #[test]
 fn grpc_go_keepalive_enforcement_against_our_pings() {
     let dir = TempDir::new("go-interop-");
-    let bin = build_go(&dir, &["echo_server"]);
-    let (_allowing, addr) = start_go_server(&bin[0], &dir, None, &["-min-time=500ms"]);
+    let bin = go_peer("echo_server");
+    let (_allowing, addr) = start_go_server(&bin, &dir, None, &["-min-time=500ms"]);
     let config = h2::Config {
         keepalive_interval: Some(Duration::from_millis(700)),
         ..h2::Config::default()
@@ -480,7 +507,7 @@ fn grpc_go_keepalive_enforcement_against_our_pings() {
     drop(client);
 
     let strict_dir = TempDir::new("go-interop-");
-    let (strict, addr) = start_go_server(&bin[0], &strict_dir, None, &[]);
+    let (strict, addr) = start_go_server(&bin, &strict_dir, None, &[]);
     let config = h2::Config {
         keepalive_interval: Some(Duration::from_millis(200)),
         ..config
@@ -644,15 +671,14 @@ fn run_go_client(bin: &Path, target: String, tls: Option<[String; 3]>) {
 
 #[test]
 fn grpc_go_client_to_our_server_over_mtls() {
-    let dir = TempDir::new("go-interop-");
-    let bin = build_go(&dir, &["echo_client"]);
+    let bin = go_peer("echo_client");
     let certs = Certs::new();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let tls = server_tls(&certs.triple("frontend", "proxy-frontend"));
     let _server = OurServer::start(Listener::Tcp(listener, tls));
     run_go_client(
-        &bin[0],
+        &bin,
         addr.to_string(),
         Some(certs.triple("frontend", "proxy-client")),
     );
@@ -661,11 +687,11 @@ fn grpc_go_client_to_our_server_over_mtls() {
 #[test]
 fn grpc_go_client_to_our_server_over_uds() {
     let dir = TempDir::new("go-interop-");
-    let bin = build_go(&dir, &["echo_client"]);
+    let bin = go_peer("echo_client");
     let path = dir.path("ours.sock");
     let listener = UnixListener::bind(&path).unwrap();
     let _server = OurServer::start(Listener::Unix(listener, path.clone()));
-    run_go_client(&bin[0], format!("unix://{}", path.display()), None);
+    run_go_client(&bin, format!("unix://{}", path.display()), None);
 }
 
 // --- 2: our proxy-server and proxy-agent against grpc-go roles -------------------
@@ -785,7 +811,7 @@ fn wait_ready(server: &mut Ours, health_port: u16) {
 /// A kube-apiserver-like grpc-go frontend through our server and agent.
 fn grpc_go_frontend(uds: bool) {
     let dir = TempDir::new("go-interop-");
-    let bin = build_go(&dir, &["frontend"]);
+    let bin = go_peer("frontend");
     let certs = Certs::new();
     let (mut server, agent_port, health_port, target) = our_server(&certs, &dir, "grpc", uds);
     let _agent = our_agent(&certs, agent_port);
@@ -794,7 +820,7 @@ fn grpc_go_frontend(uds: bool) {
     if !uds {
         args.extend(tls_flags("", &certs.triple("frontend", "proxy-client")));
     }
-    let out = GoPeer::start(&bin[0], &args).pass(DEADLINE * 2);
+    let out = GoPeer::start(&bin, &args).pass(DEADLINE * 2);
     assert!(out.contains("OK DIAL_RSP connectID=1"), "{out}");
     assert!(out.contains("OK DATA 1048576 bytes"), "{out}");
     assert!(out.contains("OK CLOSE_RSP connectID=1"), "{out}");
@@ -865,12 +891,12 @@ fn connect(uds: &Path, target: &str) -> (UnixStream, String) {
 #[test]
 fn grpc_go_agent_behind_our_http_connect_frontend() {
     let dir = TempDir::new("go-interop-");
-    let bin = build_go(&dir, &["agent"]);
+    let bin = go_peer("agent");
     let certs = Certs::new();
     let (mut server, agent_port, health_port, target) =
         our_server(&certs, &dir, "http-connect", true);
     let uds = PathBuf::from(target.trim_start_matches("unix://"));
-    let mut agent = start_go_agent(&bin[0], &certs, agent_port);
+    let mut agent = start_go_agent(&bin, &certs, agent_port);
     wait_ready(&mut server, health_port);
     let (echo, closer) = destinations();
 
@@ -916,10 +942,10 @@ fn grpc_go_agent_behind_our_http_connect_frontend() {
 #[test]
 fn grpc_go_agent_serves_our_test_client_over_grpc() {
     let dir = TempDir::new("go-interop-");
-    let bin = build_go(&dir, &["agent"]);
+    let bin = go_peer("agent");
     let certs = Certs::new();
     let (mut server, agent_port, health_port, target) = our_server(&certs, &dir, "grpc", true);
-    let _agent = start_go_agent(&bin[0], &certs, agent_port);
+    let _agent = start_go_agent(&bin, &certs, agent_port);
     wait_ready(&mut server, health_port);
     let mut dest = Ours::start(TEST_SERVER, &["--server-port=0".into()]);
     let dest_port = dest.port("http-test-server");
@@ -946,11 +972,10 @@ fn grpc_go_agent_serves_our_test_client_over_grpc() {
 /// Our proxy-agent against a grpc-go server playing upstream's proxy-server.
 #[test]
 fn our_agent_against_a_grpc_go_proxy_server() {
-    let dir = TempDir::new("go-interop-");
-    let bin = build_go(&dir, &["proxy_server"]);
+    let bin = go_peer("proxy_server");
     let certs = Certs::new();
     let mut go_server = GoPeer::start(
-        &bin[0],
+        &bin,
         &tls_flags("", &certs.triple("agent", "proxy-frontend")),
     );
     let addr = go_server.line("LISTENING ");
