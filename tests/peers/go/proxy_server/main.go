@@ -169,8 +169,11 @@ func main() {
 	first := make(chan agentStream, 1)
 	connect := func(_ interface{}, stream grpc.ServerStream) error {
 		md, _ := metadata.FromIncomingContext(stream.Context())
-		fmt.Printf("AGENT agentid=%v agentidentifiers=%v\n", md.Get("agentid"), md.Get("agentidentifiers"))
-		konnwire.Expect(len(md.Get("agentid")) == 1, "agentid %v", md.Get("agentid"))
+		fmt.Printf("AGENT agentid=%q agentidentifiers=%q\n", md.Get("agentid"), md.Get("agentidentifiers"))
+		// Upstream's server takes at most one of each; its agents always
+		// send both, agentidentifiers possibly empty.
+		konnwire.Expect(len(md.Get("agentid")) == 1 && len(md.Get("agentidentifiers")) == 1,
+			"agentid %q agentidentifiers %q", md.Get("agentid"), md.Get("agentidentifiers"))
 		stream.SendHeader(metadata.Pairs("serverid", "go-proxy-server", "servercount", "1"))
 		a := agentStream{stream, make(chan konnwire.Packet, 1024)}
 		select {
