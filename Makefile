@@ -14,10 +14,13 @@ all: build
 
 # --- installing what is missing -------------------------------------------
 # apt-get update runs once, before the first install of this make run.
+# Each spec is CHECK:PACKAGE; CHECK is a command name, or an absolute path
+# that must exist (for packages without a command, such as Go sources).
 APT_STAMP := target/.apt-updated
 define apt_install
 	@missing=""; for spec in $(1); do cmd=$${spec%%:*}; pkg=$${spec##*:}; \
-	  command -v $$cmd >/dev/null 2>&1 || missing="$$missing $$pkg"; done; \
+	  case $$cmd in /*) [ -e $$cmd ];; *) command -v $$cmd >/dev/null 2>&1;; esac \
+	    || missing="$$missing $$pkg"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; mkdir -p target; \
 	  [ -f $(APT_STAMP) ] || { $(SUDO) apt-get update -qq && touch $(APT_STAMP); }; \
@@ -29,8 +32,13 @@ deps-build:
 	$(call apt_install,musl-gcc:musl-tools file:file)
 	@rustup target list --installed | grep -qx $(MUSL_TARGET) || rustup target add $(MUSL_TARGET)
 
+# grpc-go and protobuf-go sources for the Go peers of tests/grpc_go_interop.rs
+# (built offline in GOPATH mode).
+GOCODE := /usr/share/gocode/src
+
 deps-test: deps-build
 	$(call apt_install,ip:iproute2 iptables:iptables ip6tables:iptables curl:curl openssl:openssl jq:jq)
+	$(call apt_install,go:golang-go $(GOCODE)/google.golang.org/grpc:golang-google-grpc-dev $(GOCODE)/google.golang.org/protobuf/encoding/protowire:golang-google-protobuf-dev)
 
 deps: deps-test
 

@@ -1343,6 +1343,9 @@ fn handle_frame(shared: &Shared, r: &mut Reader, frame: Frame) -> Result<(), Fat
         Frame::Ping { ack: true, payload } => {
             if state.ping_sent.is_some_and(|(_, p)| p == payload) {
                 state.ping_sent = None;
+                // The writer sleeps until the PING's timeout; wake it to
+                // schedule the next PING one interval after this ACK.
+                shared.writer_cv.notify_one();
             }
         }
         Frame::GoAway {
@@ -2135,6 +2138,33 @@ mod tests {
             Some(Error::Closed)
         ));
         assert!(conn.accept().is_none());
+    }
+
+    /// The next PING follows the interval after an ACK, even when the
+    /// interval is shorter than the timeout (the writer must not sleep the
+    /// whole timeout once its PING was answered).
+    #[test]
+    fn answered_keepalive_pings_keep_the_interval() {
+        let config = Config {
+            keepalive_interval: Some(Duration::from_millis(50)),
+            keepalive_timeout: Duration::from_secs(5),
+            ..Config::default()
+        };
+        let (conn, mut raw) = raw_pair(config, true);
+        let start = Instant::now();
+        for _ in 0..3 {
+            let ping = raw.expect("PING", |f| matches!(f, Frame::Ping { ack: false, .. }));
+            let Frame::Ping { payload, .. } = ping else {
+                unreachable!()
+            };
+            raw.frame(kind::PING, flag::ACK, 0, &payload);
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(4),
+            "three PINGs took {:?}",
+            start.elapsed()
+        );
+        assert_eq!(conn.closed(), None);
     }
 
     #[test]
