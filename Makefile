@@ -8,7 +8,7 @@ RELEASE_DIR := target/$(MUSL_TARGET)/release
 BINARIES := apiserver-proxy-sidecar apiserver-proxy-pod-webhook proxy-server proxy-agent proxy-test-client http-test-server
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all build test lint unit integration demo deps deps-build deps-test clean venv certs
+.PHONY: all build test lint unit integration demo deps deps-build deps-test clean venv certs image
 
 all: build
 
@@ -40,6 +40,19 @@ build: deps-build
 	@for b in $(BINARIES); do \
 	  printf '%-32s %8s bytes  ' $$b $$(stat -c %s $(RELEASE_DIR)/$$b); \
 	  file -b $(RELEASE_DIR)/$$b | cut -d, -f1-2,4; done
+
+# --- images -----------------------------------------------------------------
+# `make image BIN=proxy-server [IMAGE=name:tag]`: one binary in a FROM scratch
+# image. Needs a Docker engine; without one it says so and fails (exit 1), so a
+# CI job that expects an image notices. Not part of `make test`.
+BIN ?= apiserver-proxy-sidecar
+IMAGE ?= $(BIN):latest
+image:
+	@case " $(BINARIES) " in *" $(BIN) "*) ;; \
+	  *) echo "BIN=$(BIN) is not one of: $(BINARIES)" >&2; exit 2 ;; esac
+	@command -v docker >/dev/null 2>&1 || { echo "no Docker engine here: the docker CLI is not installed; install Docker to run make image" >&2; exit 1; }
+	@docker info >/dev/null 2>&1 || { echo "no Docker engine here: 'docker info' fails (is the daemon running, and may this user reach its socket?)" >&2; exit 1; }
+	docker build -f Dockerfile.scratch --build-arg BIN=$(BIN) -t $(IMAGE) .
 
 # --- testing ----------------------------------------------------------------
 lint:
