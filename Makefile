@@ -30,7 +30,7 @@ deps-build:
 	@rustup target list --installed | grep -qx $(MUSL_TARGET) || rustup target add $(MUSL_TARGET)
 
 deps-test: deps-build
-	$(call apt_install,ip:iproute2 iptables:iptables ip6tables:iptables curl:curl openssl:openssl jq:jq)
+	$(call apt_install,ip:iproute2 iptables:iptables ip6tables:iptables curl:curl openssl:openssl jq:jq unshare:util-linux chroot:coreutils)
 
 deps: deps-test
 
