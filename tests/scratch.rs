@@ -356,6 +356,7 @@ fn server_and_agent_tunnel_a_connect_request_each_in_an_empty_root() {
     ]);
     let mut server = Proc::start(server_root.command(&server_args, 0, 0, None));
     let agent_port = server.port("agent port");
+    let health_port = server.port("health port");
     assert_eq!(server.uid(), 0);
     assert_eq!(
         server.effective_capabilities(),
@@ -389,6 +390,26 @@ fn server_and_agent_tunnel_a_connect_request_each_in_an_empty_root() {
     agent.after("connected to server");
     assert_eq!(agent.uid(), NONROOT);
     assert_eq!(agent.effective_capabilities(), 0);
+
+    // The server counts the agent (its /readyz turns 200), as the static
+    // pod's readiness probe would see it.
+    let readyz = format!("http://127.0.0.1:{health_port}/readyz");
+    poll("the server's /readyz to be 200", DEADLINE, || {
+        let out = run(
+            "curl",
+            &[
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "5",
+                &readyz,
+            ],
+        );
+        (out.stdout == b"200").then_some(())
+    });
 
     // From outside: CONNECT over the socket inside the server's root.
     let socket = server_root.path().join("uds/konnectivity-server.socket");
