@@ -74,6 +74,33 @@ fn every_binary_is_static_and_prints_help_in_an_empty_root() {
     }
 }
 
+/// The image layout `ImageRoot` copies is the one Dockerfile.scratch builds:
+/// `/<BIN>`, `/entrypoint` -> `<BIN>`, user 65532, and every binary allowed.
+#[test]
+fn image_root_matches_the_dockerfile() {
+    let dockerfile =
+        fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("Dockerfile.scratch"))
+            .expect("Dockerfile.scratch");
+    for line in [
+        r#"cp "target/x86_64-unknown-linux-musl/release/$BIN" "/out/$BIN""#,
+        r#"ln -s "$BIN" /out/entrypoint"#,
+        "FROM scratch",
+        "COPY --from=build /out/ /",
+        r#"ENTRYPOINT ["/entrypoint"]"#,
+    ] {
+        assert!(
+            dockerfile.contains(line),
+            "Dockerfile.scratch lacks {line:?}"
+        );
+    }
+    let allowed = format!(r#"case " {} " in"#, BINARIES.join(" "));
+    assert!(
+        dockerfile.contains(&allowed),
+        "Dockerfile.scratch lacks {allowed:?}"
+    );
+    assert_eq!(NONROOT, 65532);
+}
+
 /// An empty root laid out like the image: `/<binary>`, `/entrypoint` -> it.
 /// Removed on drop.
 struct ImageRoot {
