@@ -98,7 +98,11 @@ fn image_root_matches_the_dockerfile() {
         dockerfile.contains(&allowed),
         "Dockerfile.scratch lacks {allowed:?}"
     );
-    assert_eq!(NONROOT, 65532);
+    let user = format!("USER {NONROOT}:{NONROOT}");
+    assert!(
+        dockerfile.contains(&user),
+        "Dockerfile.scratch lacks {user:?}"
+    );
 }
 
 /// An empty root laid out like the image: `/<binary>`, `/entrypoint` -> it.
