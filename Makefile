@@ -8,7 +8,7 @@ RELEASE_DIR := target/$(MUSL_TARGET)/release
 BINARIES := apiserver-proxy-sidecar apiserver-proxy-pod-webhook proxy-server proxy-agent proxy-test-client http-test-server
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: all build test lint unit integration demo deps deps-build deps-test clean venv certs
+.PHONY: all build test lint unit integration demo deps deps-build deps-test clean venv certs image
 
 all: build
 
@@ -37,7 +37,7 @@ deps-build:
 GOCODE := /usr/share/gocode/src
 
 deps-test: deps-build
-	$(call apt_install,ip:iproute2 iptables:iptables ip6tables:iptables curl:curl openssl:openssl jq:jq)
+	$(call apt_install,ip:iproute2 iptables:iptables ip6tables:iptables curl:curl openssl:openssl jq:jq unshare:util-linux chroot:coreutils)
 	$(call apt_install,go:golang-go $(GOCODE)/google.golang.org/grpc:golang-google-grpc-dev $(GOCODE)/google.golang.org/protobuf/encoding/protowire:golang-google-protobuf-dev)
 
 deps: deps-test
@@ -48,6 +48,19 @@ build: deps-build
 	@for b in $(BINARIES); do \
 	  printf '%-32s %8s bytes  ' $$b $$(stat -c %s $(RELEASE_DIR)/$$b); \
 	  file -b $(RELEASE_DIR)/$$b | cut -d, -f1-2,4; done
+
+# --- images -----------------------------------------------------------------
+# `make image BIN=proxy-server [IMAGE=name:tag]`: one binary in a FROM scratch
+# image. Needs a Docker engine; without one it says so and fails (exit 1), so a
+# CI job that expects an image notices. Not part of `make test`.
+BIN ?= apiserver-proxy-sidecar
+IMAGE ?= $(BIN):latest
+image:
+	@case " $(BINARIES) " in *" $(BIN) "*) ;; \
+	  *) echo "BIN=$(BIN) is not one of: $(BINARIES)" >&2; exit 2 ;; esac
+	@command -v docker >/dev/null 2>&1 || { echo "no Docker engine here: the docker CLI is not installed; install Docker to run make image" >&2; exit 1; }
+	@docker info >/dev/null 2>&1 || { echo "no Docker engine here: 'docker info' fails (is the daemon running, and may this user reach its socket?)" >&2; exit 1; }
+	docker build -f Dockerfile.scratch --build-arg BIN=$(BIN) -t $(IMAGE) .
 
 # --- testing ----------------------------------------------------------------
 lint:
