@@ -852,6 +852,11 @@ fn sigterm_with_a_grace_period_lets_open_tunnels_finish() {
     );
 }
 
+/// Whether `now` has at most the threads and descriptors of `baseline`.
+fn at_most(now: (usize, usize), baseline: (usize, usize)) -> bool {
+    now.0 <= baseline.0 && now.1 <= baseline.1
+}
+
 /// Threads and open file descriptors of a process.
 fn resources(pid: u32) -> (usize, usize) {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -899,11 +904,13 @@ fn no_thread_or_descriptor_outlives_its_tunnel() {
     };
     let (server_before, agent_before) = (settled(server), settled(agent));
     round(50);
+    // At or below: the baseline may still include warm-up threads on their
+    // way out; 50 leaked tunnels would show far above it.
     poll("the server back at its baseline", DEADLINE, || {
-        (resources(server) == server_before).then_some(())
+        at_most(resources(server), server_before).then_some(())
     });
     poll("the agent back at its baseline", DEADLINE, || {
-        (resources(agent) == agent_before).then_some(())
+        at_most(resources(agent), agent_before).then_some(())
     });
     let (_, metrics) = tunnel.health("/metrics");
     assert!(
@@ -1201,7 +1208,7 @@ fn killing_an_agent_mid_transfer_closes_its_tunnels_and_the_other_agent_serves()
     poll(
         "the server back at its one-agent baseline",
         DEADLINE,
-        || (resources(server_pid) == baseline).then_some(()),
+        || at_most(resources(server_pid), baseline).then_some(()),
     );
     assert!(spare.child.is_running());
     let _ = spare.port("health port");
