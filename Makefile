@@ -37,7 +37,7 @@ deps-build:
 GOCODE := /usr/share/gocode/src
 
 deps-test: deps-build
-	$(call apt_install,ip:iproute2 iptables:iptables ip6tables:iptables curl:curl openssl:openssl jq:jq unshare:util-linux chroot:coreutils)
+	$(call apt_install,ip:iproute2 iptables:iptables ip6tables:iptables curl:curl openssl:openssl jq:jq unshare:util-linux chroot:coreutils sysctl:procps)
 	$(call apt_install,go:golang-go $(GOCODE)/google.golang.org/grpc:golang-google-grpc-dev $(GOCODE)/google.golang.org/protobuf/encoding/protowire:golang-google-protobuf-dev)
 
 deps: deps-test
