@@ -696,36 +696,8 @@ fn grpc_go_client_to_our_server_over_uds() {
 
 // --- 2: our proxy-server and proxy-agent against grpc-go roles -------------------
 
-/// One of our binaries, its stderr collected for ports and failures.
-struct Ours {
-    child: ChildGuard,
-    log: Arc<Mutex<String>>,
-}
-
-impl Ours {
-    fn start(program: &str, args: &[String]) -> Ours {
-        let mut cmd = Command::new(program);
-        cmd.args(args).env("RUST_LOG", "debug");
-        let (child, log, _reader) = common::spawn_logged(&mut cmd);
-        Ours { child, log }
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    /// Waits for "<what> listening on ADDR" and returns ADDR's port.
-    fn port(&mut self, what: &str) -> u16 {
-        let needle = format!("{what} listening on ");
-        poll(&format!("{needle:?} in the log"), DEADLINE, || {
-            assert!(self.child.is_running(), "exited early:\n{}", self.log());
-            let log = self.log();
-            let line = log.lines().find(|l| l.contains(&needle))?;
-            let addr = line.split(&needle).nth(1)?.split_whitespace().next()?;
-            addr.rsplit(':').next()?.parse().ok()
-        })
-    }
-}
+/// One of our binaries with its log (tests/common).
+type Ours = common::Logged;
 
 /// Our proxy-server with its frontend on a Unix socket (`uds`) or on mTLS
 /// TCP; returns it, its agent port, its health port and the gRPC target of

@@ -11,7 +11,6 @@ use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::{ChildGuard, poll, unique};
@@ -82,44 +81,8 @@ impl Drop for Certs {
     }
 }
 
-/// A process whose stderr is collected, so the test can read the ports it
-/// logged and its errors.
-struct Proc {
-    child: ChildGuard,
-    log: Arc<Mutex<String>>,
-}
-
-impl Proc {
-    fn start(program: &str, args: &[String]) -> Self {
-        let mut cmd = Command::new(program);
-        cmd.args(args).env("RUST_LOG", "debug");
-        let (child, log, _reader) = common::spawn_logged(&mut cmd);
-        Proc { child, log }
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    /// Waits for "<what> listening on ADDR" and returns ADDR's port.
-    fn port(&mut self, what: &str) -> u16 {
-        let needle = format!("{what} listening on ");
-        poll(&format!("{needle:?} in the log"), DEADLINE, || {
-            assert!(self.child.is_running(), "exited early:\n{}", self.log());
-            let log = self.log();
-            let line = log.lines().find(|l| l.contains(&needle))?;
-            let addr = line.split(&needle).nth(1)?.split_whitespace().next()?;
-            addr.rsplit(':').next()?.parse().ok()
-        })
-    }
-
-    fn wait_for_log(&mut self, needle: &str) {
-        poll(&format!("{needle:?} in the log"), DEADLINE, || {
-            assert!(self.child.is_running(), "exited early:\n{}", self.log());
-            self.log().contains(needle).then_some(())
-        });
-    }
-}
+/// One of our binaries with its log (tests/common).
+type Proc = common::Logged;
 
 fn uds_path() -> PathBuf {
     std::env::temp_dir().join(unique("konn-").replace('-', "") + ".sock")

@@ -15,12 +15,16 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 /// How long a reader that multiplexes many tunnels waits for room in one
-/// tunnel's queue (a scheduling hiccup, not a stuck peer) before it closes
-/// that tunnel as too slow.
-pub const SLOW_GRACE: Duration = Duration::from_millis(50);
+/// tunnel's full queue before it closes that tunnel as too slow. Long
+/// enough that a consumer starved of CPU for a moment is not mistaken for a
+/// stuck one; short enough that the other tunnels on the stream only ever
+/// pause this long, once, for a stuck one.
+pub const SLOW_GRACE: Duration = Duration::from_secs(1);
 /// The smallest per-tunnel queue, whatever `--xfr-channel-size` says:
-/// upstream's default of 10 packets is sized for blocking hand-offs.
-pub const MIN_TUNNEL_QUEUE: usize = 64;
+/// upstream's default of 10 packets is sized for blocking hand-offs. 256
+/// packets of at most 32 KiB from our own readers: up to 8 MiB buffered for
+/// a consumer that falls behind before the grace period starts.
+pub const MIN_TUNNEL_QUEUE: usize = 256;
 
 /// Why an item was not queued; the item comes back.
 #[derive(Debug, PartialEq, Eq)]

@@ -159,3 +159,56 @@ pub fn spawn_logged(cmd: &mut Command) -> (ChildGuard, Arc<Mutex<String>>, JoinH
     });
     (child, log, reader)
 }
+
+/// The port of the first "<what> listening on ADDR" line in `log` (every
+/// binary logs one per listener; tests start them on port 0).
+pub fn logged_port(log: &str, what: &str) -> Option<u16> {
+    let needle = format!("{what} listening on ");
+    let line = log.lines().find(|l| l.contains(&needle))?;
+    let addr = line.split(&needle).nth(1)?.split_whitespace().next()?;
+    addr.rsplit(':').next()?.trim_end_matches('/').parse().ok()
+}
+
+/// One of our binaries, started with `RUST_LOG=debug`, its stderr collected
+/// for the ports it logs and for failure messages.
+pub struct Logged {
+    pub child: ChildGuard,
+    log: Arc<Mutex<String>>,
+}
+
+impl Logged {
+    pub fn start(program: &str, args: &[String]) -> Self {
+        let mut cmd = Command::new(program);
+        cmd.args(args).env("RUST_LOG", "debug");
+        let (child, log, _reader) = spawn_logged(&mut cmd);
+        Logged { child, log }
+    }
+
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Waits for "<what> listening on ADDR" and returns ADDR's port.
+    pub fn port(&mut self, what: &str) -> u16 {
+        poll(
+            &format!("{what:?} listening, in the log"),
+            Duration::from_secs(20),
+            || {
+                assert!(self.child.is_running(), "exited early:\n{}", self.log());
+                logged_port(&self.log(), what)
+            },
+        )
+    }
+
+    /// Waits until the log contains `needle`.
+    pub fn wait_for_log(&mut self, needle: &str) {
+        poll(
+            &format!("{needle:?} in the log"),
+            Duration::from_secs(20),
+            || {
+                assert!(self.child.is_running(), "exited early:\n{}", self.log());
+                self.log().contains(needle).then_some(())
+            },
+        );
+    }
+}
