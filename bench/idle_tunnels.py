@@ -5,6 +5,8 @@ Usage: bench/idle_tunnels.py N   (after `make build`; raise `ulimit -n` for larg
 Holds N idle HTTP CONNECT tunnels over the Unix-socket frontend and prints
 the growth of RSS and thread count of both processes; stops what it started.
 """
+import re, socket, subprocess, sys, tempfile, threading, time
+
 REL="target/x86_64-unknown-linux-musl/release"; N=int(sys.argv[1])
 work=tempfile.mkdtemp(); procs=[]
 subprocess.run(["scripts/make-certs.sh", work+"/c"], check=True, stdout=subprocess.DEVNULL)
