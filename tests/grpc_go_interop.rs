@@ -13,6 +13,8 @@
 
 mod common;
 
+use common::interop::{self, Listener, OurServer, TempDir, fnv, pool};
+
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -25,10 +27,8 @@ use std::time::{Duration, Instant};
 
 use apiserver_proxy::grpc::{self, Code, ServerCall, Status};
 use apiserver_proxy::h2::{self, ErrorCode, Transport};
-use apiserver_proxy::shutdown::Worker;
-use common::{ChildGuard, poll, unique};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use common::{ChildGuard, poll};
+use rustls::pki_types::ServerName;
 
 const SERVER: &str = env!("CARGO_BIN_EXE_proxy-server");
 const AGENT: &str = env!("CARGO_BIN_EXE_proxy-agent");
@@ -45,26 +45,6 @@ const ERROR_MESSAGE: &str = "boom: 100% \u{fc}n\u{ef}code\nline two";
 const SIZES: [usize; 9] = [1, 7, 100, 1000, 16384, 16385, 65536, 1 << 20, (4 << 20) - 5];
 
 // --- scaffolding ------------------------------------------------------------------
-
-/// A temporary directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(prefix: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(unique(prefix));
-        fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
-}
 
 const GO_PEERS: [&str; 5] = [
     "echo_server",
@@ -244,49 +224,12 @@ impl Certs {
     }
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    rustls::crypto::ring::default_provider().into()
-}
-
-fn pem_certs(path: &str) -> Vec<CertificateDer<'static>> {
-    CertificateDer::pem_file_iter(path)
-        .unwrap()
-        .map(|c| c.unwrap())
-        .collect()
-}
-
-fn roots(ca: &str) -> rustls::RootCertStore {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in pem_certs(ca) {
-        roots.add(c).unwrap();
-    }
-    roots
-}
-
 fn server_tls([ca, cert, key]: &[String; 3]) -> Arc<rustls::ServerConfig> {
-    let verifier =
-        rustls::server::WebPkiClientVerifier::builder_with_provider(roots(ca).into(), provider())
-            .build()
-            .unwrap();
-    let mut config = rustls::ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(pem_certs(cert), PrivateKeyDer::from_pem_file(key).unwrap())
-        .unwrap();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Arc::new(config)
+    interop::server_tls(Path::new(ca), Path::new(cert), Path::new(key))
 }
 
 fn client_tls([ca, cert, key]: &[String; 3]) -> Arc<rustls::ClientConfig> {
-    let mut config = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots(ca))
-        .with_client_auth_cert(pem_certs(cert), PrivateKeyDer::from_pem_file(key).unwrap())
-        .unwrap();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Arc::new(config)
+    interop::client_tls(Path::new(ca), Path::new(cert), Path::new(key))
 }
 
 fn tls_flags(prefix: &str, [ca, cert, key]: &[String; 3]) -> Vec<String> {
@@ -298,24 +241,6 @@ fn tls_flags(prefix: &str, [ca, cert, key]: &[String; 3]) -> Vec<String> {
 }
 
 // --- 1a: our grpc::Client against a grpc-go server ------------------------------
-
-fn pool() -> Vec<u8> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    (0..SIZES[8] + 4096)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-fn fnv(hash: &mut u64, bytes: &[u8]) {
-    for &b in bytes {
-        *hash = (*hash ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
-    }
-}
 
 /// One echo call: MIB_PER_STREAM MiB each way, hashed on both sides.
 fn echo_call(client: &grpc::Client, index: usize, pool: &[u8]) {
@@ -368,7 +293,7 @@ fn exchange(client: &grpc::Client, mode: &str, msg: &[u8]) -> Result<Vec<Vec<u8>
 }
 
 fn drive_go_server(client: grpc::Client) {
-    let pool = pool();
+    let pool = pool(SIZES[8] + 4096);
     let start = Instant::now();
     std::thread::scope(|scope| {
         for index in 1..=STREAMS {
@@ -571,88 +496,9 @@ fn echo_handler(cancelled: Arc<AtomicBool>) -> impl Fn(&Arc<ServerCall>) -> Stat
     }
 }
 
-enum Listener {
-    Tcp(TcpListener, Arc<rustls::ServerConfig>),
-    Unix(UnixListener, PathBuf),
-}
-
-/// Our gRPC server, each connection on its own thread, until dropped.
-struct OurServer {
-    stop: Arc<AtomicBool>,
-    wake: Box<dyn Fn()>,
-    acceptor: Option<Worker>,
-}
-
-impl OurServer {
-    fn start(listener: Listener) -> OurServer {
-        let server =
-            grpc::Server::new().route(ECHO, echo_handler(Arc::new(AtomicBool::new(false))));
-        let stop = Arc::new(AtomicBool::new(false));
-        let wake: Box<dyn Fn()> = match &listener {
-            Listener::Tcp(l, _) => {
-                let addr = l.local_addr().unwrap();
-                Box::new(move || drop(TcpStream::connect(addr)))
-            }
-            Listener::Unix(_, path) => {
-                let path = path.clone();
-                Box::new(move || drop(UnixStream::connect(&path)))
-            }
-        };
-        let s = stop.clone();
-        let acceptor = Worker::spawn("acceptor", move || {
-            let conns: Arc<Mutex<Vec<h2::Closer>>> = Arc::default();
-            let mut workers = Vec::new();
-            loop {
-                let transport = match &listener {
-                    Listener::Tcp(l, tls) => {
-                        let (sock, _) = l.accept().unwrap();
-                        if s.load(Ordering::SeqCst) {
-                            break;
-                        }
-                        let conn = rustls::ServerConnection::new(tls.clone()).unwrap();
-                        Transport::tls(sock, conn, IO_TIMEOUT, IO_TIMEOUT)
-                    }
-                    Listener::Unix(l, _) => {
-                        let (sock, _) = l.accept().unwrap();
-                        if s.load(Ordering::SeqCst) {
-                            break;
-                        }
-                        Transport::plain(sock, IO_TIMEOUT, IO_TIMEOUT)
-                    }
-                };
-                let Ok(transport) = transport else { continue };
-                let server = server.clone();
-                let conns = conns.clone();
-                workers.push(
-                    Worker::spawn("conn", move || {
-                        let conn =
-                            h2::Connection::server(transport, h2::Config::default()).unwrap();
-                        conns.lock().unwrap().push(conn.closer());
-                        server.serve(&conn);
-                    })
-                    .unwrap(),
-                );
-            }
-            for c in conns.lock().unwrap().iter() {
-                c.close();
-            }
-            drop(workers);
-        })
-        .unwrap();
-        OurServer {
-            stop,
-            wake,
-            acceptor: Some(acceptor),
-        }
-    }
-}
-
-impl Drop for OurServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        (self.wake)();
-        drop(self.acceptor.take());
-    }
+/// Our server with the echo service grpc-go's client calls.
+fn echo_server() -> grpc::Server {
+    grpc::Server::new().route(ECHO, echo_handler(Arc::new(AtomicBool::new(false))))
 }
 
 fn run_go_client(bin: &Path, target: String, tls: Option<[String; 3]>) {
@@ -676,7 +522,7 @@ fn grpc_go_client_to_our_server_over_mtls() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let tls = server_tls(&certs.triple("frontend", "proxy-frontend"));
-    let _server = OurServer::start(Listener::Tcp(listener, tls));
+    let _server = OurServer::start(Listener::Tcp(listener, tls), echo_server());
     run_go_client(
         &bin,
         addr.to_string(),
@@ -690,7 +536,7 @@ fn grpc_go_client_to_our_server_over_uds() {
     let bin = go_peer("echo_client");
     let path = dir.path("ours.sock");
     let listener = UnixListener::bind(&path).unwrap();
-    let _server = OurServer::start(Listener::Unix(listener, path.clone()));
+    let _server = OurServer::start(Listener::Unix(listener, path.clone()), echo_server());
     run_go_client(&bin, format!("unix://{}", path.display()), None);
 }
 
@@ -875,7 +721,7 @@ fn grpc_go_agent_behind_our_http_connect_frontend() {
     // 1 MiB each way, byte-exact, through the Go agent.
     let (mut sock, head) = connect(&uds, &format!("127.0.0.1:{echo}"));
     assert_eq!(head, "HTTP/1.1 200 Connection Established\r\n\r\n");
-    let payload: Vec<u8> = pool().into_iter().take(1 << 20).collect();
+    let payload: Vec<u8> = pool(1 << 20);
     let mut writer = sock.try_clone().unwrap();
     let sent = payload.clone();
     let sender = std::thread::spawn(move || writer.write_all(&sent).unwrap());

@@ -8,23 +8,23 @@
 
 mod common;
 
+use common::interop::{self, Listener, OurServer, TempDir, fnv, pool};
+
 use std::io::{BufRead, BufReader};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use apiserver_proxy::grpc::{self, Code, ServerCall, Status};
 use apiserver_proxy::h2::{self, Transport};
-use apiserver_proxy::shutdown::Worker;
 use apiserver_proxy::tunnel::proto::{Packet, Payload};
-use common::{ChildGuard, run_ok, unique};
+use common::{ChildGuard, run_ok};
 use prost::Message;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use rustls::pki_types::ServerName;
 
 const STREAMS: usize = 3;
 const MIB_PER_STREAM: usize = 64;
@@ -41,26 +41,6 @@ const SIZES: [usize; 9] = [
     4 * 1024 * 1024 - 64,
 ];
 const IO_TIMEOUT: Option<Duration> = Some(Duration::from_secs(30));
-
-/// A temporary directory removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> TempDir {
-        let dir = std::env::temp_dir().join(unique("h2-interop-"));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn python() -> String {
     std::env::var("APISERVER_PROXY_PYTHON").expect(
@@ -172,57 +152,21 @@ fn make_certs(dir: &TempDir) -> PathBuf {
     d
 }
 
-fn provider() -> Arc<rustls::crypto::CryptoProvider> {
-    rustls::crypto::ring::default_provider().into()
-}
-
-fn certs(path: &Path) -> Vec<CertificateDer<'static>> {
-    CertificateDer::pem_file_iter(path)
-        .unwrap()
-        .map(|c| c.unwrap())
-        .collect()
-}
-
-fn roots(certs_dir: &Path) -> rustls::RootCertStore {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in certs(&certs_dir.join("ca.crt")) {
-        roots.add(c).unwrap();
-    }
-    roots
-}
-
-fn server_tls(certs_dir: &Path) -> Arc<rustls::ServerConfig> {
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        roots(certs_dir).into(),
-        provider(),
+/// Our test certificates: `ca.crt`, `server.*` and `client.*` in one folder.
+fn server_tls(d: &Path) -> Arc<rustls::ServerConfig> {
+    interop::server_tls(
+        &d.join("ca.crt"),
+        &d.join("server.crt"),
+        &d.join("server.key"),
     )
-    .build()
-    .unwrap();
-    let mut config = rustls::ServerConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(
-            certs(&certs_dir.join("server.crt")),
-            PrivateKeyDer::from_pem_file(certs_dir.join("server.key")).unwrap(),
-        )
-        .unwrap();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Arc::new(config)
 }
 
-fn client_tls(certs_dir: &Path) -> Arc<rustls::ClientConfig> {
-    let mut config = rustls::ClientConfig::builder_with_provider(provider())
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots(certs_dir))
-        .with_client_auth_cert(
-            certs(&certs_dir.join("client.crt")),
-            PrivateKeyDer::from_pem_file(certs_dir.join("client.key")).unwrap(),
-        )
-        .unwrap();
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Arc::new(config)
+fn client_tls(d: &Path) -> Arc<rustls::ClientConfig> {
+    interop::client_tls(
+        &d.join("ca.crt"),
+        &d.join("client.crt"),
+        &d.join("client.key"),
+    )
 }
 
 /// Reads the child's stdout until a line starting with `prefix`.
@@ -287,97 +231,12 @@ fn echo_handler(cancelled: Arc<AtomicBool>) -> impl Fn(&Arc<ServerCall>) -> Stat
     }
 }
 
-enum Listener {
-    Tcp(TcpListener, Arc<rustls::ServerConfig>),
-    Unix(UnixListener, PathBuf),
-}
-
-/// Our gRPC server on a listener, serving each connection on its own
-/// thread until dropped.
-struct OurServer {
-    stop: Arc<AtomicBool>,
-    wake: Box<dyn Fn()>,
-    acceptor: Option<Worker>,
-}
-
-impl OurServer {
-    fn start(listener: Listener) -> OurServer {
-        let server = grpc::Server::new().route(
-            "/ProxyService/Proxy",
-            echo_handler(Arc::new(AtomicBool::new(false))),
-        );
-        let stop = Arc::new(AtomicBool::new(false));
-        let wake: Box<dyn Fn()> = match &listener {
-            Listener::Tcp(l, _) => {
-                let addr = l.local_addr().unwrap();
-                Box::new(move || drop(TcpStream::connect(addr)))
-            }
-            Listener::Unix(_, path) => {
-                let path = path.clone();
-                Box::new(move || drop(UnixStream::connect(&path)))
-            }
-        };
-        let s = stop.clone();
-        let acceptor = Worker::spawn("acceptor", move || {
-            let conns: Arc<Mutex<Vec<h2::Closer>>> = Arc::default();
-            let mut workers = Vec::new();
-            loop {
-                let transport = match &listener {
-                    Listener::Tcp(l, tls) => {
-                        let (sock, _) = l.accept().unwrap();
-                        if s.load(Ordering::SeqCst) {
-                            break;
-                        }
-                        let conn = rustls::ServerConnection::new(tls.clone()).unwrap();
-                        Transport::tls(sock, conn, IO_TIMEOUT, IO_TIMEOUT)
-                    }
-                    Listener::Unix(l, _) => {
-                        let (sock, _) = l.accept().unwrap();
-                        if s.load(Ordering::SeqCst) {
-                            break;
-                        }
-                        Transport::plain(sock, IO_TIMEOUT, IO_TIMEOUT)
-                    }
-                };
-                let transport = match transport {
-                    Ok(t) => t,
-                    Err(err) => {
-                        eprintln!("server transport: {err}");
-                        continue;
-                    }
-                };
-                let server = server.clone();
-                let conns = conns.clone();
-                workers.push(
-                    Worker::spawn("conn", move || {
-                        let conn =
-                            h2::Connection::server(transport, h2::Config::default()).unwrap();
-                        conns.lock().unwrap().push(conn.closer());
-                        server.serve(&conn);
-                    })
-                    .unwrap(),
-                );
-            }
-            for c in conns.lock().unwrap().iter() {
-                c.close();
-            }
-            drop(workers);
-        })
-        .unwrap();
-        OurServer {
-            stop,
-            wake,
-            acceptor: Some(acceptor),
-        }
-    }
-}
-
-impl Drop for OurServer {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        (self.wake)();
-        drop(self.acceptor.take());
-    }
+/// Our server with the echo service on the path grpcio's peer calls.
+fn echo_server() -> grpc::Server {
+    grpc::Server::new().route(
+        "/ProxyService/Proxy",
+        echo_handler(Arc::new(AtomicBool::new(false))),
+    )
 }
 
 fn run_grpcio_client(schema: &Path, target: &str, certs: Option<&Path>) {
@@ -410,45 +269,26 @@ fn run_grpcio_client(schema: &Path, target: &str, certs: Option<&Path>) {
 
 #[test]
 fn grpcio_client_to_our_server_over_mtls() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("h2-interop-");
     let schema = compile_schema(&dir);
     let certs = make_certs(&dir);
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
-    let _server = OurServer::start(Listener::Tcp(listener, server_tls(&certs)));
+    let _server = OurServer::start(Listener::Tcp(listener, server_tls(&certs)), echo_server());
     run_grpcio_client(&schema, &format!("127.0.0.1:{port}"), Some(&certs));
 }
 
 #[test]
 fn grpcio_client_to_our_server_over_uds() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("h2-interop-");
     let schema = compile_schema(&dir);
     let path = dir.path("server.sock");
     let listener = UnixListener::bind(&path).unwrap();
-    let _server = OurServer::start(Listener::Unix(listener, path.clone()));
+    let _server = OurServer::start(Listener::Unix(listener, path.clone()), echo_server());
     run_grpcio_client(&schema, &format!("unix:{}", path.display()), None);
 }
 
 // --- our client ---------------------------------------------------------------
-
-/// Deterministic bytes to send: a pool sliced at varying offsets.
-fn pool() -> Vec<u8> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    (0..SIZES[8] + 4096)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-fn fnv(hash: &mut u64, bytes: &[u8]) {
-    for &b in bytes {
-        *hash = (*hash ^ u64::from(b)).wrapping_mul(0x100_0000_01b3);
-    }
-}
 
 fn echo_stream(client: &grpc::Client, index: i64, pool: &[u8]) {
     let agent = format!("agent-{index}");
@@ -511,7 +351,7 @@ fn one_packet(client: &grpc::Client, packet: &Packet) -> Result<Vec<Packet>, Sta
 
 fn drive_grpcio_server(conn: h2::Connection) {
     let client = grpc::Client::new(conn, "localhost");
-    let pool = pool();
+    let pool = pool(SIZES[8] + 4096);
     let start = Instant::now();
     std::thread::scope(|scope| {
         for index in 1..=STREAMS as i64 {
@@ -587,7 +427,7 @@ fn start_grpcio_server(
 
 #[test]
 fn our_client_to_grpcio_server_over_mtls() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("h2-interop-");
     let schema = compile_schema(&dir);
     let certs = make_certs(&dir);
     let (_child, line) =
@@ -602,7 +442,7 @@ fn our_client_to_grpcio_server_over_mtls() {
 
 #[test]
 fn our_client_to_grpcio_server_over_uds() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("h2-interop-");
     let schema = compile_schema(&dir);
     let path = dir.path("py.sock");
     let (_child, _) = start_grpcio_server(&schema, "uds", &format!("unix:{}", path.display()), "-");
@@ -614,7 +454,7 @@ fn our_client_to_grpcio_server_over_uds() {
 /// The Python protobuf runtime and our prost derives agree byte for byte.
 #[test]
 fn packets_match_python_protobuf() {
-    let dir = TempDir::new();
+    let dir = TempDir::new("h2-interop-");
     let schema = compile_schema(&dir);
     let out = run_ok(
         &python(),

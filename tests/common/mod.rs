@@ -3,6 +3,8 @@
 //! and the static release binaries for empty-root tests.
 #![allow(dead_code)]
 
+pub mod interop;
+
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
