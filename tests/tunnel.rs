@@ -1240,3 +1240,62 @@ fn an_agent_with_a_certificate_from_another_ca_is_refused() {
     );
     assert_eq!(tunnel.health("/readyz").0, 500);
 }
+
+#[test]
+fn slowloris_is_cut_off_after_the_header_timeout_and_others_are_served() {
+    let echo = echo_server();
+    let tunnel = Tunnel::start("http-connect", "uds", &["--header-timeout=1s"], true);
+    let uds = tunnel.uds.clone().unwrap();
+    let mut slow = UnixStream::connect(&uds).unwrap();
+    slow.set_read_timeout(Some(DEADLINE)).unwrap();
+    let started = Instant::now();
+    // One header byte every 100 ms: the whole head would take 10 s.
+    let mut pacer = slow.try_clone().unwrap();
+    let pacing = std::thread::spawn(move || {
+        let head = format!(
+            "CONNECT 127.0.0.1:1 HTTP/1.1\r\nX-Slow: {}\r\n\r\n",
+            "a".repeat(60)
+        );
+        for byte in head.bytes() {
+            if pacer.write_all(&[byte]).is_err() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100)); // the attack's pace, not a wait
+        }
+    });
+    // Meanwhile a normal client is served.
+    let (mut ok, head) = tunnel.connect_uds(&format!("127.0.0.1:{echo}"));
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    ok.write_all(b"hi").unwrap();
+    let mut back = [0u8; 2];
+    ok.read_exact(&mut back).unwrap();
+    // The slow one is answered 408 and closed once the timeout passes.
+    let answer = read_all(&mut slow);
+    let elapsed = started.elapsed();
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer:?}");
+    assert!(
+        elapsed >= Duration::from_secs(1),
+        "cut off early, after {elapsed:?}"
+    );
+    assert!(
+        elapsed < Duration::from_secs(8),
+        "cut off late, after {elapsed:?}"
+    );
+    pacing.join().unwrap();
+}
+
+#[test]
+fn a_silent_tls_client_is_cut_off_after_the_header_timeout() {
+    let tunnel = Tunnel::start("http-connect", "tcp", &["--header-timeout=1s"], true);
+    let mut silent = TcpStream::connect(("127.0.0.1", tunnel.frontend_port.unwrap())).unwrap();
+    silent.set_read_timeout(Some(DEADLINE)).unwrap();
+    let started = Instant::now();
+    let mut buf = [0u8; 16];
+    let n = silent.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "expected the server to close the silent connection");
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "closed early"
+    );
+    assert!(started.elapsed() < Duration::from_secs(8), "closed late");
+}

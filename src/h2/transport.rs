@@ -140,9 +140,11 @@ impl Transport {
     ) -> Result<Self, Error> {
         let mut conn: rustls::Connection = conn.into();
         let peer = sock.peer();
-        // The handshake gets the write timeout as its read timeout too, so
-        // a silent peer cannot hold it forever.
-        sock.set_timeouts(write_timeout.or(read_timeout), write_timeout)
+        // The handshake's reads are bounded by the read timeout (the HTTP
+        // CONNECT frontend's header timeout) or, where reads have none (h2
+        // with keepalive), by the write timeout: a silent peer cannot hold
+        // it forever.
+        sock.set_timeouts(read_timeout.or(write_timeout), write_timeout)
             .map_err(Error::Socket)?;
         while conn.is_handshaking() {
             conn.complete_io(&mut sock)

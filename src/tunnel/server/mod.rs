@@ -81,6 +81,8 @@ pub struct Config {
     pub max_pending_dials: usize,
     /// Frontend connections plus agent connections (`--max-connections`, ours).
     pub max_connections: usize,
+    /// TLS handshake plus CONNECT request head (`--header-timeout`, ours).
+    pub header_timeout: Duration,
     pub log: LogFlags,
 }
 
@@ -120,6 +122,8 @@ Operations:
       --xfr-channel-size N               packets queued per tunnelled connection (default 10)
       --max-pending-dials N              dials waiting for an agent's answer, in all (default 10000)
       --max-connections N                open frontend and agent connections, in all (default 20000)
+      --header-timeout DURATION          HTTP CONNECT: TLS handshake plus request head must finish
+                                         within this (slowloris guard; default 10s)
 Accepted for compatibility: --enable-profiling, --enable-contention-profiling, --warn-on-channel-limit,
       --cipher-suites, --tls-min-version (VersionTLS12 or VersionTLS13), --lease-namespace, --lease-label,
       --kubeconfig-qps, --kubeconfig-burst, --kube-api-content-type.
@@ -161,6 +165,7 @@ pub fn parse(
     let mut xfr: i64 = 10;
     let mut max_pending: usize = 10_000;
     let mut max_connections: usize = 20_000;
+    let mut header_timeout = Duration::from_secs(10);
     let mut profiling = false;
     let mut contention = false;
     let mut token_auth: Vec<(String, String)> = Vec::new();
@@ -206,6 +211,7 @@ pub fn parse(
             "xfr-channel-size" => xfr = cli::parsed_value(&mut p, n, |s| s.parse::<i64>())?,
             "max-pending-dials" => max_pending = cli::parsed_value(&mut p, n, parse_positive)?,
             "max-connections" => max_connections = cli::parsed_value(&mut p, n, parse_positive)?,
+            "header-timeout" => header_timeout = cli::parsed_value(&mut p, n, cli::parse_duration)?,
             "enable-profiling" => profiling = cli::bool_value(&mut p, n)?,
             "enable-contention-profiling" => contention = cli::bool_value(&mut p, n)?,
             "warn-on-channel-limit" => {
@@ -319,6 +325,11 @@ pub fn parse(
             "channel size {xfr} must be greater than 0"
         )));
     }
+    if header_timeout.is_zero() {
+        return Err(UsageError(
+            "--header-timeout must be greater than zero".into(),
+        ));
+    }
     if keepalive.is_zero() || frontend_keepalive.is_zero() {
         return Err(UsageError(
             "keepalive times must be greater than zero".into(),
@@ -344,6 +355,7 @@ pub fn parse(
         xfr_channel_size: xfr as usize,
         max_pending_dials: max_pending,
         max_connections,
+        header_timeout,
         log,
     }))
 }

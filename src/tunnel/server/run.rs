@@ -204,6 +204,7 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), Error> {
                     .backend_dial_timeout
                     .map(|t| t + Duration::from_secs(1))
                     .unwrap_or(Timeouts::default().dial),
+                header: config.header_timeout,
                 ..Timeouts::default()
             };
             Arc::new(move |conn| {
