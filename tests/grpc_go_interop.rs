@@ -200,13 +200,7 @@ struct Certs {
 impl Certs {
     fn new() -> Certs {
         let dir = TempDir::new("go-interop-certs-");
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/make-certs.sh");
-        let out = Command::new(script).arg(&dir.0).output().unwrap();
-        assert!(
-            out.status.success(),
-            "make-certs.sh: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        interop::make_certs(&dir.0);
         Certs { dir }
     }
 

@@ -9,7 +9,7 @@ use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -29,16 +29,7 @@ struct Certs {
 impl Certs {
     fn new() -> Self {
         let dir = std::env::temp_dir().join(unique("tunnel-certs-"));
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/make-certs.sh");
-        let out = Command::new(script)
-            .arg(&dir)
-            .output()
-            .expect("run make-certs.sh");
-        assert!(
-            out.status.success(),
-            "make-certs.sh: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        common::interop::make_certs(&dir);
         Certs { dir }
     }
 

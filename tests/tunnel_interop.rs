@@ -52,8 +52,7 @@ impl Workdir {
         let dir = std::env::temp_dir().join(unique("konn-interop-"));
         fs::create_dir_all(&dir).unwrap();
         let work = Workdir { dir };
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/make-certs.sh");
-        run_ok(script.to_str().unwrap(), &[work.path("certs").as_str()]);
+        common::interop::make_certs(Path::new(&work.path("certs")));
         let schema = work.path("schema");
         fs::create_dir_all(&schema).unwrap();
         let proto = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/proto");

@@ -39,6 +39,21 @@ impl Drop for TempDir {
     }
 }
 
+/// Writes certificates in upstream Konnectivity's layout into `dir` with
+/// the project's own scripts/make-certs.sh (openssl).
+pub fn make_certs(dir: &Path) {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/make-certs.sh");
+    let out = std::process::Command::new(script)
+        .arg(dir)
+        .output()
+        .expect("run make-certs.sh");
+    assert!(
+        out.status.success(),
+        "make-certs.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     rustls::crypto::ring::default_provider().into()
 }
