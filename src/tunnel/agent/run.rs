@@ -14,8 +14,6 @@ use std::net::{Shutdown as SocketShutdown, TcpStream, ToSocketAddrs};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use prost::Message as _;
-
 use super::Config;
 use super::table::{Action, Table};
 use crate::grpc::{self, ClientCall};
@@ -412,10 +410,8 @@ fn serve_stream(
             loop {
                 match writer_stream.outbox.pop_timeout(None) {
                     Pop::Item(message) => {
-                        if writer_call
-                            .send(&Packet::from(message).encode_to_vec())
-                            .is_err()
-                        {
+                        let (head, data) = message.encode_parts();
+                        if writer_call.send_parts(&head, &data).is_err() {
                             writer_stream
                                 .shared
                                 .metrics
@@ -442,11 +438,9 @@ fn serve_stream(
             }
         });
         loop {
-            match call.recv() {
-                Ok(Some(bytes)) => {
-                    let message = Packet::decode(bytes.as_slice())
-                        .map_err(|e| e.to_string())
-                        .and_then(Message::try_from);
+            match call.recv_decoded::<Packet>() {
+                Ok(Some(packet)) => {
+                    let message = packet.and_then(Message::try_from);
                     match message {
                         Ok(message) => {
                             let actions = lock(&stream.table).from_server(message);

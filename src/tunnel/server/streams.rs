@@ -9,8 +9,6 @@
 
 use std::sync::Arc;
 
-use prost::Message as _;
-
 use super::hub::{Hub, ToFrontend};
 use crate::grpc::{Code, ServerCall, Status};
 use crate::tunnel::identifiers::Identifiers;
@@ -26,11 +24,8 @@ pub const PROXY_PATH: &str = "/ProxyService/Proxy";
 /// skipped. Stops early when `deliver` returns false.
 fn read_packets(call: &ServerCall, what: &str, mut deliver: impl FnMut(Message) -> bool) {
     loop {
-        match call.recv() {
-            Ok(Some(bytes)) => match Packet::decode(bytes.as_slice())
-                .map_err(|e| e.to_string())
-                .and_then(Message::try_from)
-            {
+        match call.recv_decoded::<Packet>() {
+            Ok(Some(packet)) => match packet.and_then(Message::try_from) {
                 Ok(message) => {
                     if !deliver(message) {
                         return;
@@ -57,8 +52,8 @@ fn write_queue<T>(
     loop {
         match queue.pop_timeout(None) {
             Pop::Item(item) => {
-                let packet = Packet::from(into_message(item));
-                if let Err(status) = call.send(&packet.encode_to_vec()) {
+                let (head, data) = into_message(item).encode_parts();
+                if let Err(status) = call.send_parts(&head, &data) {
                     log::debug!("{what}: send failed: {status:?}");
                     queue.close_and_clear();
                     return;
