@@ -8,13 +8,14 @@
 //! Owns: the connection's socket and its two halves. Must not: decide
 //! routing; the hub does.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::hub::{Hub, ToFrontend};
 use crate::h2::transport::Transport;
 use crate::tls::Reloader;
+use crate::tunnel::ReadBuf;
 use crate::tunnel::connect::{self, ESTABLISHED};
 use crate::tunnel::listen::Conn;
 use crate::tunnel::message::Message;
@@ -103,7 +104,7 @@ pub fn serve(hub: &Arc<Hub>, conn: Conn, tls: Option<&Reloader>, timeouts: &Time
     // The request head, within the header timeout from the connection's start.
     let started = Instant::now();
     let mut head = Vec::with_capacity(1024);
-    let mut buf = vec![0u8; CHUNK];
+    let mut buf = ReadBuf::new(CHUNK);
     let request = loop {
         match connect::parse(&head) {
             Ok(Some(request)) => break request,
@@ -121,14 +122,15 @@ pub fn serve(hub: &Arc<Hub>, conn: Conn, tls: Option<&Reloader>, timeouts: &Time
             finish(writer, &closer);
             return;
         }
-        match reader
-            .read(&mut buf[..CHUNK.min(connect::MAX_HEAD + 1 - head.len().min(connect::MAX_HEAD))])
-        {
-            Ok(0) | Err(_) => {
+        match buf.read_from(
+            &mut reader,
+            connect::MAX_HEAD + 1 - head.len().min(connect::MAX_HEAD),
+        ) {
+            Ok([]) | Err(_) => {
                 finish(writer, &closer);
                 return;
             }
-            Ok(n) => head.extend_from_slice(&buf[..n]),
+            Ok(bytes) => head.extend_from_slice(bytes),
         }
     };
     set_read_timeout(&control, None);
@@ -225,8 +227,8 @@ pub fn serve(hub: &Arc<Hub>, conn: Conn, tls: Option<&Reloader>, timeouts: &Time
             closer();
         });
         loop {
-            match reader.read(&mut buf) {
-                Ok(0) => {
+            match buf.read_from(&mut reader, CHUNK) {
+                Ok([]) => {
                     log::debug!("CONNECT {peer}: client closed connection {connect_id}");
                     break;
                 }
@@ -234,11 +236,11 @@ pub fn serve(hub: &Arc<Hub>, conn: Conn, tls: Option<&Reloader>, timeouts: &Time
                     log::debug!("CONNECT {peer}: reading connection {connect_id}: {e}");
                     break;
                 }
-                Ok(n) => {
+                Ok(bytes) => {
                     let data = Message::Data {
                         connect_id,
                         error: String::new(),
-                        data: buf[..n].to_vec(),
+                        data: bytes.to_vec(),
                     };
                     if !hub.from_frontend(key, data) {
                         break;
