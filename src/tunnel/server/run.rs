@@ -4,6 +4,8 @@
 //! `--graceful-shutdown-timeout`, then close everything and join).
 
 use std::net::SocketAddr;
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -38,14 +40,14 @@ fn serve_grpc(conn: Conn, tls: Option<&Reloader>, h2: &H2Config, server: &grpc::
     let peer = conn.peer();
     let transport = match (conn, tls) {
         (Conn::Tcp(sock), Some(tls)) => match rustls::ServerConnection::new(tls.server_config()) {
-            Ok(tls) => Transport::tls(sock, tls, None, Some(WRITE_TIMEOUT)),
+            Ok(tls) => Transport::tls::<TcpStream>(sock, tls, None, Some(WRITE_TIMEOUT)),
             Err(e) => {
                 log::error!("{peer}: TLS set-up: {e}");
                 return;
             }
         },
-        (Conn::Tcp(sock), None) => Transport::plain(sock, None, Some(WRITE_TIMEOUT)),
-        (Conn::Unix(sock), _) => Transport::plain(sock, None, Some(WRITE_TIMEOUT)),
+        (Conn::Tcp(sock), None) => Transport::plain::<TcpStream>(sock, None, Some(WRITE_TIMEOUT)),
+        (Conn::Unix(sock), _) => Transport::plain::<UnixStream>(sock, None, Some(WRITE_TIMEOUT)),
     };
     let transport = match transport {
         Ok(t) => t,
