@@ -14,7 +14,7 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown as SocketShutdown, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A blocking socket that can be cloned into a reader and a writer.
 pub trait Socket: Read + Write + Send + Sync + 'static + Sized {
@@ -126,17 +126,21 @@ impl Transport {
         read_timeout: Option<Duration>,
         write_timeout: Option<Duration>,
     ) -> Result<Self, Error> {
-        Self::tls_alpn(sock, conn, read_timeout, write_timeout, true)
+        Self::tls_alpn(sock, conn, read_timeout, write_timeout, true, None)
     }
 
-    /// [`Transport::tls`] for protocols other than HTTP/2 (the HTTP CONNECT
-    /// frontend): ALPN `h2` is only required when `require_h2`.
+    /// [`Transport::tls`] for servers and for protocols other than HTTP/2
+    /// (the HTTP CONNECT frontend): ALPN `h2` is only required when
+    /// `require_h2`, and with a `handshake_deadline` the whole handshake
+    /// must end by then (a slowloris guard: a peer trickling its
+    /// ClientHello a byte at a time satisfies every per-read timeout).
     pub fn tls_alpn<S: Socket>(
         mut sock: S,
         conn: impl Into<rustls::Connection>,
         read_timeout: Option<Duration>,
         write_timeout: Option<Duration>,
         require_h2: bool,
+        handshake_deadline: Option<Instant>,
     ) -> Result<Self, Error> {
         let mut conn: rustls::Connection = conn.into();
         let peer = sock.peer();
@@ -146,12 +150,26 @@ impl Transport {
         // it forever.
         sock.set_timeouts(read_timeout.or(write_timeout), write_timeout)
             .map_err(Error::Socket)?;
-        while conn.is_handshaking() {
-            conn.complete_io(&mut sock)
-                .map_err(|err| Error::Handshake {
-                    peer: peer.clone(),
-                    err,
-                })?;
+        let handshake_err = |err| Error::Handshake {
+            peer: peer.clone(),
+            err,
+        };
+        match handshake_deadline {
+            None => {
+                while conn.is_handshaking() {
+                    conn.complete_io(&mut sock).map_err(handshake_err)?;
+                }
+            }
+            Some(deadline) => {
+                let mut bounded = Deadline {
+                    sock: &mut sock,
+                    deadline,
+                    write_timeout,
+                };
+                while conn.is_handshaking() {
+                    conn.complete_io(&mut bounded).map_err(handshake_err)?;
+                }
+            }
         }
         if require_h2 && conn.alpn_protocol() != Some(b"h2") {
             return Err(Error::NoAlpnH2 { peer });
@@ -182,6 +200,46 @@ impl Transport {
             peer,
             secure: true,
         })
+    }
+}
+
+/// A socket whose every read and write must end by `deadline`: each one
+/// gets the time that is left as its timeout, and none starts after it.
+struct Deadline<'a, S: Socket> {
+    sock: &'a mut S,
+    deadline: Instant,
+    write_timeout: Option<Duration>,
+}
+
+impl<S: Socket> Deadline<'_, S> {
+    fn arm(&self) -> io::Result<()> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "handshake not finished within the header timeout",
+            ));
+        }
+        let write = self.write_timeout.map_or(left, |w| w.min(left));
+        self.sock.set_timeouts(Some(left), Some(write))
+    }
+}
+
+impl<S: Socket> Read for Deadline<'_, S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.arm()?;
+        self.sock.read(buf)
+    }
+}
+
+impl<S: Socket> Write for Deadline<'_, S> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.arm()?;
+        self.sock.write(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.sock.flush()
     }
 }
 

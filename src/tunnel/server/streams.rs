@@ -8,6 +8,7 @@
 //! conversion between packets and the hub's messages.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use prost::Message as _;
 
@@ -17,6 +18,7 @@ use crate::tunnel::identifiers::Identifiers;
 use crate::tunnel::message::Message;
 use crate::tunnel::proto::Packet;
 use crate::tunnel::queue::{Pop, Queue};
+use crate::tunnel::router::DialFailure;
 
 pub const AGENT_PATH: &str = "/AgentService/Connect";
 pub const PROXY_PATH: &str = "/ProxyService/Proxy";
@@ -129,6 +131,11 @@ pub fn agent_handler(
 }
 
 /// The `ProxyService/Proxy` handler (gRPC frontend).
+///
+/// A dial refused because `--max-pending-dials` is reached gets its
+/// DIAL_RSP with the reason; when it was the stream's only dial (as
+/// kube-apiserver opens one stream per dial), the call then ends with
+/// RESOURCE_EXHAUSTED. A stream carrying other tunnels keeps them.
 pub fn proxy_handler(hub: Arc<Hub>) -> impl Fn(&Arc<ServerCall>) -> Status + Send + Sync + 'static {
     move |call: &Arc<ServerCall>| {
         let (key, queue) = hub.add_frontend();
@@ -136,18 +143,57 @@ pub fn proxy_handler(hub: Arc<Hub>) -> impl Fn(&Arc<ServerCall>) -> Status + Sen
             .grpc_connections
             .add(&["ProxyService/Proxy"], 1.0);
         let what = format!("frontend {key}");
+        let dials = AtomicUsize::new(0);
         std::thread::scope(|scope| {
             scope.spawn(|| {
-                write_queue(call, &queue, &what, |item| match item {
-                    ToFrontend::Message(m) => m,
-                    ToFrontend::DialFailed { random, reason } => Message::DialRsp {
-                        error: reason.to_string(),
-                        connect_id: 0,
-                        random,
-                    },
-                })
+                loop {
+                    let item = match queue.pop_timeout(None) {
+                        Pop::Item(item) => item,
+                        Pop::Closed | Pop::TimedOut => return,
+                    };
+                    let exhausted = matches!(
+                        &item,
+                        ToFrontend::DialFailed {
+                            reason: DialFailure::TooManyPending,
+                            ..
+                        }
+                    );
+                    let message = match item {
+                        ToFrontend::Message(m) => m,
+                        ToFrontend::DialFailed { random, reason } => Message::DialRsp {
+                            error: reason.to_string(),
+                            connect_id: 0,
+                            random,
+                        },
+                    };
+                    if let Err(status) = call.send(&Packet::from(message).encode_to_vec()) {
+                        log::debug!("{what}: send failed: {status:?}");
+                        queue.close_and_clear();
+                        return;
+                    }
+                    if exhausted {
+                        log::info!(
+                            "{what} from {}: dial refused: {}",
+                            call.peer(),
+                            DialFailure::TooManyPending
+                        );
+                        if dials.load(Ordering::Acquire) == 1 {
+                            call.end(&Status::new(
+                                Code::RESOURCE_EXHAUSTED,
+                                DialFailure::TooManyPending.to_string(),
+                            ));
+                            queue.close_and_clear();
+                            return;
+                        }
+                    }
+                }
             });
-            read_packets(call, &what, |message| hub.from_frontend(key, message));
+            read_packets(call, &what, |message| {
+                if matches!(message, Message::DialReq { .. }) {
+                    dials.fetch_add(1, Ordering::AcqRel);
+                }
+                hub.from_frontend(key, message)
+            });
             hub.remove_frontend(key);
         });
         hub.metrics
