@@ -45,6 +45,7 @@ use std::os::fd::AsRawFd;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
+use crate::h2::transport::Deadline;
 use crate::shutdown::{Shutdown, Worker};
 use crate::sys;
 use crate::tls::Reloader;
@@ -563,7 +564,10 @@ impl Conn<'_> {
             .socket()
             .set_read_timeout(Some(remaining))
             .map_err(ReadError::Io)?;
-        match self.transport.read(&mut self.scratch[..]) {
+        let read = self
+            .handshake(deadline)
+            .and_then(|()| self.transport.read(&mut self.scratch[..]));
+        match read {
             Ok(0) => Err(ReadError::Closed),
             Ok(n) => {
                 self.buf.extend_from_slice(&self.scratch[..n]);
@@ -579,6 +583,24 @@ impl Conn<'_> {
                 _ => Err(ReadError::Io(err)),
             },
         }
+    }
+
+    /// Finishes a TLS handshake by `deadline`: rustls reads on by itself
+    /// while the handshake lasts, so a client trickling its ClientHello
+    /// would otherwise renew the read timeout with every byte.
+    fn handshake(&mut self, deadline: Instant) -> io::Result<()> {
+        let Transport::Tls(conn, sock) = &mut self.transport else {
+            return Ok(());
+        };
+        if !conn.is_handshaking() {
+            return Ok(());
+        }
+        let write_timeout = Some(self.shared.limits.write_timeout);
+        let mut bounded = Deadline::new(sock, deadline, write_timeout);
+        while conn.is_handshaking() {
+            conn.complete_io(&mut bounded)?;
+        }
+        sock.set_write_timeout(write_timeout)
     }
 
     /// Reads one request head. With `abortable` (a new connection), a

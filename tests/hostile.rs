@@ -1331,3 +1331,17 @@ fn dials_over_the_pending_cap_are_refused_503_and_resource_exhausted() {
         other => panic!("expected DIAL_RSP, got {other:?}"),
     }
 }
+
+#[test]
+fn slowloris_on_the_webhook_tls_handshake_is_cut_off_while_others_are_served() {
+    let webhook = Webhook::start(&["--header-timeout", "2s"]);
+    let hello = client_hello(b"http/1.1");
+    std::thread::scope(|scope| {
+        let handshake = scope.spawn(|| paced(tcp(webhook.port), one_second, &hello));
+        for _ in 0..3 {
+            webhook.review_works();
+        }
+        assert_cut_off("ClientHello on the webhook", handshake.join().unwrap());
+    });
+    webhook.review_works();
+}

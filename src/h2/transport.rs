@@ -205,13 +205,23 @@ impl Transport {
 
 /// A socket whose every read and write must end by `deadline`: each one
 /// gets the time that is left as its timeout, and none starts after it.
-struct Deadline<'a, S: Socket> {
+/// For TLS handshakes (`complete_io` loops on its own while a peer
+/// trickles bytes). It leaves the last timeouts set on the socket.
+pub(crate) struct Deadline<'a, S: Socket> {
     sock: &'a mut S,
     deadline: Instant,
     write_timeout: Option<Duration>,
 }
 
-impl<S: Socket> Deadline<'_, S> {
+impl<'a, S: Socket> Deadline<'a, S> {
+    pub(crate) fn new(sock: &'a mut S, deadline: Instant, write_timeout: Option<Duration>) -> Self {
+        Deadline {
+            sock,
+            deadline,
+            write_timeout,
+        }
+    }
+
     fn arm(&self) -> io::Result<()> {
         let left = self.deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
