@@ -1144,6 +1144,13 @@ fn connect_connections_over_the_cap_get_503_naming_the_limit_and_service_resumes
             .contains("connection limit reached (--max-connections=3)")
             .then_some(())
     });
+    let baseline = settled(proxy.pid());
+    refusal_flood(proxy.pid(), baseline, || {
+        proxy
+            .connect(&format!("127.0.0.1:{echo}"))
+            .0
+            .starts_with("HTTP/1.1 503 ")
+    });
     drop(held);
     poll("a free slot", DEADLINE, || {
         let (head, _) = proxy.connect(&format!("127.0.0.1:{echo}"));
@@ -1342,6 +1349,77 @@ fn slowloris_on_the_webhook_tls_handshake_is_cut_off_while_others_are_served() {
             webhook.review_works();
         }
         assert_cut_off("ClientHello on the webhook", handshake.join().unwrap());
+    });
+    webhook.review_works();
+}
+
+/// Many connections over a full cap at once: each is refused (`answer`
+/// says whether with the expected answer, or closed past the refusal
+/// threads), and the refusals leave no thread or descriptor behind.
+fn refusal_flood(pid: u32, baseline: (usize, usize), attempt: impl Fn() -> bool + Sync) {
+    let answered = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        for _ in 0..CLIENTS {
+            scope.spawn(|| {
+                for _ in 0..50 {
+                    if attempt() {
+                        answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    });
+    assert!(
+        answered.into_inner() > 0,
+        "no refusal was answered (all closed at once)"
+    );
+    back_to_baseline("after the refusals", pid, baseline);
+}
+
+#[test]
+fn webhook_connections_over_the_cap_get_503_naming_the_limit_and_service_resumes() {
+    let webhook = Webhook::start(&["--max-connections", "2"]);
+    let pid = webhook.proc.child.pid();
+    let mut held: Vec<Tls> = (0..2)
+        .map(|_| {
+            let mut s = webhook.tls().unwrap();
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
+                .unwrap();
+            s.flush().unwrap();
+            assert_eq!(read_response(&mut s).unwrap().0, 200);
+            s
+        })
+        .collect();
+    let baseline = settled(pid);
+    let get = |s: &mut Tls| {
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")?;
+        s.flush()?;
+        read_response(s)
+    };
+    let (status, text) = webhook.tls().and_then(|mut s| get(&mut s)).unwrap();
+    assert_eq!(status, 503, "{text}");
+    assert!(text.contains("too many connections"), "{text}");
+    poll("the refusal in the log", DEADLINE, || {
+        webhook
+            .proc
+            .log()
+            .contains("connection limit of 2 reached (--max-connections)")
+            .then_some(())
+    });
+    refusal_flood(pid, baseline, || {
+        matches!(webhook.tls().and_then(|mut s| get(&mut s)), Ok((503, _)))
+    });
+    // The held connections were served throughout.
+    for s in &mut held {
+        assert_eq!(get(s).unwrap().0, 200);
+    }
+    drop(held);
+    poll("a free slot", DEADLINE, || {
+        webhook
+            .tls()
+            .and_then(|mut s| get(&mut s))
+            .ok()
+            .filter(|(status, _)| *status == 200)
     });
     webhook.review_works();
 }
