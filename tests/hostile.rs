@@ -146,8 +146,12 @@ impl Proxy {
         }
     }
 
-    fn with_agent(mut self) -> Proxy {
-        let args = vec![
+    fn with_agent(self) -> Proxy {
+        self.with_agent_flags(&[])
+    }
+
+    fn with_agent_flags(mut self, extra: &[&str]) -> Proxy {
+        let mut args = vec![
             format!("--ca-cert={}", self.certs.path("agent/issued/ca.crt")),
             format!(
                 "--agent-cert={}",
@@ -162,6 +166,7 @@ impl Proxy {
             "--admin-server-port=0".into(),
             "--health-server-host=127.0.0.1".into(),
         ];
+        args.extend(extra.iter().map(|s| s.to_string()));
         let mut agent = Logged::start(AGENT, &args);
         agent.wait_for_log("connected to server");
         poll("the server to see the agent", DEADLINE, || {
@@ -234,8 +239,9 @@ impl Proxy {
     /// the answer head and the socket.
     fn connect(&self, target: &str) -> (String, UnixStream) {
         let mut sock = self.uds();
-        sock.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
-            .unwrap();
+        // A refused connection may be closed before the request is written.
+        let _ = sock
+            .write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes());
         (read_head(&mut sock), sock)
     }
 
@@ -1422,4 +1428,129 @@ fn webhook_connections_over_the_cap_get_503_naming_the_limit_and_service_resumes
             .filter(|(status, _)| *status == 200)
     });
     webhook.review_works();
+}
+
+#[test]
+fn dials_over_the_agents_cap_are_refused_naming_the_limit() {
+    let echo = echo_server();
+    let proxy = Proxy::start("http-connect", false, &[]).with_agent_flags(&["--max-connections=1"]);
+    let (head, held) = proxy.connect(&format!("127.0.0.1:{echo}"));
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let (head, mut refused) = proxy.connect(&format!("127.0.0.1:{echo}"));
+    assert!(head.starts_with("HTTP/1.1 5"), "{head}");
+    let body = String::from_utf8_lossy(&read_to_close(&mut refused)).into_owned();
+    assert!(
+        body.contains("too many connections on this agent (--max-connections)"),
+        "{body}"
+    );
+    assert!(
+        proxy.log().contains("(--max-connections)"),
+        "{}",
+        proxy.log()
+    );
+    drop(held);
+    poll("the agent's free slot", DEADLINE, || {
+        let (head, _) = proxy.connect(&format!("127.0.0.1:{echo}"));
+        head.starts_with("HTTP/1.1 200").then_some(())
+    });
+}
+
+// --- graceful shutdown --------------------------------------------------------
+
+#[test]
+fn sigterm_on_a_grpc_server_drains_then_ends_tunnels_left_open_after_the_grace_period() {
+    let echo = echo_server();
+    let mut proxy = Proxy::start("grpc", false, &["--graceful-shutdown-timeout=3s"]).with_agent();
+    let (_client, call) = proxy_call(&proxy);
+    let connect_id = match dial(&call, &format!("127.0.0.1:{echo}"), 1).unwrap() {
+        Message::DialRsp {
+            error, connect_id, ..
+        } => {
+            assert_eq!(error, "");
+            connect_id
+        }
+        other => panic!("expected DIAL_RSP, got {other:?}"),
+    };
+    let echoed = |text: &[u8]| {
+        call.send_msg(&Packet::from(Message::Data {
+            connect_id,
+            error: String::new(),
+            data: text.to_vec(),
+        }))
+        .unwrap();
+        let mut got = Vec::new();
+        while got.len() < text.len() {
+            let packet: Packet = call.recv_msg().unwrap().expect("a packet");
+            if let Ok(Message::Data { data, .. }) = Message::try_from(packet) {
+                got.extend(data);
+            }
+        }
+        assert_eq!(got, text);
+    };
+    echoed(b"before");
+    proxy.server.child.signal("TERM");
+    let uds = proxy.uds.clone().unwrap();
+    poll("the frontend to stop accepting", DEADLINE, || {
+        UnixStream::connect(&uds).is_err().then_some(())
+    });
+    // The open tunnel still works during the grace period...
+    echoed(b"during the grace period");
+    assert!(proxy.server.child.is_running());
+    // ...and the server ends it and exits once the period is over.
+    let out = proxy.server.child.wait_output(DEADLINE);
+    assert!(out.status.success(), "{}", proxy.log());
+    assert!(
+        proxy.log().contains("draining 1 tunnels"),
+        "{}",
+        proxy.log()
+    );
+    assert!(call.recv().is_err(), "the call outlived the server");
+}
+
+#[test]
+fn sigterm_on_the_webhook_lets_a_slowly_sent_review_finish() {
+    let mut webhook = Webhook::start(&[]);
+    let body = fs::read(data("admission.json")).unwrap();
+    let mut s = webhook.tls().unwrap();
+    let head = format!(
+        "POST /webhook/pod-apiserver-env HTTP/1.1\r\nHost: localhost\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(&body[..64]).unwrap();
+    s.flush().unwrap();
+    // A second request completes: the server is live and has our head.
+    webhook.review_works();
+    webhook.proc.child.signal("TERM");
+    webhook.proc.wait_for_log("received SIGTERM");
+    // The rest of the body, 64 bytes at a time, a tenth of a second apart
+    // (the client's pace), well after the signal.
+    s.sock
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let chunks: Vec<&[u8]> = body[64..].chunks(64).collect();
+    for (n, chunk) in chunks.iter().enumerate() {
+        s.write_all(chunk).unwrap();
+        s.flush().unwrap();
+        if n + 1 == chunks.len() {
+            break; // complete: the answer is due now
+        }
+        let mut none = [0u8; 1];
+        match s.read(&mut none) {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            other => panic!("the server answered or closed early: {other:?}"),
+        }
+    }
+    s.sock.set_read_timeout(IO).unwrap();
+    let (status, text) = read_response(&mut s).unwrap();
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("Connection: close"), "{text}");
+    assert!(text.contains("\"allowed\":true"), "{text}");
+    let out = webhook.proc.child.wait_output(DEADLINE);
+    assert_eq!(out.status.code(), Some(0), "{}", webhook.proc.log());
 }
