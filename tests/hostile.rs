@@ -1028,7 +1028,7 @@ fn the_webhook_survives_a_thousand_malformed_requests_and_refuses_100_mib_quickl
     let pid = webhook.proc.child.pid();
     let hello = client_hello(b"http/1.1");
     // Warm up the connection pool as wide as the floods below go.
-    let held: Vec<Tls> = (0..2 * CLIENTS)
+    let held: Vec<Tls> = (0..3 * CLIENTS)
         .map(|_| {
             let mut s = webhook.tls().unwrap();
             s.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\n\r\n")
