@@ -279,7 +279,9 @@ impl MessageReader {
         self.start < self.buf.len()
     }
 
-    fn next(&mut self) -> Result<Option<Vec<u8>>, Status> {
+    /// The length of the next message once it is all buffered; refuses
+    /// compressed and oversized messages as soon as the prefix is in.
+    fn complete(&self) -> Result<Option<usize>, Status> {
         let avail = &self.buf[self.start..];
         let Some(prefix) = avail.first_chunk::<PREFIX_LEN>() else {
             return Ok(None);
@@ -297,17 +299,11 @@ impl MessageReader {
                 format!("received message larger than max ({len} vs. {})", self.max),
             ));
         }
-        if avail.len() < PREFIX_LEN + len {
-            return Ok(None);
-        }
-        if avail.len() == PREFIX_LEN + len {
-            // The message is all that is buffered: hand the buffer over.
-            let mut msg = std::mem::take(&mut self.buf);
-            msg.drain(..self.start + PREFIX_LEN);
-            self.start = 0;
-            return Ok(Some(msg));
-        }
-        let msg = avail[PREFIX_LEN..PREFIX_LEN + len].to_vec();
+        Ok((avail.len() >= PREFIX_LEN + len).then_some(len))
+    }
+
+    /// Drops a consumed message of `len` bytes from the buffer.
+    fn advance(&mut self, len: usize) {
         self.start += PREFIX_LEN + len;
         if self.start == self.buf.len() {
             self.buf.clear();
@@ -316,13 +312,52 @@ impl MessageReader {
             self.buf.drain(..self.start);
             self.start = 0;
         }
+    }
+
+    fn next(&mut self) -> Result<Option<Vec<u8>>, Status> {
+        let Some(len) = self.complete()? else {
+            return Ok(None);
+        };
+        let body = self.start + PREFIX_LEN;
+        let msg = self.buf[body..body + len].to_vec();
+        self.advance(len);
         Ok(Some(msg))
+    }
+
+    /// The next message decoded in place. When the message is all that is
+    /// buffered (one message per DATA frame, the common case) the buffer is
+    /// handed to prost as `Bytes`, so a `bytes` field costs one copy.
+    fn next_decoded<M: prost::Message + Default>(
+        &mut self,
+    ) -> Result<Option<Result<M, String>>, Status> {
+        let Some(len) = self.complete()? else {
+            return Ok(None);
+        };
+        let body = self.start + PREFIX_LEN;
+        let decoded = if body + len == self.buf.len() {
+            let bytes = prost::bytes::Bytes::from(std::mem::take(&mut self.buf)).slice(body..);
+            self.start = 0;
+            M::decode(bytes)
+        } else {
+            let decoded = M::decode(&self.buf[body..body + len]);
+            self.advance(len);
+            decoded
+        };
+        Ok(Some(decoded.map_err(|e| format!("decoding message: {e}"))))
     }
 }
 
 fn prefix(len: usize) -> [u8; PREFIX_LEN] {
     let len = (len as u32).to_be_bytes();
     [0, len[0], len[1], len[2], len[3]]
+}
+
+/// The length prefix of a message of `head` plus `rest` bytes, then `head`.
+fn prefixed(head: &[u8], rest: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(PREFIX_LEN + head.len());
+    out.extend_from_slice(&prefix(head.len() + rest));
+    out.extend_from_slice(head);
+    out
 }
 
 #[cfg(test)]
@@ -426,8 +461,15 @@ impl ClientCall {
     /// messages are dropped and `Ok` returned, as grpc-go's SendMsg
     /// returns io.EOF: the call's outcome is what `recv` reports.
     pub fn send(&self, msg: &[u8]) -> Result<(), Status> {
+        self.send_parts(&[], msg)
+    }
+
+    /// Sends one message made of `head` then `body`, without joining them
+    /// first (a packet's fields, then its payload bytes).
+    pub fn send_parts(&self, head: &[u8], body: &[u8]) -> Result<(), Status> {
+        let head = prefixed(head, body.len());
         let _send = plock(&self.send);
-        self.sent(self.stream.send_data_parts(&prefix(msg.len()), msg, false))
+        self.sent(self.stream.send_data_parts(&head, body, false))
     }
 
     pub fn send_msg<M: prost::Message>(&self, msg: &M) -> Result<(), Status> {
@@ -488,9 +530,23 @@ impl ClientCall {
     /// The next message; `Ok(None)` when the call ended with status OK, the
     /// status as the error otherwise.
     pub fn recv(&self) -> Result<Option<Vec<u8>>, Status> {
+        self.recv_with(MessageReader::next)
+    }
+
+    /// The next message decoded as `M` (see [`ServerCall::recv_decoded`]).
+    pub fn recv_decoded<M: prost::Message + Default>(
+        &self,
+    ) -> Result<Option<Result<M, String>>, Status> {
+        self.recv_with(MessageReader::next_decoded)
+    }
+
+    fn recv_with<R>(
+        &self,
+        take: impl Fn(&mut MessageReader) -> Result<Option<R>, Status>,
+    ) -> Result<Option<R>, Status> {
         let mut recv = plock(&self.recv);
         loop {
-            match recv.reader.next() {
+            match take(&mut recv.reader) {
                 Ok(Some(msg)) => return Ok(Some(msg)),
                 Ok(None) => {}
                 Err(status) => {
@@ -760,6 +816,13 @@ impl ServerCall {
 
     /// Sends one message; waits for flow-control credit.
     pub fn send(&self, msg: &[u8]) -> Result<(), Status> {
+        self.send_parts(&[], msg)
+    }
+
+    /// Sends one message made of `head` then `body`, without joining them
+    /// first (a packet's fields, then its payload bytes).
+    pub fn send_parts(&self, head: &[u8], body: &[u8]) -> Result<(), Status> {
+        let head = prefixed(head, body.len());
         // Held across the send: a message larger than the window goes out
         // in several frames, and another sender must not cut in between.
         let mut send = plock(&self.send);
@@ -768,7 +831,7 @@ impl ServerCall {
         }
         self.ensure_headers(&mut send)?;
         self.stream
-            .send_data_parts(&prefix(msg.len()), msg, false)
+            .send_data_parts(&head, body, false)
             .map_err(|e| Status::from_h2(&e))
     }
 
@@ -779,9 +842,25 @@ impl ServerCall {
     /// The next request message; `Ok(None)` once the client half-closed.
     /// A cancelled call yields CANCELLED.
     pub fn recv(&self) -> Result<Option<Vec<u8>>, Status> {
+        self.recv_with(MessageReader::next)
+    }
+
+    /// The next request message decoded as `M`, without an intermediate
+    /// copy: `Ok(Some(Err(_)))` for a message that does not decode (the
+    /// call goes on), `Ok(None)` once the client half-closed.
+    pub fn recv_decoded<M: prost::Message + Default>(
+        &self,
+    ) -> Result<Option<Result<M, String>>, Status> {
+        self.recv_with(MessageReader::next_decoded)
+    }
+
+    fn recv_with<R>(
+        &self,
+        take: impl Fn(&mut MessageReader) -> Result<Option<R>, Status>,
+    ) -> Result<Option<R>, Status> {
         let mut recv = plock(&self.recv);
         loop {
-            if let Some(msg) = recv.reader.next()? {
+            if let Some(msg) = take(&mut recv.reader)? {
                 return Ok(Some(msg));
             }
             if recv.ended {

@@ -86,3 +86,11 @@ pub mod sys;
 pub mod tls;
 pub mod tunnel;
 pub mod webhook;
+
+/// Every binary allocates through dlmalloc rather than musl's mallocng:
+/// mallocng returns freed mid-size buffers (TLS records, HTTP/2 frames,
+/// tunnel packets) to the kernel at once, so a busy tunnel spent a fifth
+/// of its CPU in munmap and in faulting the pages back in. dlmalloc keeps
+/// freed memory for reuse and trims only large free tops.
+#[global_allocator]
+static ALLOCATOR: dlmalloc::GlobalDlmalloc = dlmalloc::GlobalDlmalloc;

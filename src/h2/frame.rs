@@ -486,6 +486,11 @@ impl Decoder {
 
     /// The buffer to read into: at least `want` bytes. Report what was
     /// read with [`Decoder::filled`].
+    ///
+    /// A partial frame is moved to the front only when the tail is too
+    /// short, and the buffer then keeps room for two reads: so the move
+    /// (at most one frame) happens once per `want` bytes consumed, not once
+    /// per read. The buffer stays below `2 * want` plus one frame.
     pub fn spare(&mut self, want: usize) -> &mut [u8] {
         if self.start == self.end {
             self.start = 0;
@@ -497,9 +502,9 @@ impl Decoder {
             self.start = 0;
         }
         if self.buf.len() - self.end < want {
-            self.buf.resize(self.end + want, 0);
+            self.buf.resize(self.end + 2 * want, 0);
         }
-        &mut self.buf[self.end..]
+        &mut self.buf[self.end..self.end + want]
     }
 
     /// Keeps `n` bytes written into the slice from [`Decoder::spare`].

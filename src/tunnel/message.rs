@@ -88,6 +88,43 @@ impl From<Message> for Packet {
     }
 }
 
+impl Message {
+    /// The packet's protobuf encoding in two parts: everything before a
+    /// DATA packet's payload bytes, then those bytes (empty for the other
+    /// kinds). Sent one after the other they are exactly
+    /// `Packet::from(self).encode_to_vec()`, without copying the payload
+    /// into a second buffer first.
+    pub fn encode_parts(self) -> (Vec<u8>, Vec<u8>) {
+        use prost::Message as _;
+        use prost::encoding::{WireType, encode_key, encode_varint};
+        let Message::Data {
+            connect_id,
+            error,
+            data,
+        } = self
+        else {
+            return (Packet::from(self).encode_to_vec(), Vec::new());
+        };
+        let mut inner = proto::Data {
+            connect_id,
+            error,
+            data: Vec::new(),
+        }
+        .encode_to_vec();
+        if !data.is_empty() {
+            encode_key(3, WireType::LengthDelimited, &mut inner);
+            encode_varint(data.len() as u64, &mut inner);
+        }
+        let mut head = Vec::with_capacity(inner.len() + 16);
+        encode_key(1, WireType::Varint, &mut head);
+        encode_varint(PacketType::Data as u64, &mut head);
+        encode_key(4, WireType::LengthDelimited, &mut head);
+        encode_varint((inner.len() + data.len()) as u64, &mut head);
+        head.extend_from_slice(&inner);
+        (head, data)
+    }
+}
+
 impl TryFrom<Packet> for Message {
     type Error = String;
 
@@ -166,6 +203,33 @@ impl TryFrom<Packet> for Message {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use prost::Message as _;
+
+    #[test]
+    fn parts_join_into_the_packet_encoding() {
+        let mut cases = vec![Message::Drain, Message::CloseReq { connect_id: 7 }];
+        for (connect_id, error, len) in [
+            (0, "", 0),
+            (1, "", 1),
+            (i64::MAX, "", 127),
+            (-1, "eof", 128),
+            (300, "", 16_383),
+            (5, "x", 16_384),
+            (9, "", 32 * 1024),
+            (9, "", 2_097_152),
+        ] {
+            cases.push(Message::Data {
+                connect_id,
+                error: error.into(),
+                data: (0..len).map(|i| i as u8).collect(),
+            });
+        }
+        for message in cases {
+            let want = Packet::from(message.clone()).encode_to_vec();
+            let (head, body) = message.clone().encode_parts();
+            assert_eq!([head, body].concat(), want, "{message:?}");
+        }
+    }
 
     #[test]
     fn every_message_survives_the_packet_form() {

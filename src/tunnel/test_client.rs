@@ -13,7 +13,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lexopt::Parser;
-use prost::Message as _;
 
 use super::message::Message;
 use super::proto::Packet;
@@ -328,16 +327,16 @@ fn via_grpc(config: &Config) -> Result<Response, String> {
     let client = grpc::Client::new(conn, &authority);
     let call = client.call(PROXY_PATH, &[]).map_err(|s| format!("{s:?}"))?;
     let send = |m: Message| {
-        call.send(&Packet::from(m).encode_to_vec())
-            .map_err(|s| format!("{s:?}"))
+        let (head, data) = m.encode_parts();
+        call.send_parts(&head, &data).map_err(|s| format!("{s:?}"))
     };
     let recv = || -> Result<Option<Message>, String> {
-        match call.recv().map_err(|s| format!("{s:?}"))? {
+        match call
+            .recv_decoded::<Packet>()
+            .map_err(|s| format!("{s:?}"))?
+        {
             None => Ok(None),
-            Some(bytes) => {
-                let packet = Packet::decode(bytes.as_slice()).map_err(|e| e.to_string())?;
-                Message::try_from(packet).map(Some)
-            }
+            Some(packet) => Message::try_from(packet?).map(Some),
         }
     };
     let random = (crate::sys::random_u64() >> 1) as i64;

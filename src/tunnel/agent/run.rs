@@ -9,12 +9,10 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{Shutdown as SocketShutdown, TcpStream, ToSocketAddrs};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
-
-use prost::Message as _;
 
 use super::Config;
 use super::table::{Action, Table};
@@ -24,6 +22,7 @@ use crate::h2::transport::Transport;
 use crate::http;
 use crate::metrics::{Counter, Gauge, Histogram, LATENCY_BUCKETS, Registry};
 use crate::shutdown::{Shutdown, WorkerSet};
+use crate::tunnel::ReadBuf;
 use crate::tunnel::message::Message;
 use crate::tunnel::proto::Packet;
 use crate::tunnel::queue::{MIN_TUNNEL_QUEUE, Pop, Queue, Rejected, SLOW_GRACE};
@@ -268,15 +267,15 @@ impl Stream {
         };
         let reader = self.clone();
         let spawned = self.threads.spawn("dest-read", move || {
-            let mut buf = vec![0u8; CHUNK];
+            let mut buf = ReadBuf::new(CHUNK);
             let error = loop {
-                match socket.read(&mut buf) {
-                    Ok(0) => break String::new(),
-                    Ok(n) => {
+                match buf.read_from(&mut socket, CHUNK) {
+                    Ok([]) => break String::new(),
+                    Ok(bytes) => {
                         let data = Message::Data {
                             connect_id,
                             error: String::new(),
-                            data: buf[..n].to_vec(),
+                            data: bytes.to_vec(),
                         };
                         match reader.outbox.push_timeout(data, OUTBOX_WAIT) {
                             Ok(()) => {}
@@ -412,10 +411,8 @@ fn serve_stream(
             loop {
                 match writer_stream.outbox.pop_timeout(None) {
                     Pop::Item(message) => {
-                        if writer_call
-                            .send(&Packet::from(message).encode_to_vec())
-                            .is_err()
-                        {
+                        let (head, data) = message.encode_parts();
+                        if writer_call.send_parts(&head, &data).is_err() {
                             writer_stream
                                 .shared
                                 .metrics
@@ -442,11 +439,9 @@ fn serve_stream(
             }
         });
         loop {
-            match call.recv() {
-                Ok(Some(bytes)) => {
-                    let message = Packet::decode(bytes.as_slice())
-                        .map_err(|e| e.to_string())
-                        .and_then(Message::try_from);
+            match call.recv_decoded::<Packet>() {
+                Ok(Some(packet)) => {
+                    let message = packet.and_then(Message::try_from);
                     match message {
                         Ok(message) => {
                             let actions = lock(&stream.table).from_server(message);

@@ -8,13 +8,14 @@
 //! Owns: the connection's socket and its two halves. Must not: decide
 //! routing; the hub does.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::hub::{Hub, ToFrontend};
 use crate::h2::transport::Transport;
 use crate::tls::Reloader;
+use crate::tunnel::ReadBuf;
 use crate::tunnel::connect::{self, ESTABLISHED};
 use crate::tunnel::listen::Conn;
 use crate::tunnel::message::Message;
@@ -105,7 +106,7 @@ pub fn serve(hub: &Arc<Hub>, conn: Conn, tls: Option<&Reloader>, timeouts: &Time
 
     // The request head, within the header timeout from the connection's start.
     let mut head = Vec::with_capacity(1024);
-    let mut buf = vec![0u8; CHUNK];
+    let mut buf = ReadBuf::new(CHUNK);
     let request = loop {
         match connect::parse(&head) {
             Ok(Some(request)) => break request,
@@ -126,20 +127,21 @@ pub fn serve(hub: &Arc<Hub>, conn: Conn, tls: Option<&Reloader>, timeouts: &Time
         }
         // A client silent after part of its head gets only what is left.
         set_read_timeout(&control, Some(left));
-        match reader
-            .read(&mut buf[..CHUNK.min(connect::MAX_HEAD + 1 - head.len().min(connect::MAX_HEAD))])
-        {
+        match buf.read_from(
+            &mut reader,
+            connect::MAX_HEAD + 1 - head.len().min(connect::MAX_HEAD),
+        ) {
             // Out of time: answered 408 above, on the next turn.
             Err(e)
                 if matches!(
                     e.kind(),
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                 ) => {}
-            Ok(0) | Err(_) => {
+            Ok([]) | Err(_) => {
                 finish(writer, &closer);
                 return;
             }
-            Ok(n) => head.extend_from_slice(&buf[..n]),
+            Ok(bytes) => head.extend_from_slice(bytes),
         }
     };
     set_read_timeout(&control, None);
@@ -236,8 +238,8 @@ pub fn serve(hub: &Arc<Hub>, conn: Conn, tls: Option<&Reloader>, timeouts: &Time
             closer();
         });
         loop {
-            match reader.read(&mut buf) {
-                Ok(0) => {
+            match buf.read_from(&mut reader, CHUNK) {
+                Ok([]) => {
                     log::debug!("CONNECT {peer}: client closed connection {connect_id}");
                     break;
                 }
@@ -245,11 +247,11 @@ pub fn serve(hub: &Arc<Hub>, conn: Conn, tls: Option<&Reloader>, timeouts: &Time
                     log::debug!("CONNECT {peer}: reading connection {connect_id}: {e}");
                     break;
                 }
-                Ok(n) => {
+                Ok(bytes) => {
                     let data = Message::Data {
                         connect_id,
                         error: String::new(),
-                        data: buf[..n].to_vec(),
+                        data: bytes.to_vec(),
                     };
                     if !hub.from_frontend(key, data) {
                         break;

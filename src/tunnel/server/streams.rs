@@ -7,10 +7,9 @@
 //! `servercount` in the response headers before any packet) and the
 //! conversion between packets and the hub's messages.
 
+use std::cell::Cell;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-
-use prost::Message as _;
 
 use super::hub::{Hub, ToFrontend};
 use crate::grpc::{Code, ServerCall, Status};
@@ -28,11 +27,8 @@ pub const PROXY_PATH: &str = "/ProxyService/Proxy";
 /// skipped. Stops early when `deliver` returns false.
 fn read_packets(call: &ServerCall, what: &str, mut deliver: impl FnMut(Message) -> bool) {
     loop {
-        match call.recv() {
-            Ok(Some(bytes)) => match Packet::decode(bytes.as_slice())
-                .map_err(|e| e.to_string())
-                .and_then(Message::try_from)
-            {
+        match call.recv_decoded::<Packet>() {
+            Ok(Some(packet)) => match packet.and_then(Message::try_from) {
                 Ok(message) => {
                     if !deliver(message) {
                         return;
@@ -49,20 +45,25 @@ fn read_packets(call: &ServerCall, what: &str, mut deliver: impl FnMut(Message) 
     }
 }
 
-/// Sends every queued item until the queue closes or a send fails.
+/// Sends every queued item until the queue closes, a send fails, or
+/// `keep_going` (asked after each send) says to stop.
 fn write_queue<T>(
     call: &ServerCall,
     queue: &Queue<T>,
     what: &str,
     into_message: impl Fn(T) -> Message,
+    keep_going: impl Fn() -> bool,
 ) {
     loop {
         match queue.pop_timeout(None) {
             Pop::Item(item) => {
-                let packet = Packet::from(into_message(item));
-                if let Err(status) = call.send(&packet.encode_to_vec()) {
+                let (head, data) = into_message(item).encode_parts();
+                if let Err(status) = call.send_parts(&head, &data) {
                     log::debug!("{what}: send failed: {status:?}");
                     queue.close_and_clear();
+                    return;
+                }
+                if !keep_going() {
                     return;
                 }
             }
@@ -112,7 +113,7 @@ pub fn agent_handler(
         );
         let what = format!("agent {agent_id}");
         std::thread::scope(|scope| {
-            scope.spawn(|| write_queue(call, &outbox, &what, |m| m));
+            scope.spawn(|| write_queue(call, &outbox, &what, |m| m, || true));
             read_packets(call, &what, |message| {
                 if message == Message::Drain {
                     log::info!("agent {agent_id} is draining: new dials go to other agents");
@@ -146,47 +147,38 @@ pub fn proxy_handler(hub: Arc<Hub>) -> impl Fn(&Arc<ServerCall>) -> Status + Sen
         let dials = AtomicUsize::new(0);
         std::thread::scope(|scope| {
             scope.spawn(|| {
-                loop {
-                    let item = match queue.pop_timeout(None) {
-                        Pop::Item(item) => item,
-                        Pop::Closed | Pop::TimedOut => return,
-                    };
-                    let exhausted = matches!(
-                        &item,
-                        ToFrontend::DialFailed {
-                            reason: DialFailure::TooManyPending,
-                            ..
-                        }
-                    );
-                    let message = match item {
-                        ToFrontend::Message(m) => m,
-                        ToFrontend::DialFailed { random, reason } => Message::DialRsp {
+                let exhausted = Cell::new(false);
+                let message = |item| match item {
+                    ToFrontend::Message(m) => m,
+                    ToFrontend::DialFailed { random, reason } => {
+                        exhausted.set(reason == DialFailure::TooManyPending);
+                        Message::DialRsp {
                             error: reason.to_string(),
                             connect_id: 0,
                             random,
-                        },
-                    };
-                    if let Err(status) = call.send(&Packet::from(message).encode_to_vec()) {
-                        log::debug!("{what}: send failed: {status:?}");
-                        queue.close_and_clear();
-                        return;
-                    }
-                    if exhausted {
-                        log::info!(
-                            "{what} from {}: dial refused: {}",
-                            call.peer(),
-                            DialFailure::TooManyPending
-                        );
-                        if dials.load(Ordering::Acquire) == 1 {
-                            call.end(&Status::new(
-                                Code::RESOURCE_EXHAUSTED,
-                                DialFailure::TooManyPending.to_string(),
-                            ));
-                            queue.close_and_clear();
-                            return;
                         }
                     }
-                }
+                };
+                let keep_going = || {
+                    if !exhausted.replace(false) {
+                        return true;
+                    }
+                    log::info!(
+                        "{what} from {}: dial refused: {}",
+                        call.peer(),
+                        DialFailure::TooManyPending
+                    );
+                    if dials.load(Ordering::Acquire) != 1 {
+                        return true;
+                    }
+                    call.end(&Status::new(
+                        Code::RESOURCE_EXHAUSTED,
+                        DialFailure::TooManyPending.to_string(),
+                    ));
+                    queue.close_and_clear();
+                    false
+                };
+                write_queue(call, &queue, &what, message, keep_going)
             });
             read_packets(call, &what, |message| {
                 if matches!(message, Message::DialReq { .. }) {
