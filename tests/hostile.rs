@@ -1359,25 +1359,51 @@ fn slowloris_on_the_webhook_tls_handshake_is_cut_off_while_others_are_served() {
     webhook.review_works();
 }
 
-/// Many connections over a full cap at once: each is refused (`answer`
+/// Threads a process may add while refusing (its refusal threads).
+const REFUSERS: usize = 8;
+
+/// Many connections over a full cap at once: each is refused (`attempt`
 /// says whether with the expected answer, or closed past the refusal
-/// threads), and the refusals leave no thread or descriptor behind.
+/// threads); meanwhile the process never holds more than [`REFUSERS`]
+/// threads over `baseline`, and afterwards it is back at it.
 fn refusal_flood(pid: u32, baseline: (usize, usize), attempt: impl Fn() -> bool + Sync) {
-    let answered = std::sync::atomic::AtomicUsize::new(0);
-    std::thread::scope(|scope| {
-        for _ in 0..CLIENTS {
-            scope.spawn(|| {
-                for _ in 0..50 {
-                    if attempt() {
-                        answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let answered = AtomicUsize::new(0);
+    let done = AtomicBool::new(false);
+    let peak = std::thread::scope(|scope| {
+        let sampler = scope.spawn(|| {
+            let mut peak = 0;
+            while !done.load(Ordering::Acquire) {
+                peak = peak.max(resources(pid).0);
+                std::thread::sleep(Duration::from_millis(5)); // sampling interval
+            }
+            peak
+        });
+        let clients: Vec<_> = (0..CLIENTS)
+            .map(|_| {
+                scope.spawn(|| {
+                    for _ in 0..50 {
+                        if attempt() {
+                            answered.fetch_add(1, Ordering::Relaxed);
+                        }
                     }
-                }
-            });
+                })
+            })
+            .collect();
+        for client in clients {
+            client.join().unwrap();
         }
+        done.store(true, Ordering::Release);
+        sampler.join().unwrap()
     });
     assert!(
         answered.into_inner() > 0,
         "no refusal was answered (all closed at once)"
+    );
+    assert!(
+        peak <= baseline.0 + REFUSERS,
+        "refusing took {peak} threads, baseline {}",
+        baseline.0
     );
     back_to_baseline("after the refusals", pid, baseline);
 }
