@@ -289,7 +289,7 @@ fn dispatch(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
 
 /// Logs the first refusal, then at most one line per
 /// [`REFUSAL_LOG_INTERVAL`] with the count (the observer counts each).
-fn note_refusal(shared: &Shared, peer: SocketAddr) {
+fn note_refusal(shared: &Shared, local: Option<SocketAddr>, peer: SocketAddr) {
     let mut log = lock(&shared.refusal_log);
     log.1 += 1;
     let now = Instant::now();
@@ -299,8 +299,9 @@ fn note_refusal(shared: &Shared, peer: SocketAddr) {
     {
         return;
     }
+    let local = local.map(|a| a.to_string()).unwrap_or_default();
     log::warn!(
-        "connection limit of {} reached (--max-connections): refusing {peer} \
+        "HTTP server {local}: connection limit of {} reached: refusing {peer} \
          ({} refused since the last report)",
         shared.limits.max_connections,
         log.1
@@ -309,7 +310,7 @@ fn note_refusal(shared: &Shared, peer: SocketAddr) {
 }
 
 fn refuse(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
-    note_refusal(shared, peer);
+    note_refusal(shared, stream.local_addr().ok(), peer);
     if shared.tls.is_some() {
         // A TLS client reads a 503 only after a handshake: a refusal
         // thread does it, bounded; beyond them, close at once.

@@ -1435,7 +1435,7 @@ fn webhook_connections_over_the_cap_get_503_naming_the_limit_and_service_resumes
         webhook
             .proc
             .log()
-            .contains("connection limit of 2 reached (--max-connections)")
+            .contains("connection limit of 2 reached")
             .then_some(())
     });
     refusal_flood(pid, baseline, || {
