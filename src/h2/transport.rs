@@ -351,3 +351,76 @@ impl<S: Socket> Write for TlsWriter<S> {
         self.sock.flush()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+    use std::path::Path;
+
+    fn server_config() -> Arc<rustls::ServerConfig> {
+        let data = |name: &str| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/data")
+                .join(name)
+        };
+        crate::tls::Reloader::new(&crate::tls::ServerFiles {
+            cert: data("server.crt"),
+            key: data("server.key"),
+            client_ca: None,
+            alpn: vec![b"h2".to_vec()],
+        })
+        .unwrap()
+        .server_config()
+    }
+
+    fn client_hello() -> Vec<u8> {
+        let config = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        let name = "localhost".try_into().unwrap();
+        let mut client = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+        let mut hello = Vec::new();
+        while client.wants_write() {
+            client.write_tls(&mut hello).unwrap();
+        }
+        hello
+    }
+
+    #[test]
+    fn a_handshake_trickled_a_byte_at_a_time_ends_at_its_deadline() {
+        let (server_side, mut client_side) = UnixStream::pair().unwrap();
+        let hello = client_hello();
+        // Every read finds a byte well within the 10 s read timeout; the
+        // whole ClientHello would take seconds.
+        let feeder = std::thread::spawn(move || {
+            for byte in hello {
+                if client_side.write_all(&[byte]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20)); // the attack's pace
+            }
+        });
+        let started = Instant::now();
+        let ten = Some(Duration::from_secs(10));
+        let result = Transport::tls_alpn(
+            server_side,
+            rustls::ServerConnection::new(server_config()).unwrap(),
+            ten,
+            ten,
+            true,
+            Some(started + Duration::from_millis(300)),
+        );
+        let elapsed = started.elapsed();
+        assert!(
+            matches!(&result, Err(Error::Handshake { err, .. }) if err.kind() == io::ErrorKind::TimedOut),
+            "{:?}",
+            result.err()
+        );
+        assert!(elapsed < Duration::from_secs(3), "ended after {elapsed:?}");
+        drop(result);
+        feeder.join().unwrap();
+    }
+}
