@@ -2,7 +2,8 @@
 //! reader half (the connection's reader thread) and one writer half (its
 //! writer thread), plus a closer that unblocks both.
 //!
-//! Owns: the plain-socket split (TCP, Unix: `try_clone`) and the rustls
+//! Owns: the plain-socket split (TCP, Unix: one socket shared through an
+//! `Arc`, so a connection costs one descriptor) and the rustls
 //! split, where a blocking read must never hold the TLS lock: the reader
 //! reads ciphertext with no lock held and decrypts under it; the writer
 //! encrypts under the lock and writes after releasing it.
@@ -16,17 +17,22 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-/// A blocking socket that can be cloned into a reader and a writer.
-pub trait Socket: Read + Write + Send + Sync + 'static + Sized {
-    fn try_clone_socket(&self) -> io::Result<Self>;
+/// A blocking socket that one reader and one writer use at once through
+/// shared references (as `&TcpStream` allows), without a second descriptor.
+pub trait Socket: Send + Sync + 'static {
+    fn read_shared(&self, buf: &mut [u8]) -> io::Result<usize>;
+    fn write_shared(&self, buf: &[u8]) -> io::Result<usize>;
     fn shutdown_both(&self);
     fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()>;
     fn peer(&self) -> String;
 }
 
 impl Socket for TcpStream {
-    fn try_clone_socket(&self) -> io::Result<Self> {
-        self.try_clone()
+    fn read_shared(&self, buf: &mut [u8]) -> io::Result<usize> {
+        (&*self).read(buf)
+    }
+    fn write_shared(&self, buf: &[u8]) -> io::Result<usize> {
+        (&*self).write(buf)
     }
     fn shutdown_both(&self) {
         let _ = self.shutdown(SocketShutdown::Both);
@@ -44,8 +50,11 @@ impl Socket for TcpStream {
 }
 
 impl Socket for UnixStream {
-    fn try_clone_socket(&self) -> io::Result<Self> {
-        self.try_clone()
+    fn read_shared(&self, buf: &mut [u8]) -> io::Result<usize> {
+        (&*self).read(buf)
+    }
+    fn write_shared(&self, buf: &[u8]) -> io::Result<usize> {
+        (&*self).write(buf)
     }
     fn shutdown_both(&self) {
         let _ = self.shutdown(SocketShutdown::Both);
@@ -59,10 +68,29 @@ impl Socket for UnixStream {
     }
 }
 
+/// One handle on a shared socket: the reader half, the writer half or the
+/// closer of a connection, all on the same descriptor.
+pub struct SharedSocket<S>(pub Arc<S>);
+
+impl<S: Socket> Read for SharedSocket<S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read_shared(buf)
+    }
+}
+
+impl<S: Socket> Write for SharedSocket<S> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write_shared(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// Failure to set a transport up.
 #[derive(Debug)]
 pub enum Error {
-    /// Cloning the socket or setting its options failed.
+    /// Setting the socket's options failed.
     Socket(io::Error),
     /// The TLS handshake failed.
     Handshake { peer: String, err: io::Error },
@@ -100,19 +128,18 @@ impl Transport {
     /// `write_timeout` bounds each write: a peer that stops reading for that
     /// long, while it owes us flow-control credit, is dead.
     pub fn plain<S: Socket>(
-        sock: S,
+        sock: impl Into<Arc<S>>,
         read_timeout: Option<Duration>,
         write_timeout: Option<Duration>,
     ) -> Result<Self, Error> {
+        let sock: Arc<S> = sock.into();
         sock.set_timeouts(read_timeout, write_timeout)
             .map_err(Error::Socket)?;
-        let reader = sock.try_clone_socket().map_err(Error::Socket)?;
-        let closer = sock.try_clone_socket().map_err(Error::Socket)?;
         let peer = sock.peer();
         Ok(Transport {
-            reader: Box::new(reader),
-            writer: Box::new(sock),
-            closer: Box::new(move || closer.shutdown_both()),
+            reader: Box::new(SharedSocket(sock.clone())),
+            writer: Box::new(SharedSocket(sock.clone())),
+            closer: Box::new(move || sock.shutdown_both()),
             peer,
             secure: false,
         })
@@ -121,7 +148,7 @@ impl Transport {
     /// A TLS stream: runs the handshake on `sock` (bounded by the socket
     /// timeouts) and requires ALPN `h2`.
     pub fn tls<S: Socket>(
-        sock: S,
+        sock: impl Into<Arc<S>>,
         conn: impl Into<rustls::Connection>,
         read_timeout: Option<Duration>,
         write_timeout: Option<Duration>,
@@ -135,7 +162,7 @@ impl Transport {
     /// must end by then (a slowloris guard: a peer trickling its
     /// ClientHello a byte at a time satisfies every per-read timeout).
     pub fn tls_alpn<S: Socket>(
-        mut sock: S,
+        sock: impl Into<Arc<S>>,
         conn: impl Into<rustls::Connection>,
         read_timeout: Option<Duration>,
         write_timeout: Option<Duration>,
@@ -143,6 +170,7 @@ impl Transport {
         handshake_deadline: Option<Instant>,
     ) -> Result<Self, Error> {
         let mut conn: rustls::Connection = conn.into();
+        let sock: Arc<S> = sock.into();
         let peer = sock.peer();
         // The handshake's reads are bounded by the read timeout (the HTTP
         // CONNECT frontend's header timeout) or, where reads have none (h2
@@ -156,16 +184,13 @@ impl Transport {
         };
         match handshake_deadline {
             None => {
+                let mut io = SharedSocket(sock.clone());
                 while conn.is_handshaking() {
-                    conn.complete_io(&mut sock).map_err(handshake_err)?;
+                    conn.complete_io(&mut io).map_err(handshake_err)?;
                 }
             }
             Some(deadline) => {
-                let mut bounded = Deadline {
-                    sock: &mut sock,
-                    deadline,
-                    write_timeout,
-                };
+                let mut bounded = Deadline::new(&*sock, deadline, write_timeout);
                 while conn.is_handshaking() {
                     conn.complete_io(&mut bounded).map_err(handshake_err)?;
                 }
@@ -182,17 +207,17 @@ impl Transport {
         let tls = Arc::new(Mutex::new(conn));
         let reader = TlsReader {
             tls: tls.clone(),
-            sock: sock.try_clone_socket().map_err(Error::Socket)?,
-            cipher: vec![0; 128 * 1024],
+            sock: SharedSocket(sock.clone()),
+            cipher: Vec::new(),
             start: 0,
             end: 0,
         };
-        let closer = sock.try_clone_socket().map_err(Error::Socket)?;
         let writer = TlsWriter {
             tls,
-            sock,
+            sock: SharedSocket(sock.clone()),
             cipher: Vec::new(),
         };
+        let closer = sock;
         Ok(Transport {
             reader: Box::new(reader),
             writer: Box::new(writer),
@@ -208,13 +233,13 @@ impl Transport {
 /// For TLS handshakes (`complete_io` loops on its own while a peer
 /// trickles bytes). It leaves the last timeouts set on the socket.
 pub(crate) struct Deadline<'a, S: Socket> {
-    sock: &'a mut S,
+    sock: &'a S,
     deadline: Instant,
     write_timeout: Option<Duration>,
 }
 
 impl<'a, S: Socket> Deadline<'a, S> {
-    pub(crate) fn new(sock: &'a mut S, deadline: Instant, write_timeout: Option<Duration>) -> Self {
+    pub(crate) fn new(sock: &'a S, deadline: Instant, write_timeout: Option<Duration>) -> Self {
         Deadline {
             sock,
             deadline,
@@ -238,18 +263,18 @@ impl<'a, S: Socket> Deadline<'a, S> {
 impl<S: Socket> Read for Deadline<'_, S> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.arm()?;
-        self.sock.read(buf)
+        self.sock.read_shared(buf)
     }
 }
 
 impl<S: Socket> Write for Deadline<'_, S> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.arm()?;
-        self.sock.write(buf)
+        self.sock.write_shared(buf)
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.sock.flush()
+        Ok(())
     }
 }
 
@@ -262,9 +287,15 @@ fn lock(tls: &Mutex<rustls::Connection>) -> MutexGuard<'_, rustls::Connection> {
     tls.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+/// Ciphertext read per call at first (one full record); the buffer
+/// doubles up to [`CIPHER_MAX`] while reads fill it, so an idle connection
+/// holds little.
+const CIPHER_FIRST: usize = 17 * 1024;
+const CIPHER_MAX: usize = 128 * 1024;
+
 struct TlsReader<S> {
     tls: Arc<Mutex<rustls::Connection>>,
-    sock: S,
+    sock: SharedSocket<S>,
     cipher: Vec<u8>,
     start: usize,
     end: usize,
@@ -290,9 +321,15 @@ impl<S: Socket> Read for TlsReader<S> {
                 }
             }
             // No lock held across the blocking read.
+            if self.cipher.is_empty() {
+                self.cipher.resize(CIPHER_FIRST, 0);
+            }
             let n = self.sock.read(&mut self.cipher)?;
             if n == 0 {
                 return Ok(0);
+            }
+            if n == self.cipher.len() && n < CIPHER_MAX {
+                self.cipher.resize((2 * n).min(CIPHER_MAX), 0);
             }
             self.start = 0;
             self.end = n;
@@ -302,7 +339,7 @@ impl<S: Socket> Read for TlsReader<S> {
 
 struct TlsWriter<S: Socket> {
     tls: Arc<Mutex<rustls::Connection>>,
-    sock: S,
+    sock: SharedSocket<S>,
     cipher: Vec<u8>,
 }
 

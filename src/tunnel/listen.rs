@@ -25,20 +25,14 @@ use std::time::{Duration, Instant};
 use crate::shutdown::{Shutdown, Worker, WorkerSet};
 use crate::sys;
 
-/// An accepted connection.
+/// An accepted connection. Clones share the socket (one descriptor).
+#[derive(Clone)]
 pub enum Conn {
-    Tcp(TcpStream),
-    Unix(UnixStream),
+    Tcp(Arc<TcpStream>),
+    Unix(Arc<UnixStream>),
 }
 
 impl Conn {
-    fn try_clone(&self) -> io::Result<Conn> {
-        Ok(match self {
-            Conn::Tcp(s) => Conn::Tcp(s.try_clone()?),
-            Conn::Unix(s) => Conn::Unix(s.try_clone()?),
-        })
-    }
-
     fn shutdown(&self) {
         let _ = match self {
             Conn::Tcp(s) => s.shutdown(SocketShutdown::Both),
@@ -117,8 +111,8 @@ impl Listener {
 
     fn accept(&self) -> io::Result<Conn> {
         let conn = match self {
-            Listener::Tcp(l) => Conn::Tcp(l.accept()?.0),
-            Listener::Unix(l, _) => Conn::Unix(l.accept()?.0),
+            Listener::Tcp(l) => Conn::Tcp(Arc::new(l.accept()?.0)),
+            Listener::Unix(l, _) => Conn::Unix(Arc::new(l.accept()?.0)),
         };
         // Accepted sockets inherit non-blocking mode on some systems.
         match &conn {
@@ -324,16 +318,7 @@ fn start_refusal(open: &Arc<Open>, name: &str, conn: Conn, refuse: &Refuse) {
         return;
     }
     let id = open.next.fetch_add(1, Ordering::Relaxed);
-    match conn.try_clone() {
-        Ok(closer) => {
-            lock(&open.closers).insert(id, closer);
-        }
-        Err(_) => {
-            open.refusing.fetch_sub(1, Ordering::AcqRel);
-            conn.shutdown();
-            return;
-        }
-    }
+    lock(&open.closers).insert(id, conn.clone());
     let owner = open.clone();
     let refuse = refuse.clone();
     let spawned = open.workers.spawn(&format!("refuse-{name}"), move || {
@@ -353,15 +338,7 @@ fn start_refusal(open: &Arc<Open>, name: &str, conn: Conn, refuse: &Refuse) {
 
 fn start_connection(open: &Arc<Open>, name: &str, conn: Conn, serve: Serve) {
     let id = open.next.fetch_add(1, Ordering::Relaxed);
-    match conn.try_clone() {
-        Ok(closer) => {
-            lock(&open.closers).insert(id, closer);
-        }
-        Err(e) => {
-            log::error!("{name}: {e}");
-            return;
-        }
-    }
+    lock(&open.closers).insert(id, conn.clone());
     open.count.fetch_add(1, Ordering::AcqRel);
     let owner = open.clone();
     let spawned = open.workers.spawn(&format!("conn-{name}"), move || {

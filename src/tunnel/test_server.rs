@@ -83,7 +83,8 @@ pub fn answer(target: &str) -> Option<(u16, String)> {
 }
 
 fn serve(conn: Conn) {
-    let Conn::Tcp(mut sock) = conn else { return };
+    let Conn::Tcp(sock) = conn else { return };
+    let mut sock = &*sock;
     let _ = sock.set_read_timeout(Some(Duration::from_secs(60)));
     let _ = sock.set_write_timeout(Some(Duration::from_secs(30)));
     let mut buf = Vec::new();

@@ -103,7 +103,9 @@ struct Dest {
 
 struct DestInner {
     queue: Queue<Vec<u8>>,
-    socket: TcpStream,
+    /// Shared with the destination's reader and writer threads (one
+    /// descriptor per destination).
+    socket: Arc<TcpStream>,
 }
 
 impl PartialEq for Dest {
@@ -204,10 +206,7 @@ impl Stream {
                     metrics
                         .dial_duration
                         .observe(&[], started.elapsed().as_secs_f64());
-                    match socket.try_clone() {
-                        Ok(clone) => Ok((socket, clone)),
-                        Err(e) => Err(format!("dial tcp {address}: {e}")),
-                    }
+                    Ok(Arc::new(socket))
                 }
                 Err(e) => {
                     metrics.dial_failures.inc(&[if e.contains("timed out") {
@@ -219,13 +218,13 @@ impl Stream {
                 }
             };
             let (pair, outcome) = match outcome {
-                Ok((socket, clone)) => {
+                Ok(socket) => {
                     let dest = Dest {
                         inner: Arc::new(DestInner {
                             queue: Queue::new(
                                 stream.shared.config.xfr_channel_size.max(MIN_TUNNEL_QUEUE),
                             ),
-                            socket: clone,
+                            socket: socket.clone(),
                         }),
                     };
                     // Counted from here; every Close action uncounts it.
@@ -255,21 +254,14 @@ impl Stream {
 
     /// Starts the destination's two threads: destination -> server, and
     /// queue -> destination.
-    fn start_pumps(self: &Arc<Self>, connect_id: i64, mut socket: TcpStream, dest: Dest) {
+    fn start_pumps(self: &Arc<Self>, connect_id: i64, socket: Arc<TcpStream>, dest: Dest) {
         let _ = socket.set_write_timeout(Some(WRITE_TIMEOUT));
-        let mut writer_socket = match socket.try_clone() {
-            Ok(s) => s,
-            Err(e) => {
-                let actions = lock(&self.table).destination_closed(connect_id, &e.to_string());
-                self.execute(actions);
-                return;
-            }
-        };
+        let writer_socket = socket.clone();
         let reader = self.clone();
         let spawned = self.threads.spawn("dest-read", move || {
             let mut buf = ReadBuf::new(CHUNK);
             let error = loop {
-                match buf.read_from(&mut socket, CHUNK) {
+                match buf.read_from(&mut &*socket, CHUNK) {
                     Ok([]) => break String::new(),
                     Ok(bytes) => {
                         let data = Message::Data {
@@ -293,7 +285,7 @@ impl Stream {
         let spawned = spawned.and_then(|()| {
             self.threads.spawn("dest-write", move || {
                 while let Pop::Item(data) = writer_dest.inner.queue.pop_timeout(None) {
-                    if writer_socket.write_all(&data).is_err() {
+                    if (&*writer_socket).write_all(&data).is_err() {
                         break;
                     }
                 }

@@ -9,6 +9,8 @@
 //! routing; the hub does.
 
 use std::io::Write;
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -61,16 +63,12 @@ pub fn status_for(reason: &DialFailure) -> u16 {
 pub fn serve(hub: &Arc<Hub>, conn: Conn, tls: Option<&Reloader>, timeouts: &Timeouts) {
     let peer = conn.peer();
     // A handle to the raw socket, to lift the header timeout later.
-    let control = match &conn {
-        Conn::Tcp(s) => s.try_clone().map(Conn::Tcp),
-        Conn::Unix(s) => s.try_clone().map(Conn::Unix),
-    };
-    let Ok(control) = control else { return };
+    let control = conn.clone();
     // The header timeout runs from here: TLS handshake plus request head.
     let started = Instant::now();
     let transport = match (conn, tls) {
         (Conn::Tcp(sock), Some(tls)) => match rustls::ServerConnection::new(tls.server_config()) {
-            Ok(server) => Transport::tls_alpn(
+            Ok(server) => Transport::tls_alpn::<TcpStream>(
                 sock,
                 server,
                 Some(timeouts.header),
@@ -84,10 +82,10 @@ pub fn serve(hub: &Arc<Hub>, conn: Conn, tls: Option<&Reloader>, timeouts: &Time
             }
         },
         (Conn::Tcp(sock), None) => {
-            Transport::plain(sock, Some(timeouts.header), Some(timeouts.write))
+            Transport::plain::<TcpStream>(sock, Some(timeouts.header), Some(timeouts.write))
         }
         (Conn::Unix(sock), _) => {
-            Transport::plain(sock, Some(timeouts.header), Some(timeouts.write))
+            Transport::plain::<UnixStream>(sock, Some(timeouts.header), Some(timeouts.write))
         }
     };
     let transport = match transport {

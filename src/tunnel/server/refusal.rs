@@ -11,6 +11,8 @@
 //! allocate per byte received.
 
 use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use crate::h2::frame::{self, ErrorCode, setting};
@@ -52,19 +54,17 @@ pub fn refuse(
 ) {
     let peer = conn.peer();
     let deadline = Instant::now() + header_timeout;
-    let control = match &conn {
-        Conn::Tcp(s) => s.try_clone().map(Conn::Tcp),
-        Conn::Unix(s) => s.try_clone().map(Conn::Unix),
-    };
-    let Ok(control) = control else { return };
+    let control = conn.clone();
     let write = Some(header_timeout.min(LINGER));
     let transport = match (conn, tls) {
         (Conn::Tcp(sock), Some(tls)) => match rustls::ServerConnection::new(tls.server_config()) {
-            Ok(server) => Transport::tls_alpn(sock, server, write, write, h2, Some(deadline)),
+            Ok(server) => {
+                Transport::tls_alpn::<TcpStream>(sock, server, write, write, h2, Some(deadline))
+            }
             Err(_) => return,
         },
-        (Conn::Tcp(sock), None) => Transport::plain(sock, write, write),
-        (Conn::Unix(sock), _) => Transport::plain(sock, write, write),
+        (Conn::Tcp(sock), None) => Transport::plain::<TcpStream>(sock, write, write),
+        (Conn::Unix(sock), _) => Transport::plain::<UnixStream>(sock, write, write),
     };
     let Transport {
         mut reader,

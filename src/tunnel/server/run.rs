@@ -4,6 +4,8 @@
 //! `--graceful-shutdown-timeout`, then close everything and join).
 
 use std::net::SocketAddr;
+use std::net::TcpStream;
+use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -49,16 +51,21 @@ fn serve_grpc(
     let deadline = Instant::now() + header_timeout;
     let transport = match (conn, tls) {
         (Conn::Tcp(sock), Some(tls)) => match rustls::ServerConnection::new(tls.server_config()) {
-            Ok(tls) => {
-                Transport::tls_alpn(sock, tls, None, Some(WRITE_TIMEOUT), true, Some(deadline))
-            }
+            Ok(tls) => Transport::tls_alpn::<TcpStream>(
+                sock,
+                tls,
+                None,
+                Some(WRITE_TIMEOUT),
+                true,
+                Some(deadline),
+            ),
             Err(e) => {
                 log::error!("{peer}: TLS set-up: {e}");
                 return;
             }
         },
-        (Conn::Tcp(sock), None) => Transport::plain(sock, None, Some(WRITE_TIMEOUT)),
-        (Conn::Unix(sock), _) => Transport::plain(sock, None, Some(WRITE_TIMEOUT)),
+        (Conn::Tcp(sock), None) => Transport::plain::<TcpStream>(sock, None, Some(WRITE_TIMEOUT)),
+        (Conn::Unix(sock), _) => Transport::plain::<UnixStream>(sock, None, Some(WRITE_TIMEOUT)),
     };
     let transport = match transport {
         Ok(t) => t,
