@@ -885,6 +885,14 @@ impl ServerCall {
         self.recv()?.map(|b| decode(&b)).transpose()
     }
 
+    /// Ends the call now with `status` and asks the client to stop sending
+    /// (RST_STREAM NO_ERROR), so that a `recv` waiting in the handler
+    /// returns; the status the handler returns afterwards is not sent.
+    pub fn end(&self, status: &Status) {
+        self.finish(status);
+        self.stream.reset(ErrorCode::NO_ERROR);
+    }
+
     /// Ends the call with `status`: trailers, or a trailers-only response
     /// when nothing was sent yet.
     fn finish(&self, status: &Status) {

@@ -26,8 +26,10 @@
 //! is honoured); chunked bodies 411; a head not complete within
 //! [`Limits::header_timeout`] of the connection (or, for later requests, of
 //! its first byte) 408; a body not complete within [`Limits::body_timeout`]
-//! is dropped. Connections beyond the cap are refused at once (plain TCP:
-//! a 503; TLS: closed before the handshake). After an error answer the
+//! is dropped. Connections beyond the cap get a 503 (plain TCP: written at
+//! once by the acceptor; TLS: after a handshake bounded by the header
+//! timeout, on one of [`REFUSERS`] threads, beyond which they are closed at
+//! once), logged at most every [`REFUSAL_LOG_INTERVAL`]. After an error answer the
 //! connection is closed, after reading (and discarding) what the client is
 //! still sending for up to a second, so that it sees the answer.
 //!
@@ -42,10 +44,12 @@ use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown as SocketShutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use crate::shutdown::{Shutdown, Worker};
+use crate::h2::transport::Deadline;
+use crate::shutdown::{Shutdown, Worker, WorkerSet};
 use crate::sys;
 use crate::tls::Reloader;
 
@@ -66,6 +70,12 @@ pub struct Exchange<'a> {
     /// From the complete request head to the answer written.
     pub elapsed: Duration,
 }
+
+/// TLS connections over the cap being answered 503 at once.
+pub const REFUSERS: usize = 8;
+
+/// How often the refusal log line repeats while connections are refused.
+pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// The most headers [`Limits::max_headers`] can allow (parsed on the stack).
 pub const MAX_HEADERS: usize = 256;
@@ -138,6 +148,11 @@ struct Shared {
     shutdown: Shutdown,
     pool: Mutex<Pool>,
     work: Condvar,
+    /// Threads answering TLS connections over the cap, and how many run.
+    refusers: WorkerSet,
+    refusing: AtomicUsize,
+    /// When the refusal line was last logged, and refusals since.
+    refusal_log: Mutex<(Option<Instant>, u64)>,
 }
 
 /// Accepted connections waiting for a thread, and the threads.
@@ -195,6 +210,9 @@ impl Server {
                 closing: false,
             }),
             work: Condvar::new(),
+            refusers: WorkerSet::new(),
+            refusing: AtomicUsize::new(0),
+            refusal_log: Mutex::new((None, 0)),
         });
         let acceptor = Worker::spawn(&format!("http-accept-{}", local_addr.port()), move || {
             accept_loop(&listener, &shared);
@@ -206,6 +224,7 @@ impl Server {
             };
             shared.work.notify_all();
             drop(workers); // joins each
+            shared.refusers.join_all();
         })
         .map_err(Error::Spawn)?;
         Ok(Server {
@@ -268,14 +287,47 @@ fn dispatch(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
     shared.work.notify_one();
 }
 
-fn refuse(shared: &Shared, mut stream: TcpStream, peer: SocketAddr) {
-    // Debug, not warn: under a flood this would be one line per connection;
-    // the observer counts refusals.
-    log::debug!(
-        "refusing connection from {peer}: {} connections open",
-        shared.limits.max_connections
+/// Logs the first refusal, then at most one line per
+/// [`REFUSAL_LOG_INTERVAL`] with the count (the observer counts each).
+fn note_refusal(shared: &Shared, local: Option<SocketAddr>, peer: SocketAddr) {
+    let mut log = lock(&shared.refusal_log);
+    log.1 += 1;
+    let now = Instant::now();
+    if log
+        .0
+        .is_some_and(|last| now.duration_since(last) < REFUSAL_LOG_INTERVAL)
+    {
+        return;
+    }
+    let local = local.map(|a| a.to_string()).unwrap_or_default();
+    log::warn!(
+        "HTTP server {local}: connection limit of {} reached: refusing {peer} \
+         ({} refused since the last report)",
+        shared.limits.max_connections,
+        log.1
     );
-    if shared.tls.is_none() {
+    *log = (Some(now), 0);
+}
+
+fn refuse(shared: &Arc<Shared>, mut stream: TcpStream, peer: SocketAddr) {
+    note_refusal(shared, stream.local_addr().ok(), peer);
+    if shared.tls.is_some() {
+        // A TLS client reads a 503 only after a handshake: a refusal
+        // thread does it, bounded; beyond them, close at once.
+        if shared.refusing.fetch_add(1, Ordering::AcqRel) < REFUSERS {
+            let owner = shared.clone();
+            let spawned = shared.refusers.spawn("http-refuse", move || {
+                refuse_tls(&owner, stream, peer);
+                owner.refusing.fetch_sub(1, Ordering::AcqRel);
+            });
+            if spawned.is_ok() {
+                return; // observed by the refusal
+            }
+        } else {
+            let _ = stream.shutdown(SocketShutdown::Both);
+        }
+        shared.refusing.fetch_sub(1, Ordering::AcqRel);
+    } else {
         let _ = stream.set_write_timeout(Some(Duration::from_millis(100)));
         let body = "too many connections\n";
         let _ = stream.write_all(
@@ -286,8 +338,8 @@ fn refuse(shared: &Shared, mut stream: TcpStream, peer: SocketAddr) {
             )
             .as_bytes(),
         );
+        let _ = stream.shutdown(SocketShutdown::Both);
     }
-    let _ = stream.shutdown(SocketShutdown::Both);
     if let Some(observer) = &shared.observer {
         observer(&Exchange {
             method: "-",
@@ -296,6 +348,45 @@ fn refuse(shared: &Shared, mut stream: TcpStream, peer: SocketAddr) {
             elapsed: Duration::ZERO,
         });
     }
+}
+
+/// Answers a TLS connection over the cap with 503, within the header
+/// timeout plus the usual linger.
+fn refuse_tls(shared: &Shared, stream: TcpStream, peer: SocketAddr) {
+    let prepared = stream
+        .set_nonblocking(false)
+        .and_then(|()| stream.set_nodelay(true))
+        .and_then(|()| stream.set_write_timeout(Some(shared.limits.write_timeout)));
+    let tls = shared
+        .tls
+        .as_ref()
+        .and_then(|reloader| rustls::ServerConnection::new(reloader.server_config()).ok());
+    let (Ok(()), Some(tls)) = (prepared, tls) else {
+        return;
+    };
+    let mut conn = Conn {
+        shared,
+        transport: Transport::Tls(Box::new(tls), stream),
+        peer,
+        buf: Vec::new(),
+        scratch: vec![0; 16 * 1024].into_boxed_slice(),
+    };
+    let deadline = Instant::now() + shared.limits.header_timeout;
+    let answered = conn.handshake(deadline).is_ok()
+        && conn
+            .reject(
+                Reject {
+                    status: 503,
+                    reason: "too many connections",
+                },
+                "-",
+                "-",
+            )
+            .is_ok();
+    if !answered {
+        conn.observe("-", "-", 503, Duration::ZERO);
+    }
+    conn.transport.close();
 }
 
 fn work_loop(shared: &Arc<Shared>) {
@@ -563,7 +654,10 @@ impl Conn<'_> {
             .socket()
             .set_read_timeout(Some(remaining))
             .map_err(ReadError::Io)?;
-        match self.transport.read(&mut self.scratch[..]) {
+        let read = self
+            .handshake(deadline)
+            .and_then(|()| self.transport.read(&mut self.scratch[..]));
+        match read {
             Ok(0) => Err(ReadError::Closed),
             Ok(n) => {
                 self.buf.extend_from_slice(&self.scratch[..n]);
@@ -579,6 +673,24 @@ impl Conn<'_> {
                 _ => Err(ReadError::Io(err)),
             },
         }
+    }
+
+    /// Finishes a TLS handshake by `deadline`: rustls reads on by itself
+    /// while the handshake lasts, so a client trickling its ClientHello
+    /// would otherwise renew the read timeout with every byte.
+    fn handshake(&mut self, deadline: Instant) -> io::Result<()> {
+        let Transport::Tls(conn, sock) = &mut self.transport else {
+            return Ok(());
+        };
+        if !conn.is_handshaking() {
+            return Ok(());
+        }
+        let write_timeout = Some(self.shared.limits.write_timeout);
+        let mut bounded = Deadline::new(sock, deadline, write_timeout);
+        while conn.is_handshaking() {
+            conn.complete_io(&mut bounded)?;
+        }
+        sock.set_write_timeout(write_timeout)
     }
 
     /// Reads one request head. With `abortable` (a new connection), a

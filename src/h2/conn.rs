@@ -47,6 +47,11 @@ pub struct Config {
     pub keepalive_interval: Option<Duration>,
     /// Close the connection when a PING is not answered within this time.
     pub keepalive_timeout: Duration,
+    /// Server side: the client's preface and first SETTINGS frame must
+    /// arrive within this from the start (a slowloris guard; servers pass
+    /// what is left of their header timeout after the TLS handshake). Once
+    /// they have, the connection lives under keepalive.
+    pub handshake_timeout: Duration,
     /// Bytes queued for the writer thread before senders wait.
     pub max_send_buffer: usize,
 }
@@ -61,6 +66,7 @@ impl Default for Config {
             max_header_list_size: 64 * 1024,
             keepalive_interval: Some(Duration::from_secs(5 * 60 + 10)),
             keepalive_timeout: Duration::from_secs(20),
+            handshake_timeout: Duration::from_secs(20),
             max_send_buffer: 512 * 1024,
         }
     }
@@ -220,6 +226,8 @@ struct State {
     ping_sent: Option<(Instant, [u8; 8])>,
     ping_counter: u64,
     last_read: Instant,
+    /// When the connection started (for the handshake timeout).
+    started: Instant,
     /// The writer sleeps on `writer_cv`: only then is a wake-up needed
     /// (a condvar notify is a syscall even without waiters).
     writer_waiting: bool,
@@ -477,6 +485,7 @@ impl Connection {
             ping_sent: None,
             ping_counter: 0,
             last_read: Instant::now(),
+            started: Instant::now(),
             writer_waiting: false,
         };
         let shared = Arc::new(Shared {
@@ -944,7 +953,10 @@ fn write_loop(shared: &Shared, mut writer: Box<dyn Write + Send>) {
             if state.closed.is_some() {
                 break true;
             }
-            let timeout = keepalive(shared, &mut state);
+            let mut timeout = keepalive(shared, &mut state);
+            if let Some(left) = handshake_watch(shared, &mut state) {
+                timeout = Some(timeout.map_or(left, |t| t.min(left)));
+            }
             if !state.out.is_empty() || state.closed.is_some() {
                 continue;
             }
@@ -977,6 +989,29 @@ fn write_loop(shared: &Shared, mut writer: Box<dyn Write + Send>) {
             return;
         }
     }
+}
+
+/// Server side, until the client's first SETTINGS frame: closes the
+/// connection once the handshake timeout has passed (which also wakes a
+/// reader blocked on a silent or trickling client). Returns how long the
+/// writer may sleep before checking again; `None` once it no longer applies.
+fn handshake_watch(shared: &Shared, state: &mut State) -> Option<Duration> {
+    if shared.role != Role::Server || state.got_settings || state.closed.is_some() {
+        return None;
+    }
+    let limit = shared.config.handshake_timeout;
+    let left = (state.started + limit).saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        state.close(
+            shared,
+            Error::Io {
+                peer: shared.peer.clone(),
+                err: format!("no connection preface and SETTINGS within {limit:?}"),
+            },
+        );
+        return None;
+    }
+    Some(left)
 }
 
 /// Sends a PING after a quiet interval and closes the connection when it
@@ -1084,9 +1119,9 @@ fn read_frames(shared: &Shared, reader: &mut dyn Read) -> Result<(), Fatal> {
     };
     let closed = || lock(shared).closed.is_some();
     if shared.role == Role::Server {
-        // A client that connects and stays silent gets as long as a PING
-        // would, keepalive or not.
-        let deadline = Instant::now() + shared.config.keepalive_timeout;
+        // A client that connects and stays silent gets the handshake
+        // timeout (the writer enforces it too, for reads without timeouts).
+        let deadline = Instant::now() + shared.config.handshake_timeout;
         let mut preface = [0u8; 24];
         let mut got = 0;
         while got < preface.len() {
@@ -1103,7 +1138,7 @@ fn read_frames(shared: &Shared, reader: &mut dyn Read) -> Result<(), Fatal> {
             if got < preface.len() && Instant::now() >= deadline {
                 let err = format!(
                     "no connection preface within {:?}",
-                    shared.config.keepalive_timeout
+                    shared.config.handshake_timeout
                 );
                 return Err(io_err(io::Error::new(io::ErrorKind::TimedOut, err)));
             }
@@ -1761,7 +1796,7 @@ mod tests {
         let tick = Some(Duration::from_millis(20));
         let t = Transport::plain(a, tick, tick).unwrap();
         let config = Config {
-            keepalive_timeout: Duration::from_millis(100),
+            handshake_timeout: Duration::from_millis(100),
             ..Config::default()
         };
         let conn = Connection::server(t, config).unwrap();
@@ -1770,6 +1805,40 @@ mod tests {
             matches!(&err, Some(Error::Io { err, .. }) if err.contains("no connection preface")),
             "{err:?}"
         );
+    }
+
+    #[test]
+    fn a_trickling_or_silent_client_is_dropped_after_the_handshake_timeout() {
+        let config = Config {
+            handshake_timeout: Duration::from_millis(300),
+            ..Config::default()
+        };
+        // Reads without a timeout (as on gRPC listeners, which live under
+        // keepalive): the writer's watch closes the socket under the reader.
+        // `trickle`: bytes of the preface and SETTINGS sent before stalling.
+        for trickle in [0, 10, 24, 30] {
+            let (a, mut b) = UnixStream::pair().unwrap();
+            let t = Transport::plain(a, None, Some(Duration::from_secs(10))).unwrap();
+            let conn = Connection::server(t, config.clone()).unwrap();
+            let mut opening = frame::PREFACE.to_vec();
+            frame::write_settings(&mut opening, &[]);
+            b.write_all(&opening[..trickle]).unwrap();
+            let err = conn.wait_closed(Some(Duration::from_secs(10)));
+            assert!(
+                matches!(&err, Some(Error::Io { err, .. }) if err.contains("within")),
+                "after {trickle} bytes: {err:?}"
+            );
+        }
+        // A client that sent both in time is not held to it.
+        let (conn, mut raw) = raw_pair(config, true);
+        raw.expect("SETTINGS", |f| {
+            matches!(f, Frame::Settings { ack: false, .. })
+        });
+        assert_eq!(conn.wait_closed(Some(Duration::from_millis(600))), None);
+        let mut payload = [0u8; 8];
+        payload[0] = 7;
+        raw.frame(kind::PING, 0, 0, &payload);
+        raw.expect("PING ACK", |f| matches!(f, Frame::Ping { ack: true, .. }));
     }
 
     #[test]

@@ -15,7 +15,7 @@ use std::io::{self, Read, Write};
 use std::net::{Shutdown as SocketShutdown, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// A blocking socket that one reader and one writer use at once through
 /// shared references (as `&TcpStream` allows), without a second descriptor.
@@ -153,17 +153,21 @@ impl Transport {
         read_timeout: Option<Duration>,
         write_timeout: Option<Duration>,
     ) -> Result<Self, Error> {
-        Self::tls_alpn(sock, conn, read_timeout, write_timeout, true)
+        Self::tls_alpn(sock, conn, read_timeout, write_timeout, true, None)
     }
 
-    /// [`Transport::tls`] for protocols other than HTTP/2 (the HTTP CONNECT
-    /// frontend): ALPN `h2` is only required when `require_h2`.
+    /// [`Transport::tls`] for servers and for protocols other than HTTP/2
+    /// (the HTTP CONNECT frontend): ALPN `h2` is only required when
+    /// `require_h2`, and with a `handshake_deadline` the whole handshake
+    /// must end by then (a slowloris guard: a peer trickling its
+    /// ClientHello a byte at a time satisfies every per-read timeout).
     pub fn tls_alpn<S: Socket>(
         sock: impl Into<Arc<S>>,
         conn: impl Into<rustls::Connection>,
         read_timeout: Option<Duration>,
         write_timeout: Option<Duration>,
         require_h2: bool,
+        handshake_deadline: Option<Instant>,
     ) -> Result<Self, Error> {
         let mut conn: rustls::Connection = conn.into();
         let sock: Arc<S> = sock.into();
@@ -174,12 +178,23 @@ impl Transport {
         // it forever.
         sock.set_timeouts(read_timeout.or(write_timeout), write_timeout)
             .map_err(Error::Socket)?;
-        while conn.is_handshaking() {
-            conn.complete_io(&mut SharedSocket(sock.clone()))
-                .map_err(|err| Error::Handshake {
-                    peer: peer.clone(),
-                    err,
-                })?;
+        let handshake_err = |err| Error::Handshake {
+            peer: peer.clone(),
+            err,
+        };
+        match handshake_deadline {
+            None => {
+                let mut io = SharedSocket(sock.clone());
+                while conn.is_handshaking() {
+                    conn.complete_io(&mut io).map_err(handshake_err)?;
+                }
+            }
+            Some(deadline) => {
+                let mut bounded = Deadline::new(&*sock, deadline, write_timeout);
+                while conn.is_handshaking() {
+                    conn.complete_io(&mut bounded).map_err(handshake_err)?;
+                }
+            }
         }
         if require_h2 && conn.alpn_protocol() != Some(b"h2") {
             return Err(Error::NoAlpnH2 { peer });
@@ -210,6 +225,56 @@ impl Transport {
             peer,
             secure: true,
         })
+    }
+}
+
+/// A socket whose every read and write must end by `deadline`: each one
+/// gets the time that is left as its timeout, and none starts after it.
+/// For TLS handshakes (`complete_io` loops on its own while a peer
+/// trickles bytes). It leaves the last timeouts set on the socket.
+pub(crate) struct Deadline<'a, S: Socket> {
+    sock: &'a S,
+    deadline: Instant,
+    write_timeout: Option<Duration>,
+}
+
+impl<'a, S: Socket> Deadline<'a, S> {
+    pub(crate) fn new(sock: &'a S, deadline: Instant, write_timeout: Option<Duration>) -> Self {
+        Deadline {
+            sock,
+            deadline,
+            write_timeout,
+        }
+    }
+
+    fn arm(&self) -> io::Result<()> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "handshake not finished within the header timeout",
+            ));
+        }
+        let write = self.write_timeout.map_or(left, |w| w.min(left));
+        self.sock.set_timeouts(Some(left), Some(write))
+    }
+}
+
+impl<S: Socket> Read for Deadline<'_, S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.arm()?;
+        self.sock.read_shared(buf)
+    }
+}
+
+impl<S: Socket> Write for Deadline<'_, S> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.arm()?;
+        self.sock.write_shared(buf)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 
@@ -321,5 +386,78 @@ impl<S: Socket> Write for TlsWriter<S> {
     fn flush(&mut self) -> io::Result<()> {
         self.flush_records()?;
         self.sock.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixStream;
+    use std::path::Path;
+
+    fn server_config() -> Arc<rustls::ServerConfig> {
+        let data = |name: &str| {
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("tests/data")
+                .join(name)
+        };
+        crate::tls::Reloader::new(&crate::tls::ServerFiles {
+            cert: data("server.crt"),
+            key: data("server.key"),
+            client_ca: None,
+            alpn: vec![b"h2".to_vec()],
+        })
+        .unwrap()
+        .server_config()
+    }
+
+    fn client_hello() -> Vec<u8> {
+        let config = rustls::ClientConfig::builder_with_provider(crate::tls::provider())
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        let name = "localhost".try_into().unwrap();
+        let mut client = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+        let mut hello = Vec::new();
+        while client.wants_write() {
+            client.write_tls(&mut hello).unwrap();
+        }
+        hello
+    }
+
+    #[test]
+    fn a_handshake_trickled_a_byte_at_a_time_ends_at_its_deadline() {
+        let (server_side, mut client_side) = UnixStream::pair().unwrap();
+        let hello = client_hello();
+        // Every read finds a byte well within the 10 s read timeout; the
+        // whole ClientHello would take seconds.
+        let feeder = std::thread::spawn(move || {
+            for byte in hello {
+                if client_side.write_all(&[byte]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20)); // the attack's pace
+            }
+        });
+        let started = Instant::now();
+        let ten = Some(Duration::from_secs(10));
+        let result = Transport::tls_alpn(
+            server_side,
+            rustls::ServerConnection::new(server_config()).unwrap(),
+            ten,
+            ten,
+            true,
+            Some(started + Duration::from_millis(300)),
+        );
+        let elapsed = started.elapsed();
+        assert!(
+            matches!(&result, Err(Error::Handshake { err, .. }) if err.kind() == io::ErrorKind::TimedOut),
+            "{:?}",
+            result.err()
+        );
+        assert!(elapsed < Duration::from_secs(3), "ended after {elapsed:?}");
+        drop(result);
+        feeder.join().unwrap();
     }
 }

@@ -3,6 +3,12 @@
 //! shutdown path (stop accepting; on [`Listeners::close_all`], shut every
 //! socket down so that blocked reads return).
 //!
+//! Over the cap, a connection gets its listener's [`Refuse`] answer (a 503,
+//! a GOAWAY) on a short-lived thread, at most [`REFUSERS`] at once, so that
+//! refusing stays cheaper than serving; beyond that it is closed at once.
+//! The refusals are logged at most every [`REFUSAL_LOG_INTERVAL`], with
+//! the limit and how many were refused.
+//!
 //! Owns: sockets until a connection thread takes one. Must not: speak any
 //! protocol; the role's `serve` closure does.
 
@@ -14,6 +20,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use crate::shutdown::{Shutdown, Worker, WorkerSet};
 use crate::sys;
@@ -138,10 +145,21 @@ impl Drop for Listener {
 /// closing-allowed. It returns when the connection is done.
 pub type Serve = Arc<dyn Fn(Conn) + Send + Sync>;
 
+/// Answers a connection over the cap and closes it; must be bounded in
+/// time (it runs on one of [`REFUSERS`] threads).
+pub type Refuse = Arc<dyn Fn(Conn) + Send + Sync>;
+
+/// Connections being refused with an answer at once, across listeners.
+pub const REFUSERS: usize = 8;
+
+/// How often the refusal log line repeats while connections are refused.
+pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
 struct Open {
     closers: Mutex<HashMap<u64, Conn>>,
     workers: WorkerSet,
     count: AtomicUsize,
+    refusing: AtomicUsize,
     next: AtomicU64,
 }
 
@@ -164,6 +182,7 @@ impl Listeners {
                 closers: Mutex::new(HashMap::new()),
                 workers: WorkerSet::new(),
                 count: AtomicUsize::new(0),
+                refusing: AtomicUsize::new(0),
                 next: AtomicU64::new(0),
             }),
             max_connections,
@@ -182,6 +201,19 @@ impl Listeners {
         serve: Serve,
         on_refused: Arc<dyn Fn() + Send + Sync>,
     ) -> io::Result<()> {
+        self.spawn_refusing(name, listener, serve, None, on_refused)
+    }
+
+    /// [`Listeners::spawn`], with connections beyond the cap answered by
+    /// `refuse` while a refusal thread is free.
+    pub fn spawn_refusing(
+        &mut self,
+        name: &str,
+        listener: Listener,
+        serve: Serve,
+        refuse: Option<Refuse>,
+        on_refused: Arc<dyn Fn() + Send + Sync>,
+    ) -> io::Result<()> {
         listener.set_nonblocking()?;
         let open = self.open.clone();
         let shutdown = self.shutdown.clone();
@@ -190,16 +222,17 @@ impl Listeners {
         let conn_name = name.to_string();
         let worker = Worker::spawn(&thread_name, move || {
             let fds = [listener.fd(), shutdown.as_raw_fd()];
+            let mut refusals = RefusalLog::default();
             while !shutdown.is_triggered() {
                 match listener.accept() {
                     Ok(conn) => {
                         if open.count.load(Ordering::Acquire) >= max {
-                            log::warn!(
-                                "{conn_name}: connection cap of {max} reached, refusing {}",
-                                conn.peer()
-                            );
+                            refusals.note(&conn_name, max, &conn.peer());
                             on_refused();
-                            conn.shutdown();
+                            match &refuse {
+                                Some(refuse) => start_refusal(&open, &conn_name, conn, refuse),
+                                None => conn.shutdown(),
+                            }
                             continue;
                         }
                         start_connection(&open, &conn_name, conn, serve.clone());
@@ -244,6 +277,62 @@ impl Drop for Listeners {
         self.acceptors.clear();
         self.close_all();
         self.open.workers.join_all();
+    }
+}
+
+/// Logs the first refusal, then at most one line per
+/// [`REFUSAL_LOG_INTERVAL`] with the count: a flood of refused connections
+/// must not become a flood of log lines.
+#[derive(Default)]
+struct RefusalLog {
+    last: Option<Instant>,
+    unlogged: u64,
+}
+
+impl RefusalLog {
+    fn note(&mut self, name: &str, max: usize, peer: &str) {
+        self.unlogged += 1;
+        let now = Instant::now();
+        if self
+            .last
+            .is_some_and(|last| now.duration_since(last) < REFUSAL_LOG_INTERVAL)
+        {
+            return;
+        }
+        log::warn!(
+            "{name}: connection limit reached (--max-connections={max}): refusing {peer} \
+             ({} refused since the last report)",
+            self.unlogged
+        );
+        self.last = Some(now);
+        self.unlogged = 0;
+    }
+}
+
+/// Runs `refuse` on a thread of its own when one of the [`REFUSERS`] is
+/// free; closes the connection at once otherwise.
+fn start_refusal(open: &Arc<Open>, name: &str, conn: Conn, refuse: &Refuse) {
+    if open.refusing.fetch_add(1, Ordering::AcqRel) >= REFUSERS {
+        open.refusing.fetch_sub(1, Ordering::AcqRel);
+        conn.shutdown();
+        return;
+    }
+    let id = open.next.fetch_add(1, Ordering::Relaxed);
+    lock(&open.closers).insert(id, conn.clone());
+    let owner = open.clone();
+    let refuse = refuse.clone();
+    let spawned = open.workers.spawn(&format!("refuse-{name}"), move || {
+        refuse(conn);
+        if let Some(conn) = lock(&owner.closers).remove(&id) {
+            conn.shutdown();
+        }
+        owner.refusing.fetch_sub(1, Ordering::AcqRel);
+    });
+    if spawned.is_err() {
+        if let Some(conn) = lock(&open.closers).remove(&id) {
+            conn.shutdown();
+        }
+        open.refusing.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

@@ -47,7 +47,9 @@ impl fmt::Display for DialFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             DialFailure::NoAgent => f.write_str("No agent available"),
-            DialFailure::TooManyPending => f.write_str("too many pending dials"),
+            DialFailure::TooManyPending => {
+                f.write_str("too many pending dials (--max-pending-dials)")
+            }
             DialFailure::DuplicateDial => f.write_str("a dial with this id is already pending"),
             DialFailure::AgentGone => f.write_str("agent disconnected before answering the dial"),
             DialFailure::Timeout => f.write_str("dial timeout waiting for the agent"),

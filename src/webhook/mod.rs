@@ -47,7 +47,7 @@ Flags:
                                 present a certificate it signed (default \"\": no client verification)
       --host string             [optional] address to listen on (default \"\": all addresses)
       --port int                [optional] port to listen on; 0 picks a free port (default 9443)
-      --max-connections int     [optional] connections served at once; more are refused (default 256)
+      --max-connections int     [optional] connections served at once; more are refused with 503 (default 256)
       --header-timeout duration [optional] time for the TLS handshake and a request head (default 10s)
       --idle-timeout duration   [optional] time a keep-alive connection may idle (default 1m30s)
   -h, --help                    print this help and exit

@@ -30,7 +30,7 @@ pub enum Action<C> {
 }
 
 /// Why a dial was refused before it started.
-pub const TOO_MANY: &str = "too many connections on this agent";
+pub const TOO_MANY: &str = "too many connections on this agent (--max-connections)";
 
 struct DialState {
     cancelled: bool,

@@ -64,6 +64,8 @@ pub fn serve(hub: &Arc<Hub>, conn: Conn, tls: Option<&Reloader>, timeouts: &Time
     let peer = conn.peer();
     // A handle to the raw socket, to lift the header timeout later.
     let control = conn.clone();
+    // The header timeout runs from here: TLS handshake plus request head.
+    let started = Instant::now();
     let transport = match (conn, tls) {
         (Conn::Tcp(sock), Some(tls)) => match rustls::ServerConnection::new(tls.server_config()) {
             Ok(server) => Transport::tls_alpn::<TcpStream>(
@@ -72,6 +74,7 @@ pub fn serve(hub: &Arc<Hub>, conn: Conn, tls: Option<&Reloader>, timeouts: &Time
                 Some(timeouts.header),
                 Some(timeouts.write),
                 false,
+                Some(started + timeouts.header),
             ),
             Err(e) => {
                 log::error!("CONNECT {peer}: TLS set-up: {e}");
@@ -100,7 +103,6 @@ pub fn serve(hub: &Arc<Hub>, conn: Conn, tls: Option<&Reloader>, timeouts: &Time
     } = transport;
 
     // The request head, within the header timeout from the connection's start.
-    let started = Instant::now();
     let mut head = Vec::with_capacity(1024);
     let mut buf = ReadBuf::new(CHUNK);
     let request = loop {
@@ -115,15 +117,24 @@ pub fn serve(hub: &Arc<Hub>, conn: Conn, tls: Option<&Reloader>, timeouts: &Time
                 return;
             }
         }
-        if started.elapsed() >= timeouts.header {
+        let left = timeouts.header.saturating_sub(started.elapsed());
+        if left.is_zero() {
             let _ = writer.write_all(&connect::error_response(408, "request header timeout"));
             finish(writer, &closer);
             return;
         }
+        // A client silent after part of its head gets only what is left.
+        set_read_timeout(&control, Some(left));
         match buf.read_from(
             &mut reader,
             connect::MAX_HEAD + 1 - head.len().min(connect::MAX_HEAD),
         ) {
+            // Out of time: answered 408 above, on the next turn.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
             Ok([]) | Err(_) => {
                 finish(writer, &closer);
                 return;

@@ -7,6 +7,7 @@
 pub mod connect_frontend;
 pub mod hub;
 pub mod metrics;
+pub mod refusal;
 pub mod run;
 pub mod streams;
 
@@ -81,7 +82,8 @@ pub struct Config {
     pub max_pending_dials: usize,
     /// Frontend connections plus agent connections (`--max-connections`, ours).
     pub max_connections: usize,
-    /// TLS handshake plus CONNECT request head (`--header-timeout`, ours).
+    /// TLS handshake plus CONNECT request head, or plus the HTTP/2 preface
+    /// and first SETTINGS, on every listener (`--header-timeout`, ours).
     pub header_timeout: Duration,
     pub log: LogFlags,
 }
@@ -120,9 +122,12 @@ Operations:
       --admin-bind-address ADDR          (default \"127.0.0.1\")
       --graceful-shutdown-timeout DURATION  on SIGTERM stop accepting and let tunnels finish this long (default 0s)
       --xfr-channel-size N               packets queued per tunnelled connection (default 10)
-      --max-pending-dials N              dials waiting for an agent's answer, in all (default 10000)
-      --max-connections N                open frontend and agent connections, in all (default 20000)
-      --header-timeout DURATION          HTTP CONNECT: TLS handshake plus request head must finish
+      --max-pending-dials N              dials waiting for an agent's answer, in all; more fail at once
+                                         (CONNECT 503, gRPC RESOURCE_EXHAUSTED) (default 10000)
+      --max-connections N                open frontend and agent connections, in all; more are refused
+                                         (CONNECT 503, gRPC GOAWAY) (default 20000)
+      --header-timeout DURATION          every listener: TLS handshake plus the CONNECT request head,
+                                         or plus the HTTP/2 preface and first SETTINGS, must finish
                                          within this (slowloris guard; default 10s)
 Accepted for compatibility: --enable-profiling, --enable-contention-profiling, --warn-on-channel-limit,
       --cipher-suites, --tls-min-version (VersionTLS12 or VersionTLS13), --lease-namespace, --lease-label,

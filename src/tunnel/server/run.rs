@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use super::connect_frontend::{self, Timeouts};
 use super::hub::Hub;
 use super::metrics::ServerMetrics;
+use super::refusal;
 use super::streams::{AGENT_PATH, PROXY_PATH, agent_handler, proxy_handler};
 use super::{Config, Frontend, Mode};
 use crate::grpc;
@@ -20,7 +21,7 @@ use crate::h2::transport::Transport;
 use crate::http;
 use crate::shutdown::{Shutdown, Worker};
 use crate::tls::{Reloader, ServerFiles};
-use crate::tunnel::listen::{Conn, Listener, Listeners};
+use crate::tunnel::listen::{Conn, Listener, Listeners, Refuse};
 use crate::tunnel::router;
 
 pub use crate::tunnel::StartError as Error;
@@ -35,12 +36,29 @@ fn h2_config(keepalive: Duration) -> H2Config {
     }
 }
 
-/// Runs one gRPC connection (TLS when `tls` is given) to its end.
-fn serve_grpc(conn: Conn, tls: Option<&Reloader>, h2: &H2Config, server: &grpc::Server) {
+/// Runs one gRPC connection (TLS when `tls` is given) to its end. The TLS
+/// handshake, the client's preface and its first SETTINGS frame must all
+/// arrive within `header_timeout` (slowloris guard); after that the
+/// connection lives under keepalive.
+fn serve_grpc(
+    conn: Conn,
+    tls: Option<&Reloader>,
+    h2: &H2Config,
+    server: &grpc::Server,
+    header_timeout: Duration,
+) {
     let peer = conn.peer();
+    let deadline = Instant::now() + header_timeout;
     let transport = match (conn, tls) {
         (Conn::Tcp(sock), Some(tls)) => match rustls::ServerConnection::new(tls.server_config()) {
-            Ok(tls) => Transport::tls::<TcpStream>(sock, tls, None, Some(WRITE_TIMEOUT)),
+            Ok(tls) => Transport::tls_alpn::<TcpStream>(
+                sock,
+                tls,
+                None,
+                Some(WRITE_TIMEOUT),
+                true,
+                Some(deadline),
+            ),
             Err(e) => {
                 log::error!("{peer}: TLS set-up: {e}");
                 return;
@@ -56,7 +74,13 @@ fn serve_grpc(conn: Conn, tls: Option<&Reloader>, h2: &H2Config, server: &grpc::
             return;
         }
     };
-    match Connection::server(transport, h2.clone()) {
+    let h2 = H2Config {
+        handshake_timeout: deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1)),
+        ..h2.clone()
+    };
+    match Connection::server(transport, h2) {
         Ok(conn) => server.serve(&conn),
         Err(e) => log::debug!("{peer}: {e}"),
     }
@@ -124,6 +148,7 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), Error> {
         config.xfr_channel_size,
         metrics.clone(),
     );
+    let header_timeout = config.header_timeout;
     let mut listeners = Listeners::new(config.max_connections, shutdown);
     let refused = |name: &'static str| -> Arc<dyn Fn() + Send + Sync> {
         let metrics = metrics.clone();
@@ -152,11 +177,25 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), Error> {
         config.server_id,
         config.server_count
     );
+    let refuse_agent: Refuse = {
+        let cluster = cluster.clone();
+        let answer = refusal::grpc_answer(config.max_connections);
+        Arc::new(move |conn| refusal::refuse(conn, Some(&cluster), true, header_timeout, &answer))
+    };
     listeners
-        .spawn(
+        .spawn_refusing(
             "agent",
             agent_listener,
-            Arc::new(move |conn| serve_grpc(conn, Some(&cluster), &agent_h2, &agent_server)),
+            Arc::new(move |conn| {
+                serve_grpc(
+                    conn,
+                    Some(&cluster),
+                    &agent_h2,
+                    &agent_server,
+                    header_timeout,
+                )
+            }),
+            Some(refuse_agent),
             refused("agent"),
         )
         .map_err(|e| fail(format!("starting the agent listener: {e}")))?;
@@ -191,11 +230,21 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), Error> {
         "frontend ({mode_name}) listening on {}",
         frontend_listener.describe()
     );
+    let refuse_frontend: Refuse = {
+        let tls = frontend_tls.clone();
+        let (h2, answer) = match config.mode {
+            Mode::Grpc => (true, refusal::grpc_answer(config.max_connections)),
+            Mode::HttpConnect => (false, refusal::connect_answer(config.max_connections)),
+        };
+        Arc::new(move |conn| refusal::refuse(conn, tls.as_ref(), h2, header_timeout, &answer))
+    };
     let serve: crate::tunnel::listen::Serve = match config.mode {
         Mode::Grpc => {
             let server = grpc::Server::new().route(PROXY_PATH, proxy_handler(hub.clone()));
             let h2 = h2_config(config.frontend_keepalive_time);
-            Arc::new(move |conn| serve_grpc(conn, frontend_tls.as_ref(), &h2, &server))
+            Arc::new(move |conn| {
+                serve_grpc(conn, frontend_tls.as_ref(), &h2, &server, header_timeout)
+            })
         }
         Mode::HttpConnect => {
             let hub = hub.clone();
@@ -215,7 +264,13 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), Error> {
         }
     };
     listeners
-        .spawn("frontend", frontend_listener, serve, refused("frontend"))
+        .spawn_refusing(
+            "frontend",
+            frontend_listener,
+            serve,
+            Some(refuse_frontend),
+            refused("frontend"),
+        )
         .map_err(|e| fail(format!("starting the frontend listener: {e}")))?;
 
     // Health and admin ports.

@@ -7,7 +7,9 @@
 //! `servercount` in the response headers before any packet) and the
 //! conversion between packets and the hub's messages.
 
+use std::cell::Cell;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use super::hub::{Hub, ToFrontend};
 use crate::grpc::{Code, ServerCall, Status};
@@ -15,6 +17,7 @@ use crate::tunnel::identifiers::Identifiers;
 use crate::tunnel::message::Message;
 use crate::tunnel::proto::Packet;
 use crate::tunnel::queue::{Pop, Queue};
+use crate::tunnel::router::DialFailure;
 
 pub const AGENT_PATH: &str = "/AgentService/Connect";
 pub const PROXY_PATH: &str = "/ProxyService/Proxy";
@@ -42,12 +45,14 @@ fn read_packets(call: &ServerCall, what: &str, mut deliver: impl FnMut(Message) 
     }
 }
 
-/// Sends every queued item until the queue closes or a send fails.
+/// Sends every queued item until the queue closes, a send fails, or
+/// `keep_going` (asked after each send) says to stop.
 fn write_queue<T>(
     call: &ServerCall,
     queue: &Queue<T>,
     what: &str,
     into_message: impl Fn(T) -> Message,
+    keep_going: impl Fn() -> bool,
 ) {
     loop {
         match queue.pop_timeout(None) {
@@ -56,6 +61,9 @@ fn write_queue<T>(
                 if let Err(status) = call.send_parts(&head, &data) {
                     log::debug!("{what}: send failed: {status:?}");
                     queue.close_and_clear();
+                    return;
+                }
+                if !keep_going() {
                     return;
                 }
             }
@@ -105,7 +113,7 @@ pub fn agent_handler(
         );
         let what = format!("agent {agent_id}");
         std::thread::scope(|scope| {
-            scope.spawn(|| write_queue(call, &outbox, &what, |m| m));
+            scope.spawn(|| write_queue(call, &outbox, &what, |m| m, || true));
             read_packets(call, &what, |message| {
                 if message == Message::Drain {
                     log::info!("agent {agent_id} is draining: new dials go to other agents");
@@ -124,6 +132,11 @@ pub fn agent_handler(
 }
 
 /// The `ProxyService/Proxy` handler (gRPC frontend).
+///
+/// A dial refused because `--max-pending-dials` is reached gets its
+/// DIAL_RSP with the reason; when it was the stream's only dial (as
+/// kube-apiserver opens one stream per dial), the call then ends with
+/// RESOURCE_EXHAUSTED. A stream carrying other tunnels keeps them.
 pub fn proxy_handler(hub: Arc<Hub>) -> impl Fn(&Arc<ServerCall>) -> Status + Send + Sync + 'static {
     move |call: &Arc<ServerCall>| {
         let (key, queue) = hub.add_frontend();
@@ -131,18 +144,48 @@ pub fn proxy_handler(hub: Arc<Hub>) -> impl Fn(&Arc<ServerCall>) -> Status + Sen
             .grpc_connections
             .add(&["ProxyService/Proxy"], 1.0);
         let what = format!("frontend {key}");
+        let dials = AtomicUsize::new(0);
         std::thread::scope(|scope| {
             scope.spawn(|| {
-                write_queue(call, &queue, &what, |item| match item {
+                let exhausted = Cell::new(false);
+                let message = |item| match item {
                     ToFrontend::Message(m) => m,
-                    ToFrontend::DialFailed { random, reason } => Message::DialRsp {
-                        error: reason.to_string(),
-                        connect_id: 0,
-                        random,
-                    },
-                })
+                    ToFrontend::DialFailed { random, reason } => {
+                        exhausted.set(reason == DialFailure::TooManyPending);
+                        Message::DialRsp {
+                            error: reason.to_string(),
+                            connect_id: 0,
+                            random,
+                        }
+                    }
+                };
+                let keep_going = || {
+                    if !exhausted.replace(false) {
+                        return true;
+                    }
+                    log::info!(
+                        "{what} from {}: dial refused: {}",
+                        call.peer(),
+                        DialFailure::TooManyPending
+                    );
+                    if dials.load(Ordering::Acquire) != 1 {
+                        return true;
+                    }
+                    call.end(&Status::new(
+                        Code::RESOURCE_EXHAUSTED,
+                        DialFailure::TooManyPending.to_string(),
+                    ));
+                    queue.close_and_clear();
+                    false
+                };
+                write_queue(call, &queue, &what, message, keep_going)
             });
-            read_packets(call, &what, |message| hub.from_frontend(key, message));
+            read_packets(call, &what, |message| {
+                if matches!(message, Message::DialReq { .. }) {
+                    dials.fetch_add(1, Ordering::AcqRel);
+                }
+                hub.from_frontend(key, message)
+            });
             hub.remove_frontend(key);
         });
         hub.metrics
