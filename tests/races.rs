@@ -250,6 +250,8 @@ fn wait_metric(port: u16, name: &str, want: f64) {
 const PENDING: &str = "konnectivity_network_proxy_server_pending_backend_dials";
 const ESTABLISHED: &str = "konnectivity_network_proxy_server_established_connections";
 const HTTP_CONNS: &str = "konnectivity_network_proxy_server_http_connections";
+const PROXY_STREAMS: &str =
+    "konnectivity_network_proxy_server_grpc_connections{service_method=\"ProxyService/Proxy\"}";
 const OPEN_ENDPOINTS: &str = "konnectivity_network_proxy_agent_open_endpoint_connections";
 
 // --- the server and its peers ------------------------------------------------------
@@ -265,9 +267,13 @@ struct Server {
 
 impl Server {
     fn start(mode: &str) -> Server {
+        Self::start_with(mode, &[])
+    }
+
+    fn start_with(mode: &str, extra: &[&str]) -> Server {
         let certs = Certs::new();
         let uds = std::env::temp_dir().join(unique("races-").replace('-', "") + ".sock");
-        let args = vec![
+        let mut args = vec![
             format!("--mode={mode}"),
             format!("--uds-name={}", uds.display()),
             "--server-port=0".into(),
@@ -286,6 +292,7 @@ impl Server {
             ),
             format!("--cluster-ca-cert={}", certs.path("agent/issued/ca.crt")),
         ];
+        args.extend(extra.iter().map(|s| s.to_string()));
         let mut proc = Logged::start(SERVER, &args);
         let agent_port = proc.port("agent port");
         let health_port = proc.port("health port");
@@ -313,6 +320,15 @@ impl Server {
     fn idle(&self) {
         wait_metric(self.health_port, PENDING, 0.0);
         wait_metric(self.health_port, ESTABLISHED, 0.0);
+    }
+
+    /// No frontend left: no Proxy stream, no CONNECT connection.
+    fn no_frontends(&self) {
+        // (A series that was never set is not on the page: 0.)
+        poll("no frontend left", DEADLINE, || {
+            let open = |name| self.metric(name).unwrap_or(0.0);
+            (open(PROXY_STREAMS) == 0.0 && open(HTTP_CONNS) == 0.0).then_some(())
+        });
     }
 
     fn fake_agent(&self, id: &str) -> FakeAgent {
@@ -630,25 +646,39 @@ fn grpc_frontend_dial_cls_before_racing_and_after_the_dial_rsp() {
         outcomes.0, outcomes.1
     );
     server.idle();
+    server.no_frontends();
     agent.kill();
     back_to_baseline("server", pid, baseline);
 }
 
+/// A frontend that dies (its connection closed, or only its stream reset
+/// with RST_STREAM) before or while its dial's DIAL_RSP arrives: the agent
+/// gets DIAL_CLS and, for the late DIAL_RSP, CLOSE_REQ.
 #[test]
 fn a_frontend_that_dies_while_dialling_cancels_and_closes_at_the_agent() {
     let server = Server::start("grpc");
     let pid = server.pid();
     let baseline = settled(pid);
     let mut agent = server.fake_agent("fake-agent");
-    for round in 0..20i64 {
+    for round in 0..40i64 {
         let frontend = server.grpc_frontend();
         let random = 77_000 + round;
         let connect_id = 500 + round;
         frontend.send(dial_req("10.0.0.1:443", random));
         assert_eq!(agent.dial_request(), random);
+        let reset_only = round % 4 >= 2;
+        let die = move |f: GrpcFrontend| {
+            if reset_only {
+                f.call.cancel();
+                // The connection stays open until the frontend is dropped.
+                std::mem::forget(f.inbox);
+            } else {
+                f.kill();
+            }
+        };
         if round % 2 == 0 {
             // Dies first; the agent answers after it saw the DIAL_CLS.
-            frontend.kill();
+            die(frontend);
             agent.expect(
                 "DIAL_CLS for the dead frontend",
                 &Message::DialCls { random },
@@ -664,7 +694,7 @@ fn a_frontend_that_dies_while_dialling_cancels_and_closes_at_the_agent() {
             std::thread::scope(|s| {
                 s.spawn(|| {
                     barrier.wait();
-                    frontend.kill();
+                    die(frontend);
                 });
                 barrier.wait();
                 agent.send(dial_ok(random, connect_id));
@@ -674,8 +704,49 @@ fn a_frontend_that_dies_while_dialling_cancels_and_closes_at_the_agent() {
         agent.send(close_rsp(connect_id));
         server.idle();
     }
+    server.no_frontends();
     agent.kill();
     back_to_baseline("server", pid, baseline);
+}
+
+/// The server's --backend-dial-timeout fails a dial the agent is slow to
+/// answer (the frontend gets its DIAL_RSP error, the agent DIAL_CLS); the
+/// agent's DIAL_RSP after that is closed with CLOSE_REQ.
+#[test]
+fn a_dial_rsp_after_the_backend_dial_timeout_is_closed() {
+    let server = Server::start_with("grpc", &["--backend-dial-timeout=300ms"]);
+    let mut agent = server.fake_agent("fake-agent");
+    let mut frontend = server.grpc_frontend();
+    for round in 0..5i64 {
+        let (random, connect_id) = (60 + round, 600 + round);
+        frontend.send(dial_req("10.0.0.1:443", random));
+        assert_eq!(agent.dial_request(), random);
+        match frontend.next("the timed-out dial's answer") {
+            Message::DialRsp {
+                random: r, error, ..
+            } => {
+                assert_eq!(r, random);
+                assert!(error.contains("timeout"), "{error}");
+            }
+            other => panic!("expected DIAL_RSP error, got {other:?}"),
+        }
+        agent.expect("DIAL_CLS after the timeout", &Message::DialCls { random });
+        agent.send(dial_ok(random, connect_id));
+        agent.expect(
+            "CLOSE_REQ for the late DIAL_RSP",
+            &Message::CloseReq { connect_id },
+        );
+        agent.send(close_rsp(connect_id));
+        server.idle();
+    }
+    // Nothing else reached the frontend: the next answer is its next dial's.
+    frontend.send(dial_req("10.0.0.1:443", 99));
+    assert_eq!(agent.dial_request(), 99);
+    agent.send(dial_err(99, "refused"));
+    match frontend.next("the last dial's answer") {
+        Message::DialRsp { random: 99, .. } => {}
+        other => panic!("expected DIAL_RSP 99, got {other:?}"),
+    }
 }
 
 #[test]
@@ -754,6 +825,7 @@ fn an_agent_that_vanishes_fails_100_pending_grpc_dials() {
         server.idle();
         drop(frontends);
     }
+    server.no_frontends();
     back_to_baseline("server", pid, baseline);
 }
 
@@ -847,6 +919,7 @@ fn an_agent_that_vanishes_fails_100_pending_connects_with_502() {
         server.idle();
         wait_metric(server.health_port, HTTP_CONNS, 0.0);
     }
+    server.no_frontends();
     back_to_baseline("server", pid, baseline);
 }
 
