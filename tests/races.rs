@@ -1137,11 +1137,31 @@ fn agent_dial_cls_while_the_dial_hangs() {
         back_to_baseline("agent after the cancelled dial", pid, baseline);
         assert_eq!(agent.open_endpoints(), Some(0.0));
     }
-    // Nothing was announced for the cancelled dials: the next packet is
-    // the answer to a dial of a closed port.
+    // The same dial id again while the cancelled dial still hangs (a
+    // frontend reusing its random after DIAL_CLS): answered, not ignored.
     let closed = TcpListener::bind("127.0.0.1:0").unwrap();
     let closed_port = closed.local_addr().unwrap().port();
     drop(closed);
+    for round in 0..3i64 {
+        let random = 400 + round;
+        stream.send(dial_req(&target, random));
+        poll("the dial thread", DEADLINE, || {
+            (resources(pid).0 > baseline.0).then_some(())
+        });
+        stream.send(Message::DialCls { random });
+        stream.send(dial_req(&format!("127.0.0.1:{closed_port}"), random));
+        match stream.next("the answer to the reused dial id") {
+            Message::DialRsp {
+                random: r, error, ..
+            } if r == random => {
+                assert!(!error.is_empty(), "{error}")
+            }
+            other => panic!("expected DIAL_RSP {random}, got {other:?}"),
+        }
+        back_to_baseline("agent after the reused dial id", pid, baseline);
+    }
+    // Nothing was announced for the cancelled dials: the next packet is
+    // the answer to a dial of a closed port.
     stream.send(dial_req(&format!("127.0.0.1:{closed_port}"), 999));
     match stream.next("the refused dial's answer") {
         Message::DialRsp {
