@@ -263,6 +263,7 @@ struct Server {
     agent_port: u16,
     health_port: u16,
     uds: PathBuf,
+    frontend_port: Option<u16>,
 }
 
 impl Server {
@@ -271,11 +272,15 @@ impl Server {
     }
 
     fn start_with(mode: &str, extra: &[&str]) -> Server {
+        Self::launch(mode, false, extra)
+    }
+
+    /// `tls`: the frontend on TCP with mTLS instead of the Unix socket.
+    fn launch(mode: &str, tls: bool, extra: &[&str]) -> Server {
         let certs = Certs::new();
         let uds = std::env::temp_dir().join(unique("races-").replace('-', "") + ".sock");
         let mut args = vec![
             format!("--mode={mode}"),
-            format!("--uds-name={}", uds.display()),
             "--server-port=0".into(),
             "--agent-port=0".into(),
             "--health-port=0".into(),
@@ -292,20 +297,65 @@ impl Server {
             ),
             format!("--cluster-ca-cert={}", certs.path("agent/issued/ca.crt")),
         ];
+        if tls {
+            args.extend([
+                "--server-bind-address=127.0.0.1".into(),
+                format!(
+                    "--server-cert={}",
+                    certs.path("frontend/issued/proxy-frontend.crt")
+                ),
+                format!(
+                    "--server-key={}",
+                    certs.path("frontend/private/proxy-frontend.key")
+                ),
+                format!("--server-ca-cert={}", certs.path("frontend/issued/ca.crt")),
+            ]);
+        } else {
+            args.push(format!("--uds-name={}", uds.display()));
+        }
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut proc = Logged::start(SERVER, &args);
         let agent_port = proc.port("agent port");
         let health_port = proc.port("health port");
-        poll("the frontend socket", DEADLINE, || {
-            uds.exists().then_some(())
-        });
+        let frontend_port = tls.then(|| proc.port(&format!("frontend ({mode})")));
+        if !tls {
+            poll("the frontend socket", DEADLINE, || {
+                uds.exists().then_some(())
+            });
+        }
         Server {
             certs,
             proc,
             agent_port,
             health_port,
             uds,
+            frontend_port,
         }
+    }
+
+    /// A CONNECT request over mTLS TCP; the head is not read.
+    fn connect_request_tls(
+        &self,
+        target: &str,
+    ) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+        let sock =
+            TcpStream::connect(("127.0.0.1", self.frontend_port.expect("a TLS frontend"))).unwrap();
+        sock.set_read_timeout(Some(DEADLINE)).unwrap();
+        let config = interop::client_tls(
+            Path::new(&self.certs.path("frontend/issued/ca.crt")),
+            Path::new(&self.certs.path("frontend/issued/proxy-client.crt")),
+            Path::new(&self.certs.path("frontend/private/proxy-client.key")),
+        );
+        // The CONNECT frontend speaks HTTP/1.1 inside TLS, no ALPN needed.
+        let mut config = (*config).clone();
+        config.alpn_protocols.clear();
+        let name = ServerName::try_from("127.0.0.1").unwrap();
+        let conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+        let mut tls = rustls::StreamOwned::new(conn, sock);
+        tls.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+            .unwrap();
+        tls.flush().unwrap();
+        tls
     }
 
     fn pid(&self) -> u32 {
@@ -888,6 +938,36 @@ fn a_connect_client_that_hangs_up_while_dialling_releases_everything() {
     }
     agent.kill();
     back_to_baseline("server", pid, baseline);
+}
+
+/// The same over mTLS TCP: a TLS client that closes (close_notify, FIN)
+/// while its dial is pending cancels it at the agent.
+#[test]
+fn a_tls_connect_client_that_hangs_up_while_dialling_cancels_the_dial() {
+    let server = Server::launch("http-connect", true, &[]);
+    let mut agent = server.fake_agent("fake-agent");
+    for round in 0..10i64 {
+        let connect_id = 700 + round;
+        let mut client = server.connect_request_tls("10.0.0.1:443");
+        let random = agent.dial_request();
+        if round % 2 == 0 {
+            client.conn.send_close_notify();
+            let _ = client.flush();
+        }
+        drop(client);
+        agent.expect(
+            "DIAL_CLS for the hung-up TLS client",
+            &Message::DialCls { random },
+        );
+        agent.send(dial_ok(random, connect_id));
+        agent.expect(
+            "CLOSE_REQ for the orphan",
+            &Message::CloseReq { connect_id },
+        );
+        agent.send(close_rsp(connect_id));
+        server.idle();
+    }
+    server.no_frontends();
 }
 
 #[test]
