@@ -1031,6 +1031,16 @@ impl AgentStream {
             .unwrap_or_else(|| panic!("{what}: the agent's stream ended"))
     }
 
+    /// A CLOSE_REQ for an id nobody uses, and its CLOSE_RSP: the agent's
+    /// stream threads are all running (before a baseline is taken).
+    fn round_trip(&mut self) {
+        self.send(Message::CloseReq { connect_id: -1 });
+        match self.next("the CLOSE_RSP for an unknown id") {
+            Message::CloseRsp { connect_id: -1, .. } => {}
+            other => panic!("expected CLOSE_RSP -1, got {other:?}"),
+        }
+    }
+
     /// The next message if one comes within `wait`.
     fn try_next(&mut self, wait: Duration) -> Option<Message> {
         match self.inbox.rx.recv_timeout(wait) {
@@ -1195,6 +1205,7 @@ fn agent_dial_cls_while_the_dial_hangs() {
     let agent = Agent::start(&certs, fake.port, &["--dial-timeout=2s"]);
     let mut stream = fake.next_stream();
     let pid = agent.pid();
+    stream.round_trip();
     let baseline = settled(pid);
     let target = format!("127.0.0.1:{hole}");
     for round in 0..5i64 {
@@ -1263,6 +1274,7 @@ fn agent_dial_cls_racing_a_fast_dial() {
     let agent = Agent::start(&certs, fake.port, &[]);
     let mut stream = fake.next_stream();
     let pid = agent.pid();
+    stream.round_trip();
     let baseline = settled(pid);
     let target = format!("127.0.0.1:{port}");
     let (mut announced, mut cancelled) = (0, 0);
@@ -1344,6 +1356,7 @@ fn agent_stream_reset_with_100_dials_in_flight() {
     let agent = Agent::start(&certs, fake.port, &["--dial-timeout=10s"]);
     let pid = agent.pid();
     let mut stream = fake.next_stream();
+    stream.round_trip();
     let baseline = settled(pid);
     for round in 0..2 {
         // Two established connections as well, to see them closed.
