@@ -457,6 +457,12 @@ struct FakeAgent {
 }
 
 impl FakeAgent {
+    /// The next message if one comes within `wait` (None on timeout or
+    /// at the end of the stream).
+    fn try_next(&mut self, wait: Duration) -> Option<Message> {
+        self.inbox.rx.recv_timeout(wait).unwrap_or_default()
+    }
+
     fn send(&self, message: Message) {
         self.call.send(&encode(message)).expect("agent send");
     }
@@ -829,6 +835,157 @@ fn close_req_for_a_connection_still_dialling_is_answered() {
     // Nothing else reached the agent: the next thing is a new dial.
     frontend.send(dial_req("10.0.0.1:443", 43));
     assert_eq!(agent.dial_request(), 43);
+}
+
+/// Runs `threads` frontend threads, each running `round(t)`,
+/// against one scripted agent that answers every DIAL_REQ at once with a
+/// new connection and every CLOSE_REQ with CLOSE_RSP. The invariant: every
+/// connection the agent announced gets exactly one CLOSE_REQ, no unknown id
+/// is ever closed, and the server ends idle. Returns (announced, DIAL_CLS).
+fn storm(
+    server: &Server,
+    agent: &mut FakeAgent,
+    threads: i64,
+    round: impl Fn(i64) + Sync,
+) -> (i64, usize) {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let open: Mutex<HashSet<i64>> = Mutex::new(HashSet::new());
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let agent_side = s.spawn(|| {
+            let (mut next_id, mut cancels) = (1i64, 0);
+            while !stop.load(Ordering::SeqCst) {
+                let Some(message) = agent.try_next(Duration::from_millis(50)) else {
+                    continue;
+                };
+                match message {
+                    Message::DialReq { random, .. } => {
+                        open.lock().unwrap().insert(next_id);
+                        agent.send(dial_ok(random, next_id));
+                        next_id += 1;
+                    }
+                    Message::CloseReq { connect_id } => {
+                        assert!(
+                            open.lock().unwrap().remove(&connect_id),
+                            "CLOSE_REQ for {connect_id}: twice, or never announced"
+                        );
+                        agent.send(close_rsp(connect_id));
+                    }
+                    Message::DialCls { .. } => cancels += 1,
+                    Message::Data { connect_id, .. } => assert!(
+                        open.lock().unwrap().contains(&connect_id),
+                        "DATA for {connect_id}, which is not open"
+                    ),
+                    other => panic!("unexpected at the agent: {other:?}"),
+                }
+            }
+            (next_id - 1, cancels)
+        });
+        let round = &round;
+        let frontends: Vec<_> = (0..threads).map(|t| s.spawn(move || round(t))).collect();
+        for f in frontends {
+            f.join().unwrap();
+        }
+        server.idle();
+        server.no_frontends();
+        poll(
+            "every announced connection closed at the agent",
+            DEADLINE,
+            || open.lock().unwrap().is_empty().then_some(()),
+        );
+        stop.store(true, Ordering::SeqCst);
+        agent_side.join().unwrap()
+    })
+}
+
+/// A storm of gRPC frontends, each round one of: DIAL_CLS right after
+/// DIAL_REQ (racing the agent's instant DIAL_RSP), a normal dial and close,
+/// a frontend killed right after its DIAL_REQ, a stream reset.
+#[test]
+fn a_storm_of_grpc_frontends_leaves_nothing_open_at_the_agent() {
+    let server = Server::start("grpc");
+    let pid = server.pid();
+    let baseline = settled(pid);
+    let mut agent = server.fake_agent("fake-agent");
+    let (threads, rounds) = (12i64, 100i64);
+    let (announced, cancels) = storm(&server, &mut agent, threads, |t| {
+        for round in 0..rounds {
+            let random = t * 1_000 + round + 1;
+            let mut f = server.grpc_frontend();
+            f.send(dial_req("10.0.0.1:443", random));
+            match (t + round) % 4 {
+                0 => {
+                    f.send(Message::DialCls { random });
+                    let _ = f.call.close_send();
+                }
+                1 => {
+                    let connect_id = match f.next("DIAL_RSP") {
+                        Message::DialRsp {
+                            error, connect_id, ..
+                        } => {
+                            assert!(error.is_empty(), "{error}");
+                            connect_id
+                        }
+                        other => panic!("expected DIAL_RSP, got {other:?}"),
+                    };
+                    f.send(Message::CloseReq { connect_id });
+                    f.inbox.expect("CLOSE_RSP", &close_rsp(connect_id));
+                }
+                2 => f.kill(),
+                _ => f.call.cancel(),
+            }
+        }
+    });
+    eprintln!(
+        "{} dials, {announced} connections announced and closed, {cancels} DIAL_CLS",
+        threads * rounds
+    );
+    // Killed and reset frontends may die before their DIAL_REQ is out;
+    // the normal dials (one round in four) all got through.
+    assert!(announced >= threads * rounds / 4, "{announced}");
+    agent.kill();
+    back_to_baseline("server", pid, baseline);
+}
+
+/// A storm of CONNECT clients, each round one of: hang up right after the
+/// request, half-close right after it, take the 200 and then hang up, send
+/// bytes through the tunnel and hang up.
+#[test]
+fn a_storm_of_connect_clients_leaves_nothing_open_at_the_agent() {
+    let server = Server::start("http-connect");
+    let pid = server.pid();
+    let baseline = settled(pid);
+    let mut agent = server.fake_agent("fake-agent");
+    let (threads, rounds) = (12i64, 50i64);
+    let (announced, cancels) = storm(&server, &mut agent, threads, |t| {
+        for round in 0..rounds {
+            let mut client = server.connect_request("10.0.0.1:443");
+            match (t + round) % 4 {
+                0 => drop(client),
+                1 => {
+                    let _ = client.shutdown(Shutdown::Write);
+                    // Answered (200 if the DIAL_RSP won, else nothing) or closed.
+                    let _ = read_head(&mut client);
+                }
+                2 => {
+                    let head = read_head(&mut client);
+                    assert_eq!(head, "HTTP/1.1 200 Connection Established\r\n\r\n");
+                }
+                _ => {
+                    let head = read_head(&mut client);
+                    assert_eq!(head, "HTTP/1.1 200 Connection Established\r\n\r\n");
+                    client.write_all(b"bytes for the agent").unwrap();
+                }
+            }
+        }
+    });
+    eprintln!(
+        "{} CONNECTs, {announced} connections announced and closed, {cancels} DIAL_CLS",
+        threads * rounds
+    );
+    assert!(announced >= threads * rounds / 2, "{announced}");
+    agent.kill();
+    back_to_baseline("server", pid, baseline);
 }
 
 /// The agent vanishes with 100 dials pending: every frontend gets its
