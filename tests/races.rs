@@ -1501,6 +1501,95 @@ fn agent_dial_cls_racing_a_fast_dial() {
     back_to_baseline("agent", pid, baseline);
 }
 
+/// 300 dials at once to a destination that accepts at once, half of them
+/// cancelled right after their DIAL_REQ: every dial not cancelled is
+/// announced, every announced connection is closed by CLOSE_REQ, every
+/// cancelled one is closed unannounced, and the destination sees EOF on
+/// all 300.
+#[test]
+fn agent_storm_of_dials_and_cancels() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let certs = Certs::new();
+    let fake = FakeServer::start(&certs);
+    let (port, accepted) = recording_destination();
+    let agent = Agent::start(&certs, fake.port, &[]);
+    let mut stream = fake.next_stream();
+    let pid = agent.pid();
+    stream.round_trip();
+    let baseline = settled(pid);
+    let target = format!("127.0.0.1:{port}");
+    let total = 300i64;
+    let eofs = Arc::new(AtomicUsize::new(0));
+    let watcher = {
+        let eofs = eofs.clone();
+        std::thread::spawn(move || {
+            for _ in 0..total {
+                let conn = accepted
+                    .recv_timeout(DEADLINE)
+                    .expect("every dial connects");
+                let eofs = eofs.clone();
+                std::thread::spawn(move || {
+                    expect_eof(conn, "a stormed destination");
+                    eofs.fetch_add(1, Ordering::SeqCst);
+                });
+            }
+        })
+    };
+    for random in 1..=total {
+        stream.send(dial_req(&target, random));
+        if random % 2 == 0 {
+            stream.send(Message::DialCls { random });
+        }
+    }
+    let (mut announced, mut closed) = (HashSet::new(), 0usize);
+    let end = Instant::now() + DEADLINE * 2;
+    while eofs.load(Ordering::SeqCst) < total as usize
+        || closed < announced.len()
+        || (1..=total).step_by(2).any(|r| !announced.contains(&r))
+    {
+        assert!(
+            Instant::now() < end,
+            "stuck: {} announced, {closed} closed, {} EOF",
+            announced.len(),
+            eofs.load(Ordering::SeqCst)
+        );
+        match stream.try_next(Duration::from_millis(20)) {
+            None => {}
+            Some(Message::DialRsp {
+                random,
+                error,
+                connect_id,
+            }) => {
+                assert!(error.is_empty(), "{error}");
+                assert!(announced.insert(random), "dial {random} announced twice");
+                stream.send(Message::CloseReq { connect_id });
+            }
+            Some(Message::CloseRsp { error, .. }) => {
+                assert!(error.is_empty(), "{error}");
+                closed += 1;
+            }
+            Some(other) => panic!("unexpected at the server: {other:?}"),
+        }
+    }
+    watcher.join().unwrap();
+    // Every CLOSE_REQ answered.
+    while closed < announced.len() {
+        match stream.next("the last CLOSE_RSPs") {
+            Message::CloseRsp { .. } => closed += 1,
+            other => panic!("unexpected at the server: {other:?}"),
+        }
+    }
+    eprintln!(
+        "{total} dials: {} announced, {} cancelled unannounced",
+        announced.len(),
+        total as usize - announced.len()
+    );
+    poll("the gauge at 0", DEADLINE, || {
+        (agent.open_endpoints() == Some(0.0)).then_some(())
+    });
+    back_to_baseline("agent", pid, baseline);
+}
+
 /// 100 dials hang on a blackhole, then the server resets the stream: the
 /// agent releases every dial, its gauge is 0, its threads and fds come
 /// back, established destinations see EOF, and it reconnects.
