@@ -430,6 +430,16 @@ impl Server {
         }
     }
 
+    /// One h2c connection to the gRPC frontend, for many Proxy streams;
+    /// and its raw socket, to kill it.
+    fn grpc_connection(&self) -> (grpc::Client, UnixStream) {
+        let sock = UnixStream::connect(&self.uds).unwrap();
+        let raw = sock.try_clone().unwrap();
+        let transport = Transport::plain(sock, IO_TIMEOUT, IO_TIMEOUT).unwrap();
+        let conn = h2::Connection::client(transport, h2::Config::default()).unwrap();
+        (grpc::Client::new(conn, "localhost"), raw)
+    }
+
     /// An HTTP CONNECT request on the Unix socket; the head is not read.
     fn connect_request(&self, target: &str) -> UnixStream {
         let mut sock = UnixStream::connect(&self.uds).unwrap();
@@ -984,6 +994,67 @@ fn a_storm_of_connect_clients_leaves_nothing_open_at_the_agent() {
         threads * rounds
     );
     assert!(announced >= threads * rounds / 2, "{announced}");
+    agent.kill();
+    back_to_baseline("server", pid, baseline);
+}
+
+/// One frontend connection multiplexing 100 Proxy streams, 50 of them
+/// established and 50 still dialling, dies: the agent gets CLOSE_REQ for
+/// each of the 50 connections and DIAL_CLS for each of the 50 dials.
+#[test]
+fn a_frontend_connection_with_100_streams_dies() {
+    let server = Server::start("grpc");
+    let pid = server.pid();
+    let baseline = settled(pid);
+    let mut agent = server.fake_agent("fake-agent");
+    for round in 0..3i64 {
+        let (client, raw) = server.grpc_connection();
+        let mut calls = Vec::new();
+        for i in 0..100i64 {
+            let call = Arc::new(client.call("/ProxyService/Proxy", &[]).unwrap());
+            let reader = call.clone();
+            let inbox = Inbox::spawn(move || reader.recv());
+            call.send(&encode(dial_req("10.0.0.1:443", round * 1_000 + i + 1)))
+                .unwrap();
+            calls.push((call, inbox));
+        }
+        let mut dialling = HashSet::new();
+        let mut established = HashSet::new();
+        for _ in 0..100 {
+            let random = agent.dial_request();
+            if random % 2 == 0 {
+                let connect_id = random + 50_000;
+                agent.send(dial_ok(random, connect_id));
+                established.insert(connect_id);
+            } else {
+                dialling.insert(random);
+            }
+        }
+        // The established ones are told so.
+        for (i, (_, inbox)) in calls.iter_mut().enumerate() {
+            let random = round * 1_000 + i as i64 + 1;
+            if random % 2 == 0 {
+                inbox.expect("DIAL_RSP", &dial_ok(random, random + 50_000));
+            }
+        }
+        wait_metric(server.health_port, PENDING, 50.0);
+        wait_metric(server.health_port, ESTABLISHED, 50.0);
+        let _ = raw.shutdown(Shutdown::Both);
+        while !(dialling.is_empty() && established.is_empty()) {
+            match agent.next("DIAL_CLS and CLOSE_REQ for the dead connection") {
+                Message::DialCls { random } => assert!(dialling.remove(&random), "{random}"),
+                Message::CloseReq { connect_id } => {
+                    assert!(established.remove(&connect_id), "{connect_id}");
+                    agent.send(close_rsp(connect_id));
+                }
+                other => panic!("unexpected at the agent: {other:?}"),
+            }
+        }
+        server.idle();
+        server.no_frontends();
+        drop(calls);
+        drop(client);
+    }
     agent.kill();
     back_to_baseline("server", pid, baseline);
 }
