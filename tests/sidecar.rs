@@ -782,6 +782,23 @@ fn the_xtables_lock_held_by_another_process() {
     );
     // Nothing went in while the lock was held.
     assert_eq!(sorted_rules(&ns, legacy).len(), expected.len() - 1);
+    // A pass is waiting for the lock again (the retry): an address deleted
+    // meanwhile still comes back at once, not after the wait.
+    // (`ip netns exec` execs the sidecar: its children are its iptables.)
+    let sidecar_pid = daemon.child.pid().to_string();
+    let waiting = || {
+        let out = run("pgrep", &["-P", &sidecar_pid, "iptables"]);
+        out.status.success().then_some(())
+    };
+    for round in 0..3 {
+        poll("an iptables call waiting for the lock", DEADLINE, waiting);
+        ns.run_ok("ip", &["addr", "del", "10.96.0.2/32", "dev", "lo"]);
+        poll(
+            &format!("the address back while the lock is held (round {round})"),
+            Duration::from_secs(1),
+            || ns.has_address("lo", "10.96.0.2/32").then_some(()),
+        );
+    }
     drop(held);
     poll(
         "the rule back after the lock",
