@@ -149,6 +149,20 @@ pub fn poll_readable(fds: &[RawFd], timeout: Option<Duration>) -> io::Result<Vec
         .collect())
 }
 
+/// Whether the peer of a connected socket has closed its sending side (or
+/// the whole connection): POLLRDHUP, POLLHUP or POLLERR, without waiting
+/// and without consuming anything queued to read.
+pub fn peer_hung_up(fd: RawFd) -> bool {
+    let mut pollfd = libc::pollfd {
+        fd,
+        events: libc::POLLRDHUP,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, zero timeout.
+    let ret = unsafe { libc::poll(&mut pollfd, 1, 0) };
+    ret > 0 && pollfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
+}
+
 /// Fills `buf` from the kernel's random source (getrandom(2): no /dev
 /// needed, so it works in an empty root).
 pub fn random_bytes(buf: &mut [u8]) -> io::Result<()> {

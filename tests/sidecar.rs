@@ -535,3 +535,280 @@ fn health_port_reports_the_last_successful_check() {
     let (out, log) = daemon.terminate();
     assert!(out.status.success(), "{log}");
 }
+
+// --- churn (issue 7): other writers and the xtables lock -------------------------
+
+/// Starts the sidecar with extra environment variables (PATH, XTABLES_LOCKFILE).
+fn start_with_env(ns: &Netns, args: &[&str], env: &[(&str, String)]) -> Daemon {
+    let log = std::env::temp_dir().join(format!("{}.log", ns.name));
+    let file = fs::File::create(&log).expect("create log file");
+    let mut cmd = ns.sidecar(args);
+    for (key, value) in env {
+        cmd.env(key, value);
+    }
+    let child = ChildGuard::spawn(cmd.stdout(Stdio::null()).stderr(file));
+    Daemon { child, log }
+}
+
+/// The rules of both tables, sorted (re-inserted rules may come back in
+/// another order), with duplicates kept so that they show.
+fn sorted_rules(ns: &Netns, binary: &str) -> Vec<String> {
+    let mut rules = ns.rules(binary, "raw");
+    rules.extend(ns.rules(binary, "filter"));
+    rules.sort();
+    rules
+}
+
+fn sorted_expected(ip: &str, prefix: u8, port: u16) -> Vec<String> {
+    let (mut raw, filter) = expected_rules(ip, prefix, port);
+    raw.extend(filter);
+    raw.sort();
+    raw
+}
+
+/// The `-D` command lines that delete the expected rules: (table, args).
+fn deletions(ip: &str, prefix: u8, port: u16) -> Vec<(&'static str, Vec<String>)> {
+    let (raw, filter) = expected_rules(ip, prefix, port);
+    let table = |t: &'static str, rules: Vec<String>| {
+        rules.into_iter().map(move |r| {
+            let args = r
+                .replacen("-A ", "-D ", 1)
+                .split_whitespace()
+                .map(String::from)
+                .collect();
+            (t, args)
+        })
+    };
+    table("raw", raw).chain(table("filter", filter)).collect()
+}
+
+/// Fails if any line of `rules` appears twice.
+fn assert_no_duplicates(rules: &[String], when: &str) {
+    let mut seen = std::collections::HashSet::new();
+    for rule in rules {
+        assert!(
+            seen.insert(rule),
+            "{when}: duplicate rule {rule:?} in {rules:#?}"
+        );
+    }
+}
+
+/// 50 rounds of another process deleting the sidecar's address and every
+/// one of its rules while it runs (iptables and ip6tables, the nft backend
+/// here): it repairs them, never holds a rule twice (checked after every
+/// round, and at the end), and never exits.
+#[test]
+fn churn_deleting_addresses_and_rules_50_times() {
+    for (ip, prefix, binary) in [
+        ("10.96.0.2", 32u8, "iptables"),
+        ("fd00::2", 128, "ip6tables"),
+    ] {
+        let ns = Netns::new();
+        let cidr = format!("{ip}/{prefix}");
+        let expected = sorted_expected(ip, prefix, 443);
+        let mut daemon = ns.start(&[
+            &format!("--ip-address={ip}"),
+            "--setup-iptables",
+            "--port=443",
+            "--sync-interval=100ms",
+            "-v",
+            "2",
+        ]);
+        poll("the rules", DEADLINE, || {
+            (sorted_rules(&ns, binary) == expected).then_some(())
+        });
+        let deletes = deletions(ip, prefix, 443);
+        let mut deleted_rules = 0;
+        for round in 0..50 {
+            if ns
+                .run("ip", &["addr", "del", &cidr, "dev", "lo"])
+                .status
+                .success()
+            {
+                // Counted below through the log's repairs.
+            }
+            for (table, args) in &deletes {
+                let mut full = vec!["-w", "10", "-t", table];
+                full.extend(args.iter().map(String::as_str));
+                if ns.run(binary, &full).status.success() {
+                    deleted_rules += 1;
+                }
+            }
+            assert_no_duplicates(&sorted_rules(&ns, binary), &format!("round {round}"));
+            assert!(
+                daemon.child.is_running(),
+                "the sidecar exited:\n{}",
+                daemon.log()
+            );
+        }
+        // Converges: exactly the five rules (once each) and the address.
+        poll("the rules after the churn", DEADLINE, || {
+            (sorted_rules(&ns, binary) == expected).then_some(())
+        });
+        poll("the address after the churn", DEADLINE, || {
+            ns.has_address("lo", &cidr).then_some(())
+        });
+        // Several full checks later, still exactly that.
+        let passes = daemon.log().matches("full check passed").count();
+        daemon.wait_for_log("full check passed", passes + 3);
+        assert_eq!(sorted_rules(&ns, binary), expected);
+        let (out, log) = daemon.terminate();
+        assert!(out.status.success(), "{log}");
+        assert!(
+            deleted_rules >= 5,
+            "the churn never deleted a rule ({deleted_rules})"
+        );
+        let reinserted = log.matches("inserted").count();
+        eprintln!("{binary}: {deleted_rules} rules deleted, {reinserted} inserted by the sidecar");
+        assert!(reinserted > 5, "no repairs seen:\n{log}");
+    }
+}
+
+/// A directory whose `iptables`/`ip6tables` (and `-save`) are the legacy
+/// (x_tables) variants, which take the xtables lock; nft ones do not.
+fn legacy_path(dir: &std::path::Path) -> String {
+    for name in ["iptables", "ip6tables", "iptables-save", "ip6tables-save"] {
+        let legacy = match name.split_once('-') {
+            Some((bin, rest)) => format!("/usr/sbin/{bin}-legacy-{rest}"),
+            None => format!("/usr/sbin/{name}-legacy"),
+        };
+        std::os::unix::fs::symlink(&legacy, dir.join(name)).unwrap();
+    }
+    format!(
+        "{}:{}",
+        dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    )
+}
+
+/// The xtables lock held by another process (this test, on a private lock
+/// file through XTABLES_LOCKFILE, so that the machine-wide
+/// /run/xtables.lock and other tests are untouched): the sidecar's rules
+/// wait for it, a hold longer than iptables' `-w 10` fails a pass, which is
+/// retried; the sidecar never exits and ends with each rule exactly once.
+#[test]
+fn the_xtables_lock_held_by_another_process() {
+    if !std::path::Path::new("/usr/sbin/iptables-legacy").exists() {
+        eprintln!("skipped: no iptables-legacy (nft iptables takes no lock)");
+        return;
+    }
+    let ns = Netns::new();
+    let dir = std::env::temp_dir().join(unique("xtlock-"));
+    fs::create_dir_all(&dir).unwrap();
+    struct RemoveDir(PathBuf);
+    impl Drop for RemoveDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+    let _cleanup = RemoveDir(dir.clone());
+    let lockfile = dir.join("xtables.lock");
+    let env = [
+        ("PATH", legacy_path(&dir)),
+        ("XTABLES_LOCKFILE", lockfile.display().to_string()),
+    ];
+    let legacy = "iptables-legacy";
+    let expected = sorted_expected("10.96.0.2", 32, 443);
+    let lock = || {
+        let file = fs::File::create(&lockfile).unwrap();
+        file.lock().expect("flock the private xtables lock");
+        file
+    };
+
+    // 1. Held from before the start: the address comes (netlink), the
+    //    rules wait for the lock and come right after it is released.
+    let held = lock();
+    let mut daemon = start_with_env(
+        &ns,
+        &[
+            "--ip-address=10.96.0.2",
+            "--setup-iptables",
+            "--port=443",
+            "--sync-interval=500ms",
+            "-v",
+            "2",
+        ],
+        &env,
+    );
+    poll("the address", DEADLINE, || {
+        ns.has_address("lo", "10.96.0.2/32").then_some(())
+    });
+    // The stimulus: another process keeps the lock for a few seconds.
+    for _ in 0..30 {
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            sorted_rules(&ns, legacy).is_empty(),
+            "a rule went in while the lock was held"
+        );
+    }
+    assert!(daemon.child.is_running(), "{}", daemon.log());
+    drop(held);
+    poll("the rules once the lock is free", DEADLINE, || {
+        (sorted_rules(&ns, legacy) == expected).then_some(())
+    });
+    // Not through the nft tables.
+    assert!(sorted_rules(&ns, "iptables-nft").is_empty());
+
+    // 2. A rule deleted, then the lock held for longer than `-w 10`: the
+    //    pass fails (logged), the sidecar stays, and repairs afterwards.
+    ns.run_ok(
+        legacy,
+        &[
+            "-t",
+            "filter",
+            "-D",
+            "INPUT",
+            "-d",
+            "10.96.0.2/32",
+            "-p",
+            "tcp",
+            "-m",
+            "tcp",
+            "--dport",
+            "443",
+            "-j",
+            "ACCEPT",
+        ],
+    );
+    let failed_before = daemon.log().matches("reconcile failed").count();
+    let held = lock();
+    poll(
+        "a pass failing on the lock",
+        Duration::from_secs(30),
+        || {
+            assert!(daemon.child.is_running(), "{}", daemon.log());
+            (daemon.log().matches("reconcile failed").count() > failed_before).then_some(())
+        },
+    );
+    // Nothing went in while the lock was held.
+    assert_eq!(sorted_rules(&ns, legacy).len(), expected.len() - 1);
+    // A pass is waiting for the lock again (the retry): an address deleted
+    // meanwhile still comes back at once, not after the wait.
+    // (`ip netns exec` execs the sidecar: its children are its iptables.)
+    let sidecar_pid = daemon.child.pid().to_string();
+    let waiting = || {
+        let out = run("pgrep", &["-P", &sidecar_pid, "iptables"]);
+        out.status.success().then_some(())
+    };
+    for round in 0..3 {
+        poll("an iptables call waiting for the lock", DEADLINE, waiting);
+        ns.run_ok("ip", &["addr", "del", "10.96.0.2/32", "dev", "lo"]);
+        poll(
+            &format!("the address back while the lock is held (round {round})"),
+            Duration::from_secs(1),
+            || ns.has_address("lo", "10.96.0.2/32").then_some(()),
+        );
+    }
+    drop(held);
+    poll(
+        "the rule back after the lock",
+        Duration::from_secs(30),
+        || (sorted_rules(&ns, legacy) == expected).then_some(()),
+    );
+    let passes = daemon.log().matches("full check passed").count();
+    daemon.wait_for_log("full check passed", passes + 3);
+    assert_eq!(sorted_rules(&ns, legacy), expected);
+    assert_no_duplicates(&sorted_rules(&ns, legacy), "the end");
+    let (out, log) = daemon.terminate();
+    assert!(out.status.success(), "{log}");
+}

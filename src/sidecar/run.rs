@@ -4,7 +4,9 @@
 //!
 //! Owns: the [`Ledger`] of what this process added, and the timing of
 //! passes. It is single-threaded: one `poll` waits on the netlink watcher,
-//! the shutdown descriptor and the next tick.
+//! the shutdown descriptor and the next tick. Only a pass's iptables calls
+//! run on a helper thread, so that a wait for the xtables lock does not
+//! hold up address repairs.
 
 use std::fmt;
 use std::os::fd::AsRawFd;
@@ -24,6 +26,9 @@ use crate::sys;
 const MAX_ROUNDS: usize = 4;
 /// First retry delay after a failed pass; doubles up to the sync interval.
 const FIRST_RETRY: Duration = Duration::from_secs(1);
+/// How long the pass waits for netlink events at a time while its iptables
+/// calls run.
+const WAIT_SLICE: Duration = Duration::from_millis(20);
 
 /// A failed pass or a failed set-up.
 #[derive(Debug)]
@@ -176,10 +181,64 @@ impl Reconciler {
         })
     }
 
-    /// Addresses and rules.
-    fn full_pass(&mut self) -> Result<(), Error> {
+    /// Addresses, then rules. The rules' iptables calls run on a helper
+    /// thread: each may wait up to 10 s for the xtables lock (kube-proxy
+    /// holds it for seconds on big clusters), and meanwhile `watcher`'s
+    /// events still get the addresses repaired at once.
+    fn full_pass(&mut self, watcher: Option<&Watcher>) -> Result<(), Error> {
         self.pin_addresses()?;
-        self.ensure_rules()
+        let Some(iptables) = self.iptables.clone() else {
+            return Ok(());
+        };
+        let rules = self.rules.clone();
+        let (inserted, result) = std::thread::scope(|scope| {
+            let worker = std::thread::Builder::new()
+                .name("iptables".into())
+                .spawn_scoped(scope, || ensure_rules(&iptables, &rules));
+            let Ok(worker) = worker else {
+                return ensure_rules(&iptables, &rules);
+            };
+            while !worker.is_finished() {
+                self.repair_while_waiting(watcher);
+            }
+            worker.join().unwrap_or_else(|_| {
+                let error = iptables::Error {
+                    command: "iptables".into(),
+                    detail: "the iptables thread panicked".into(),
+                };
+                (Vec::new(), Err(error))
+            })
+        });
+        self.ledger.rules.extend(inserted);
+        result.map_err(Error::from)
+    }
+
+    /// Waits a little for netlink events and repairs the addresses if any
+    /// came (or some were lost).
+    fn repair_while_waiting(&mut self, watcher: Option<&Watcher>) {
+        let Some(watcher) = watcher else {
+            std::thread::sleep(WAIT_SLICE);
+            return;
+        };
+        match sys::poll_readable(&[watcher.as_raw_fd()], Some(WAIT_SLICE)) {
+            Ok(ready) if ready.first().copied().unwrap_or(false) => {
+                let events = watcher.drain();
+                if events.as_ref().is_ok_and(|e| e.is_empty()) {
+                    return;
+                }
+                log::debug!(
+                    "netlink events {events:?} during the iptables calls: checking addresses"
+                );
+                if let Err(e) = self.pin_addresses() {
+                    log::error!("repair failed: {e}; the next pass retries");
+                }
+                if events.is_err() {
+                    std::thread::sleep(WAIT_SLICE);
+                }
+            }
+            Ok(_) => {}
+            Err(_) => std::thread::sleep(WAIT_SLICE),
+        }
     }
 
     /// Makes the interface and addresses match the plan.
@@ -262,21 +321,6 @@ impl Reconciler {
         Ok(())
     }
 
-    /// Inserts every missing rule, checking each with `-C` first.
-    fn ensure_rules(&mut self) -> Result<(), Error> {
-        let Some(iptables) = &self.iptables else {
-            return Ok(());
-        };
-        for rule in &self.rules {
-            if !iptables.exists(rule)? {
-                iptables.insert(rule)?;
-                log::info!("inserted {} rule: {}", rule.table, rule.saved_form());
-                self.ledger.rules.insert(rule.clone());
-            }
-        }
-        Ok(())
-    }
-
     /// Removes what this process added; keeps going past failures and
     /// reports the first.
     fn clean_up(&mut self) -> Result<(), Error> {
@@ -318,6 +362,33 @@ impl Reconciler {
     }
 }
 
+/// Inserts every missing rule, checking each with `-C` first. Returns the
+/// rules it inserted (for the ledger), also when a later call fails.
+fn ensure_rules(
+    iptables: &Iptables,
+    rules: &[plan::Rule],
+) -> (Vec<plan::Rule>, Result<(), iptables::Error>) {
+    let mut inserted = Vec::new();
+    for rule in rules {
+        let added = iptables.exists(rule).and_then(|exists| {
+            if exists {
+                Ok(false)
+            } else {
+                iptables.insert(rule).map(|()| true)
+            }
+        });
+        match added {
+            Ok(true) => {
+                log::info!("inserted {} rule: {}", rule.table, rule.saved_form());
+                inserted.push(rule.clone());
+            }
+            Ok(false) => {}
+            Err(e) => return (inserted, Err(e)),
+        }
+    }
+    (inserted, Ok(()))
+}
+
 /// Runs the sidecar until shutdown (daemon mode) or for one pass.
 pub fn run(config: &Config, shutdown: &Shutdown, health: &Health) -> Result<(), Error> {
     let mut reconciler = Reconciler::new(config)?;
@@ -341,7 +412,7 @@ pub fn run(config: &Config, shutdown: &Shutdown, health: &Health) -> Result<(), 
         if config.cleanup {
             log::warn!("--cleanup has no effect with --daemon=false: the pass's work is kept");
         }
-        reconciler.full_pass()?;
+        reconciler.full_pass(None)?;
         health.record_success();
         log::info!(
             "addresses{} in place",
@@ -361,7 +432,7 @@ pub fn run(config: &Config, shutdown: &Shutdown, health: &Health) -> Result<(), 
     loop {
         let now = Instant::now();
         if now >= next_full {
-            match reconciler.full_pass() {
+            match reconciler.full_pass(watcher.as_ref()) {
                 Ok(()) => {
                     log::debug!("full check passed");
                     health.record_success();

@@ -379,13 +379,17 @@ fn open_stream(shared: &Shared) -> Result<(grpc::Client, ClientCall, String, u32
     Ok((client, call, server_id, count))
 }
 
-/// Serves one server stream until it ends.
+/// Serves one server stream until it ends. `ended` runs as soon as the
+/// stream is over, before waiting for its dial threads (a dial to a
+/// blackhole lasts the whole dial timeout; the agent must not wait for it
+/// to reconnect).
 fn serve_stream(
     shared: Arc<Shared>,
     client: grpc::Client,
     call: Arc<ClientCall>,
     server_id: String,
     outbox: Queue<Message>,
+    ended: impl FnOnce(),
 ) {
     let stream = Arc::new(Stream {
         shared: shared.clone(),
@@ -456,8 +460,9 @@ fn serve_stream(
         // Let a queued DRAIN or CLOSE_RSP go out only while the stream lives.
         stream.outbox.close_and_clear();
     });
-    stream.threads.join_all();
     drop(client);
+    ended();
+    stream.threads.join_all();
 }
 
 /// Runs the agent until `shutdown` triggers.
@@ -584,21 +589,24 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), Error> {
                         progressed = true;
                         let worker_shared = shared.clone();
                         let spawned = shared.threads.spawn("server-stream", move || {
+                            let ended = || {
+                                let mut servers = lock(&worker_shared.servers);
+                                servers.streams.remove(&server_id);
+                                worker_shared
+                                    .metrics
+                                    .open_servers
+                                    .set(&[], servers.streams.len() as f64);
+                                drop(servers);
+                                worker_shared.changed.notify_all();
+                            };
                             serve_stream(
                                 worker_shared.clone(),
                                 client,
                                 call,
                                 server_id.clone(),
                                 outbox,
+                                ended,
                             );
-                            let mut servers = lock(&worker_shared.servers);
-                            servers.streams.remove(&server_id);
-                            worker_shared
-                                .metrics
-                                .open_servers
-                                .set(&[], servers.streams.len() as f64);
-                            drop(servers);
-                            worker_shared.changed.notify_all();
                         });
                         if let Err(e) = spawned {
                             log::error!("starting a stream thread: {e}");

@@ -31,6 +31,8 @@ pub enum Action<C> {
 
 /// Why a dial was refused before it started.
 pub const TOO_MANY: &str = "too many connections on this agent (--max-connections)";
+/// Why a dial reusing the id of a cancelled dial still in flight was refused.
+pub const STILL_CANCELLING: &str = "a cancelled dial with this id is still in flight";
 
 struct DialState {
     cancelled: bool,
@@ -70,8 +72,16 @@ impl<C: Clone> Table<C> {
                 address,
                 random,
             } => {
-                if self.dials.contains_key(&random) {
-                    return Vec::new(); // a duplicate of a dial in flight
+                if let Some(dial) = self.dials.get(&random) {
+                    // Reused after DIAL_CLS while the cancelled dial still
+                    // runs: the new dial must be answered (it is a new
+                    // pending dial at the server). A duplicate of a live
+                    // dial gets its one answer when that dial ends.
+                    return if dial.cancelled {
+                        vec![Action::Reply(dial_error(random, STILL_CANCELLING))]
+                    } else {
+                        Vec::new()
+                    };
                 }
                 if protocol != "tcp" && !protocol.is_empty() {
                     return vec![Action::Reply(dial_error(
@@ -240,6 +250,30 @@ mod tests {
         t.from_server(dial(6));
         t.from_server(Message::DialCls { random: 6 });
         assert_eq!(t.dialled(6, Err("refused".into())), (None, vec![]));
+    }
+
+    #[test]
+    fn a_dial_id_reused_after_dial_cls_is_answered() {
+        let mut t: Table<&str> = Table::new(10);
+        t.from_server(dial(5));
+        // A duplicate of a live dial: its one answer comes when it ends.
+        assert!(t.from_server(dial(5)).is_empty());
+        t.from_server(Message::DialCls { random: 5 });
+        // Reused while the cancelled dial still runs: refused at once, so
+        // the server's new pending dial gets an answer.
+        assert_eq!(
+            t.from_server(dial(5)),
+            vec![Action::Reply(dial_error(5, STILL_CANCELLING))]
+        );
+        // The old dial ends silently; the id is free again.
+        assert_eq!(t.dialled(5, Ok("old")), (None, vec![Action::Close("old")]));
+        assert_eq!(
+            t.from_server(dial(5)),
+            vec![Action::Dial {
+                random: 5,
+                address: "10.0.0.1:80".into()
+            }]
+        );
     }
 
     #[test]

@@ -10,6 +10,7 @@
 
 use std::io::Write;
 use std::net::TcpStream;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,7 +22,7 @@ use crate::tunnel::ReadBuf;
 use crate::tunnel::connect::{self, ESTABLISHED};
 use crate::tunnel::listen::Conn;
 use crate::tunnel::message::Message;
-use crate::tunnel::queue::Pop;
+use crate::tunnel::queue::{Pop, Queue};
 use crate::tunnel::router::DialFailure;
 
 /// Timeouts of the CONNECT frontend.
@@ -153,7 +154,21 @@ pub fn serve(hub: &Arc<Hub>, conn: Conn, tls: Option<&Reloader>, timeouts: &Time
         random,
     };
     hub.from_frontend(key, dial);
-    let outcome = match queue.pop_timeout(Some(timeouts.dial)) {
+    let Some(answer) = wait_for_dial(&queue, &control, timeouts.dial) else {
+        // The client hung up while its dial was pending: it has given up.
+        // Removing the frontend cancels the dial at the agent (DIAL_CLS), or
+        // closes the connection if the DIAL_RSP won the race (CLOSE_REQ).
+        log::debug!(
+            "CONNECT {} from {peer}: client left while dialling",
+            request.address
+        );
+        hub.metrics.dial_failures.inc(&["frontend_close"]);
+        hub.remove_frontend(key);
+        hub.metrics.http_connections.add(&[], -1.0);
+        finish(writer, &closer);
+        return;
+    };
+    let outcome = match answer {
         Pop::Item(ToFrontend::Message(Message::DialRsp {
             error, connect_id, ..
         })) if error.is_empty() => Ok(connect_id),
@@ -266,6 +281,38 @@ pub fn serve(hub: &Arc<Hub>, conn: Conn, tls: Option<&Reloader>, timeouts: &Time
         .connection_duration
         .observe(&[], established.elapsed().as_secs_f64());
     closer();
+}
+
+/// The first and the longest pause between two checks for a client that
+/// hung up while its dial is pending.
+const HANGUP_CHECK: (Duration, Duration) = (Duration::from_millis(10), Duration::from_millis(200));
+
+/// Waits up to `limit` for the dial's answer. None when the client hangs up
+/// first (checked between waits, at growing intervals: a pending dial costs
+/// a few wake-ups a second at most).
+fn wait_for_dial(
+    queue: &Queue<ToFrontend>,
+    control: &Conn,
+    limit: Duration,
+) -> Option<Pop<ToFrontend>> {
+    let fd = match control {
+        Conn::Tcp(s) => s.as_raw_fd(),
+        Conn::Unix(s) => s.as_raw_fd(),
+    };
+    let deadline = Instant::now() + limit;
+    let mut pause = HANGUP_CHECK.0;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match queue.pop_timeout(Some(left.min(pause))) {
+            Pop::TimedOut if left > pause => {
+                if crate::sys::peer_hung_up(fd) {
+                    return None;
+                }
+                pause = (pause * 2).min(HANGUP_CHECK.1);
+            }
+            other => return Some(other),
+        }
+    }
 }
 
 /// Ends the connection: close_notify (TLS) with the writer half, then the
