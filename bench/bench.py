@@ -8,6 +8,8 @@ what it needs). Environment:
   BENCH_QUICK  1: small sizes, one repetition (a development run, minutes);
                its table is printed, not written to bench/RESULTS.md
   BENCH_OUT    where to write the Markdown table (default bench/RESULTS.md)
+  BENCH_ONLY   comma list of sections to run (size, throughput, latency, hol,
+               idle, webhook, sidecar); for development, writes nothing
 
 The machine is shared and noisy, so every figure is compared with a
 baseline measured in the same run on the same machine, interleaved with it
@@ -34,7 +36,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 REL = os.path.abspath(os.environ.get("RELEASE_DIR", os.path.join(REPO, "target/x86_64-unknown-linux-musl/release")))
 LOAD = os.path.abspath(os.environ.get("BENCH_LOAD", os.path.join(REPO, "target/bench-tool/release/examples/bench_load")))
 QUICK = os.environ.get("BENCH_QUICK", "") not in ("", "0")
-OUT = os.environ.get("BENCH_OUT", "" if QUICK else os.path.join(REPO, "bench/RESULTS.md"))
+OUT = os.environ.get("BENCH_OUT", "" if QUICK or os.environ.get("BENCH_ONLY") else os.path.join(REPO, "bench/RESULTS.md"))
 BINARIES = ["apiserver-proxy-sidecar", "apiserver-proxy-pod-webhook", "proxy-server",
             "proxy-agent", "proxy-test-client", "http-test-server"]
 
@@ -310,27 +312,43 @@ def head_of_line(sink, uds):
         v["stalled"] / v["clean"] >= 0.90)
 
 
-def idle():
-    log(f"idle: {IDLE_N} tunnels")
-    # Each idle tunnel costs threads today: make room for them (restored at the end).
-    sysctl_set("/proc/sys/kernel/pid_max", 4 * IDLE_N + 65536)
-    sysctl_set("/proc/sys/kernel/threads-max", 8 * IDLE_N + 65536)
-    sysctl_set("/proc/sys/vm/max_map_count", 16 * IDLE_N + 65530)
+def idle_run(n):
     hold = start([LOAD, "sink", "--hold"], "hold", stdout=subprocess.PIPE)
     port = int(hold.stdout.readline())
     t = Tunnel("http-connect", uds=True)
     try:
-        r = load("idle", "--proxy", t.proxy, "--target", f"127.0.0.1:{port}", "--n", IDLE_N,
-                 "--pids", f"{t.server.pid},{t.agent.pid}")
+        return load("idle", "--proxy", t.proxy, "--target", f"127.0.0.1:{port}", "--n", n,
+                    "--pids", f"{t.server.pid},{t.agent.pid}")
     finally:
         t.close()
         stop(hold)
+
+
+def idle():
+    # Each idle tunnel costs threads today: make room for them (restored at the end).
+    sysctl_set("/proc/sys/kernel/pid_max", 4 * IDLE_N + 65536)
+    sysctl_set("/proc/sys/kernel/threads-max", 8 * IDLE_N + 65536)
+    sysctl_set("/proc/sys/vm/max_map_count", 16 * IDLE_N + 65530)
+    # Descriptors: every process here inherits our limit, raised to its hard
+    # maximum in main(); without CAP_SYS_RESOURCE that maximum may be too low
+    # for IDLE_N tunnels, so measure the cost per tunnel first and hold as
+    # many as fit (RSS per tunnel is what the row reports).
+    probe = idle_run(200)
+    per_fd = max((p["fds"] - p["fds_before"]) / 200 for p in probe["procs"])
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    n = min(IDLE_N, int((limit - 1000) / max(per_fd, 1.0)) // 100 * 100)
+    log(f"idle: {n} tunnels ({per_fd:.1f} descriptors per tunnel, limit {limit})")
+    r = idle_run(n)
+    short = "" if n == IDLE_N else (f" ({IDLE_N} do not fit: {per_fd:.0f} descriptors per tunnel, "
+                                     f"open-file limit {limit} and no CAP_SYS_RESOURCE to raise it)")
     for p, name in zip(r["procs"], ("proxy-server", "proxy-agent")):
-        per = (p["rss_kib"] - p["rss_kib_before"]) / IDLE_N
-        row(f"5. Scale: {IDLE_N} idle tunnels (UDS), {name} RSS per tunnel", f"{per:.1f} KiB",
+        per = (p["rss_kib"] - p["rss_kib_before"]) / n
+        row(f"5. Scale: {n} idle tunnels (UDS){short}, {name} RSS per tunnel", f"{per:.1f} KiB",
             f"{p['rss_kib_before']} -> {p['rss_kib']} KiB", None, "< 20 KiB", per < 20)
-        row(f"5. ... {name} threads", f"{p['threads_before']} -> {p['threads']}",
-            "", None, f"{(p['threads'] - p['threads_before']) / IDLE_N:.2f} per tunnel")
+        row(f"5. ... {name} threads; descriptors", f"{p['threads_before']} -> {p['threads']}; "
+            f"{p['fds_before']} -> {p['fds']}", "", None,
+            f"{(p['threads'] - p['threads_before']) / n:.2f} threads, "
+            f"{(p['fds'] - p['fds_before']) / n:.2f} descriptors per tunnel")
 
 
 WRK_LUA = """wrk.method = "POST"
@@ -373,8 +391,9 @@ def webhook():
     answer = subprocess.run(["curl", "-sk", "--fail", "-H", "Content-Type: application/json",
                              "--data-binary", f"@{body}", url], capture_output=True, check=True).stdout
     # nginx: the same answer, as a fixed string, over TLS with the same key.
-    static = os.path.join(d, "answer.json")
-    open(static, "wb").write(answer)
+    literal = answer.decode().replace("\\", "\\\\").replace("'", "\\'")
+    if "$" in literal:
+        raise RuntimeError("our answer has a '$': nginx would read it as a variable")
     port = free_port()
     conf = os.path.join(d, "nginx.conf")
     open(conf, "w").write(f"""worker_processes auto;
@@ -396,10 +415,7 @@ http {{
     ssl_certificate_key {d}/tls.key;
     location / {{
       default_type application/json;
-      # POST to a static file: 405 turned into 200 with the file.
-      error_page 405 =200 $uri;
-      root {d};
-      try_files /answer.json =404;
+      return 200 '{literal}';
     }}
   }}
 }}
@@ -488,21 +504,32 @@ def main():
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     began = time.monotonic()
     subprocess.run([os.path.join(REPO, "scripts/make-certs.sh"), C], check=True, stdout=subprocess.DEVNULL)
-    sizes()
-    sink_p = start([LOAD, "sink"], "sink", stdout=subprocess.PIPE)
-    sink = int(sink_p.stdout.readline())
-    _, squid = start_squid()
-    _, socat = start_socat(sink)
-    uds, tls = Tunnel("http-connect", True), Tunnel("http-connect", False)
-    grpc_uds, grpc_tls = Tunnel("grpc", True), Tunnel("grpc", False)
-    throughput(sink, squid, socat, uds, tls, grpc_uds, grpc_tls)
-    latency(sink, squid, uds, tls)
-    head_of_line(sink, uds)
-    for t in (uds, tls, grpc_uds, grpc_tls):
+    only = set(filter(None, os.environ.get("BENCH_ONLY", "").split(",")))
+    want = lambda name: not only or name in only
+    if want("size"):
+        sizes()
+    tunnels = []
+    if only & {"throughput", "latency", "hol"} or not only:
+        sink_p = start([LOAD, "sink"], "sink", stdout=subprocess.PIPE)
+        sink = int(sink_p.stdout.readline())
+        _, squid = start_squid()
+        _, socat = start_socat(sink)
+        tunnels = uds, tls, grpc_uds, grpc_tls = (Tunnel("http-connect", True), Tunnel("http-connect", False),
+                                                  Tunnel("grpc", True), Tunnel("grpc", False))
+    if want("throughput"):
+        throughput(sink, squid, socat, uds, tls, grpc_uds, grpc_tls)
+    if want("latency"):
+        latency(sink, squid, uds, tls)
+    if want("hol"):
+        head_of_line(sink, uds)
+    for t in tunnels:
         t.close()
-    idle()
-    webhook()
-    sidecar()
+    if want("idle"):
+        idle()
+    if want("webhook"):
+        webhook()
+    if want("sidecar"):
+        sidecar()
     rows.sort(key=lambda r: int(r[0].split(".")[0]))
     text = (f"# Benchmark results\n\nWritten by `make bench` (bench/bench.py); how to read it: "
             f"README.md, section Benchmarks.\n\n{environment()}- Took: {time.monotonic() - began:.0f} s\n\n"
@@ -516,6 +543,14 @@ def main():
 if __name__ == "__main__":
     try:
         main()
+    except BaseException:
+        # What the processes said, for the failure's cause.
+        for name in sorted(os.listdir(work)):
+            if name.endswith(".log"):
+                tail = open(os.path.join(work, name), errors="replace").read().splitlines()[-5:]
+                if tail:
+                    print(f"--- {name} (last lines)\n" + "\n".join(tail), file=sys.stderr)
+        raise
     finally:
         for p in reversed(list(procs)):
             stop(p)

@@ -503,8 +503,8 @@ fn idle(args: &Args) -> Result<(), String> {
         .zip(before.iter().zip(&after))
         .map(|(pid, (b, a))| {
             format!(
-                "{{\"pid\": {pid}, \"rss_kib_before\": {}, \"rss_kib\": {}, \"threads_before\": {}, \"threads\": {}}}",
-                b.0, a.0, b.1, a.1
+                "{{\"pid\": {pid}, \"rss_kib_before\": {}, \"rss_kib\": {}, \"threads_before\": {}, \"threads\": {}, \"fds_before\": {}, \"fds\": {}}}",
+                b.0, a.0, b.1, a.1, b.2, a.2
             )
         })
         .collect();
@@ -516,8 +516,8 @@ fn idle(args: &Args) -> Result<(), String> {
     Ok(())
 }
 
-/// VmRSS (KiB) and Threads of a process.
-fn status(pid: u32) -> Result<(u64, u64), String> {
+/// VmRSS (KiB), Threads and open descriptors of a process.
+fn status(pid: u32) -> Result<(u64, u64, usize), String> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/status")).map_err(err("status"))?;
     let field = |name: &str| {
         text.lines()
@@ -526,5 +526,8 @@ fn status(pid: u32) -> Result<(u64, u64), String> {
             .and_then(|v| v.parse().ok())
             .ok_or(format!("no {name} for pid {pid}"))
     };
-    Ok((field("VmRSS:")?, field("Threads:")?))
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map_err(err("fd"))?
+        .count();
+    Ok((field("VmRSS:")?, field("Threads:")?, fds))
 }
