@@ -467,10 +467,14 @@ def sizes():
             f"scratch image (tar of its root) {len(tar) / MiB:.2f} MiB", None, "< 3 MiB", size < 3 * MiB)
 
 
-def environment():
-    commit = sh("git", "-C", REPO, "rev-parse", "--short", "HEAD")
+def commit():
+    c = sh("git", "-C", REPO, "rev-parse", "--short", "HEAD")
     if sh("git", "-C", REPO, "status", "--porcelain", "--untracked-files=no"):
-        commit += " (with uncommitted changes)"
+        c += " (with uncommitted changes)"
+    return c
+
+
+def environment(commit):
     cpu = re.search(r"model name\s*:\s*(.*)", open("/proc/cpuinfo").read())
     versions = "; ".join(x for x in (
         sh("squid", "-v").splitlines()[0] if shutil.which("squid") else "",
@@ -480,7 +484,7 @@ def environment():
     return (f"- Date: {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC\n"
             f"- Machine: `nproc` = {os.cpu_count()}, {cpu.group(1) if cpu else 'unknown CPU'}, "
             f"kernel {os.uname().release}\n"
-            f"- Commit: {commit}\n"
+            f"- Commit: {commit} (when the run began)\n"
             f"- Peers: {versions}\n"
             f"- Run: {'BENCH_QUICK=1 ' if QUICK else ''}make bench "
             f"({REPS} interleaved repetition(s) per throughput figure, median)\n")
@@ -502,7 +506,7 @@ def main():
     # each of the holder, the client, proxy-server and proxy-agent.)
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    began = time.monotonic()
+    began, began_at = time.monotonic(), commit()
     subprocess.run([os.path.join(REPO, "scripts/make-certs.sh"), C], check=True, stdout=subprocess.DEVNULL)
     only = set(filter(None, os.environ.get("BENCH_ONLY", "").split(",")))
     want = lambda name: not only or name in only
@@ -532,7 +536,7 @@ def main():
         sidecar()
     rows.sort(key=lambda r: int(r[0].split(".")[0]))
     text = (f"# Benchmark results\n\nWritten by `make bench` (bench/bench.py); how to read it: "
-            f"README.md, section Benchmarks.\n\n{environment()}- Took: {time.monotonic() - began:.0f} s\n\n"
+            f"README.md, section Benchmarks.\n\n{environment(began_at)}- Took: {time.monotonic() - began:.0f} s\n\n"
             f"{table()}")
     print(text)
     if OUT:
