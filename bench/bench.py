@@ -498,6 +498,8 @@ def table():
 
 
 def main():
+    if os.getuid() != 0:
+        sys.exit("make bench runs as root (network namespaces for the sidecar, sysctls for idle tunnels)")
     for tool in (LOAD, f"{REL}/proxy-server"):
         if not os.access(tool, os.X_OK):
             sys.exit(f"{tool} is missing: run `make bench`")
