@@ -209,8 +209,7 @@ impl Dialer {
             let s = TcpStream::connect(addr).map_err(err(addr))?;
             s.set_nodelay(true).map_err(err("nodelay"))?;
             s.set_read_timeout(Some(TIMEOUT)).map_err(err("timeout"))?;
-            s.set_write_timeout(Some(TIMEOUT))
-                .map_err(err("timeout"))?;
+            s.set_write_timeout(Some(TIMEOUT)).map_err(err("timeout"))?;
             Ok(s)
         };
         Ok(match self.via.as_str() {
@@ -219,8 +218,7 @@ impl Dialer {
             "connect-uds" => {
                 let s = UnixStream::connect(&self.proxy).map_err(err(&self.proxy))?;
                 s.set_read_timeout(Some(TIMEOUT)).map_err(err("timeout"))?;
-                s.set_write_timeout(Some(TIMEOUT))
-                    .map_err(err("timeout"))?;
+                s.set_write_timeout(Some(TIMEOUT)).map_err(err("timeout"))?;
                 Box::new(s)
             }
             "connect-tls" => {
@@ -229,7 +227,8 @@ impl Dialer {
                 let name = rustls::pki_types::ServerName::try_from(host.to_string())
                     .map_err(|e| e.to_string())?;
                 let cfg = self.tls.clone().expect("connect-tls has a config");
-                let mut conn = rustls::ClientConnection::new(cfg, name).map_err(|e| e.to_string())?;
+                let mut conn =
+                    rustls::ClientConnection::new(cfg, name).map_err(|e| e.to_string())?;
                 while conn.is_handshaking() {
                     conn.complete_io(&mut sock).map_err(err("TLS handshake"))?;
                 }
@@ -244,11 +243,7 @@ impl Dialer {
     }
 
     fn connect_request(&self) -> Vec<u8> {
-        format!(
-            "CONNECT {t} HTTP/1.1\r\nHost: {t}\r\n\r\n",
-            t = self.target
-        )
-        .into_bytes()
+        format!("CONNECT {t} HTTP/1.1\r\nHost: {t}\r\n\r\n", t = self.target).into_bytes()
     }
 
     /// A stream to the target: through a CONNECT tunnel unless direct.
@@ -388,8 +383,8 @@ fn grpc_send(args: &Args) -> Result<(), String> {
         )
         .map_err(|e| e.to_string())?;
         let host = proxy.rsplit_once(':').map_or("", |(h, _)| h);
-        let name = rustls::pki_types::ServerName::try_from(host.to_string())
-            .map_err(|e| e.to_string())?;
+        let name =
+            rustls::pki_types::ServerName::try_from(host.to_string()).map_err(|e| e.to_string())?;
         let conn = rustls::ClientConnection::new(cfg, name).map_err(|e| e.to_string())?;
         let sock = TcpStream::connect(proxy).map_err(err(proxy))?;
         sock.set_nodelay(true).map_err(err("nodelay"))?;
