@@ -11,7 +11,7 @@
 //! bench_load grpc --proxy /tmp/k.sock --target 127.0.0.1:PORT --bytes 1073741824
 //! bench_load latency --via connect-tcp --proxy 127.0.0.1:3128 --target 127.0.0.1:PORT --n 1000
 //! bench_load sink --hold              # accepts and holds connections (idle tunnels' far ends)
-//! bench_load idle --proxy /tmp/k.sock --target 127.0.0.1:PORT --n 10000 --pids SERVER_PID,AGENT_PID
+//! bench_load idle --via connect-uds --proxy /tmp/k.sock --target 127.0.0.1:PORT --n 10000 --pids SERVER_PID,AGENT_PID
 //! ```
 //!
 //! Transfer protocol (so that every relay, with or without half-close, is
@@ -465,26 +465,19 @@ fn latency(args: &Args) -> Result<(), String> {
 
 // --- idle: N tunnels held open ------------------------------------------------------
 
-/// `--proxy UDS --target ADDR --n N --pids A,B`: N idle CONNECT tunnels
-/// over the Unix socket to ADDR (a `sink --hold`); prints each pid's RSS and
-/// threads before and with the tunnels open.
+/// `--via connect-* --proxy P --target ADDR --n N --pids A,B`: N idle
+/// CONNECT tunnels to ADDR (a `sink --hold`); prints each pid's RSS,
+/// threads and descriptors before and with the tunnels open.
 fn idle(args: &Args) -> Result<(), String> {
-    let proxy = arg(args, "proxy")?.to_string();
+    let dialer = Dialer::new(args)?;
     let n = num(args, "n", 10_000)? as usize;
     let pids: Vec<u32> = arg(args, "pids")?
         .split(',')
         .map(|p| p.parse().map_err(|e| format!("pid {p:?}: {e}")))
         .collect::<Result<_, _>>()?;
-    let target = arg(args, "target")?.to_string();
     let settle = Duration::from_millis(num(args, "settle-ms", 2000)?);
     std::thread::sleep(settle);
     let before: Vec<_> = pids.iter().map(|&p| status(p)).collect::<Result<_, _>>()?;
-    let dialer = Dialer {
-        via: "connect-uds".into(),
-        proxy,
-        target,
-        tls: None,
-    };
     let start = Instant::now();
     let mut clients = Vec::with_capacity(n);
     for i in 0..n {
