@@ -187,8 +187,7 @@ class Tunnel:
 
 
 def start_squid():
-    d = os.path.join(work, "squid")
-    os.makedirs(d)
+    d = tempfile.mkdtemp(prefix="squid-", dir=work)
     port = free_port()
     with open(os.path.join(d, "squid.conf"), "w") as f:
         f.write(f"""http_port 127.0.0.1:{port}
@@ -240,7 +239,8 @@ def interleaved(variants, reps):
     """{name: median GB/s}; each repetition runs every variant once."""
     got = {k: [] for k in variants}
     for i in range(reps):
-        for k, args in variants.items():
+        # Alternate the order, so that no variant always runs first.
+        for k, args in (list(variants.items())[::-1] if i % 2 else variants.items()):
             got[k].append(gbs(load(*args)))
             log(f"  {k} #{i + 1}: {got[k][-1]:.3f} GB/s")
     return {k: statistics.median(v) for k, v in got.items()}
