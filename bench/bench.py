@@ -8,6 +8,7 @@ what it needs). Environment:
   BENCH_QUICK  1: small sizes, one repetition (a development run, minutes);
                its table is printed, not written to bench/RESULTS.md
   BENCH_OUT    where to write the Markdown table (default bench/RESULTS.md)
+  BENCH_KEEP   1: keep the work directory (the processes' logs) for a look
   BENCH_ONLY   comma list of sections to run (size, throughput, latency, hol,
                idle, webhook, sidecar); for development, writes nothing
 
@@ -582,4 +583,7 @@ if __name__ == "__main__":
         for path, old in reversed(restore):
             with open(path, "w") as f:
                 f.write(old)
-        shutil.rmtree(work, ignore_errors=True)
+        if os.environ.get("BENCH_KEEP"):
+            log(f"kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
