@@ -225,6 +225,7 @@ def start_socat(sink):
 
 rows = []   # (scenario, ours, baseline, ratio, target, met)
 notes = []  # printed under the table
+raw = []    # (group, variant, [GB/s per repetition]), printed after the notes
 
 
 def row(scenario, ours, baseline, ratio, target="", met=None):
@@ -236,7 +237,7 @@ def gbs(r):
     return r["bytes"] / r["secs"] / 1e9
 
 
-def interleaved(variants, reps):
+def interleaved(group, variants, reps):
     """{name: median GB/s}; each repetition runs every variant once."""
     got = {k: [] for k in variants}
     for i in range(reps):
@@ -244,6 +245,7 @@ def interleaved(variants, reps):
         for k, args in (list(variants.items())[::-1] if i % 2 else variants.items()):
             got[k].append(gbs(load(*args)))
             log(f"  {k} #{i + 1}: {got[k][-1]:.3f} GB/s")
+    raw.extend((group, k, v) for k, v in got.items())
     return {k: statistics.median(v) for k, v in got.items()}
 
 
@@ -257,14 +259,14 @@ def throughput(sink, squid, socat, uds, tls, grpc_uds, grpc_tls):
                               (16, PAR_BYTES, f"16 connections x {PAR_BYTES // MiB} MiB")):
         log(f"throughput: {label}")
         n = ["--conns", conns, "--bytes", per]
-        v = interleaved({
+        r = "1" if conns == 1 else "2"
+        v = interleaved(f"{r}. {label}", {
             "direct": ["send", "--via", "direct", *target, *n],
             "socat": ["send", "--via", "direct", "--target", f"127.0.0.1:{socat}", *n],
             "squid": ["send", "--via", "connect-tcp", "--proxy", f"127.0.0.1:{squid}", *target, *n],
             "uds": ["send", *uds.via, *target, *n],
             "tls": ["send", *tls.via, *target, *n],
         }, REPS)
-        r = "1" if conns == 1 else "2"
         row(f"{r}. Tunnel throughput, {label}: socat TCP relay (a user-space relay's limit)",
             "", f"direct {fmt_gbs(v['direct'])}; socat {fmt_gbs(v['socat'])}", v["socat"] / v["direct"])
         row(f"{r}. ... squid HTTP CONNECT proxy", "", f"direct {fmt_gbs(v['direct'])}; squid {fmt_gbs(v['squid'])}",
@@ -280,7 +282,7 @@ def throughput(sink, squid, socat, uds, tls, grpc_uds, grpc_tls):
                 v[k] / v["squid"], ">= 1.00", v[k] >= v["squid"])
 
     log(f"throughput: gRPC, 1 stream, {ONE_BYTES // MiB} MiB")
-    g = interleaved({
+    g = interleaved("3. gRPC", {
         "direct": ["send", "--via", "direct", *target, "--bytes", ONE_BYTES],
         "grpc-uds": ["grpc", "--proxy", grpc_uds.proxy, *target, "--bytes", ONE_BYTES],
         "grpc-tls": ["grpc", "--proxy", grpc_tls.proxy, *CLIENT_TLS, *target, "--bytes", ONE_BYTES],
@@ -306,7 +308,7 @@ def latency(sink, squid, uds, tls):
 def head_of_line(sink, uds):
     log("head-of-line: 15 downloads, with and without a stalled tunnel")
     n = ["send", *uds.via, "--target", f"127.0.0.1:{sink}", "--conns", 15, "--bytes", HOL_BYTES, "--download"]
-    v = interleaved({"clean": n, "stalled": [*n, "--stalled", 1]}, REPS)
+    v = interleaved("6. head-of-line", {"clean": n, "stalled": [*n, "--stalled", 1]}, REPS)
     row(f"6. Head-of-line: 15 downloads of {HOL_BYTES // MiB} MiB (UDS) while a 16th tunnel's client stops reading",
         fmt_gbs(v["stalled"]), f"without it {fmt_gbs(v['clean'])}", v["stalled"] / v["clean"], ">= 0.90",
         v["stalled"] / v["clean"] >= 0.90)
@@ -514,7 +516,11 @@ def table():
     head = ["Scenario", "Ours", "Baseline", "Ratio", "Target", "Met"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines) + "\n" + "".join(f"\n- {n}" for n in notes) + ("\n" if notes else "")
+    text = "\n".join(lines) + "\n" + "".join(f"\n- {n}" for n in notes) + ("\n" if notes else "")
+    if raw:
+        text += "\nEach repetition, in GB/s (how noisy the run was):\n\n"
+        text += "".join(f"- {g}, {k}: {', '.join(f'{x:.3f}' for x in v)}\n" for g, k, v in raw)
+    return text
 
 
 def main():
