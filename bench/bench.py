@@ -62,8 +62,13 @@ def log(msg):
 
 
 def start(args, name, stdout=subprocess.DEVNULL):
-    # The child appends (O_APPEND): our reads must not move its write offset.
+    # One log per process (a name may start twice); the child appends
+    # (O_APPEND), so our reads cannot move its write offset.
     path = os.path.join(work, f"{name}.log")
+    n = 1
+    while os.path.exists(path):
+        n += 1
+        path = os.path.join(work, f"{name}-{n}.log")
     with open(path, "ab") as err:
         p = subprocess.Popen(args, stdout=stdout, stderr=err, start_new_session=True, cwd=work)
     p.name, p.errlog = name, path
