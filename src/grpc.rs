@@ -17,11 +17,10 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::atomic::{AtomicBool, Ordering};
+
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::h2::{self, ErrorCode, Event, Field};
-use crate::shutdown::Worker;
 
 /// The largest message accepted by default, as grpc-go and C-core.
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 4 * 1024 * 1024;
@@ -688,16 +687,14 @@ impl Server {
     /// call threads. Close the connection (through [`h2::Connection::closer`])
     /// to stop early; `goaway` lets open calls finish.
     pub fn serve(&self, conn: &h2::Connection) {
-        let mut calls: Vec<(Arc<AtomicBool>, Worker)> = Vec::new();
+        // Joined (every call finished) when this returns.
+        let calls = crate::shutdown::WorkerSet::new();
         while let Some(stream) = conn.accept() {
-            calls.retain(|(done, _)| !done.load(Ordering::Acquire));
             let Some(call) = self.prepare(stream).map(Arc::new) else {
                 continue;
             };
             let handler = self.routes.get(&call.path).cloned();
-            let done = Arc::new(AtomicBool::new(false));
-            let finished = done.clone();
-            let spawned = Worker::spawn("grpc-call", move || {
+            let spawned = calls.spawn("grpc-call", move || {
                 let status = match handler {
                     Some(handler) => handler(&call),
                     None => {
@@ -705,11 +702,9 @@ impl Server {
                     }
                 };
                 call.finish(&status);
-                finished.store(true, Ordering::Release);
             });
-            match spawned {
-                Ok(worker) => calls.push((done, worker)),
-                Err(err) => log::error!("starting a call thread: {err}"),
+            if let Err(err) = spawned {
+                log::error!("starting a call thread: {err}");
             }
         }
     }
@@ -920,6 +915,7 @@ impl ServerCall {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::shutdown::Worker;
 
     #[test]
     fn percent_encoding_round_trips() {
