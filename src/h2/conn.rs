@@ -231,6 +231,12 @@ struct State {
     /// The writer sleeps on `writer_cv`: only then is a wake-up needed
     /// (a condvar notify is a syscall even without waiters).
     writer_waiting: bool,
+    /// A thread (the writer thread, or a sender writing its own frames) is
+    /// writing a batch taken from `out`: nobody else may write until it
+    /// clears this, so batches reach the socket in order.
+    writing: bool,
+    /// The buffer the next batch is swapped into (kept for its capacity).
+    spare: Vec<u8>,
 }
 
 struct Shared {
@@ -244,6 +250,9 @@ struct Shared {
     peer: String,
     secure: bool,
     closer: Box<dyn Fn() + Send + Sync>,
+    /// The transport's writer half, used by whoever holds `State::writing`;
+    /// taken (dropped: TLS close_notify) when the writer thread ends.
+    writer: Mutex<Option<Box<dyn Write + Send>>>,
 }
 
 fn lock(shared: &Shared) -> MutexGuard<'_, State> {
@@ -487,6 +496,8 @@ impl Connection {
             last_read: Instant::now(),
             started: Instant::now(),
             writer_waiting: false,
+            writing: false,
+            spare: Vec::new(),
         };
         let shared = Arc::new(Shared {
             state: Mutex::new(state),
@@ -497,13 +508,14 @@ impl Connection {
             peer,
             secure,
             closer,
+            writer: Mutex::new(Some(writer)),
         });
         let io_err = |err: io::Error| Error::Io {
             peer: shared.peer.clone(),
             err: err.to_string(),
         };
         let w = shared.clone();
-        let writer = Worker::spawn("h2-writer", move || write_loop(&w, writer)).map_err(io_err)?;
+        let writer = Worker::spawn("h2-writer", move || write_loop(&w)).map_err(io_err)?;
         let r = shared.clone();
         let reader = match Worker::spawn("h2-reader", move || read_loop(&r, reader)) {
             Ok(reader) => reader,
@@ -811,16 +823,26 @@ impl Stream {
                 state.out.extend_from_slice(&head[..h]);
                 state.out.extend_from_slice(&body[..n - h]);
                 (head, body) = (&head[h..], &body[n - h..]);
-                state.kick(shared);
                 if last {
                     if end_stream {
                         self.end_local(&mut state);
+                    }
+                    if !state.writing {
+                        drop(write_batch(shared, state));
                     }
                     return Ok(());
                 }
                 continue;
             }
-            s.send_blocked = true;
+            // Out of credit or room: write what is queued (ours among it)
+            // unless a batch is already being written, then wait.
+            if !state.writing && !state.out.is_empty() {
+                state = write_batch(shared, state);
+                continue;
+            }
+            if let Some(s) = state.streams.get_mut(&self.id) {
+                s.send_blocked = true;
+            }
             state = self.wait(state, None);
         }
     }
@@ -942,53 +964,96 @@ impl Drop for Stream {
 
 // --- the writer thread ------------------------------------------------------
 
-fn write_loop(shared: &Shared, mut writer: Box<dyn Write + Send>) {
-    let mut spare = Vec::new();
+/// The writer thread: writes whatever senders queued and did not write
+/// themselves (control frames, frames queued while another batch was being
+/// written), sends keepalive PINGs, and closes the transport at the end.
+fn write_loop(shared: &Shared) {
+    let mut closing = false;
+    let mut state = lock(shared);
     loop {
-        let mut state = lock(shared);
-        let finishing = loop {
+        if !state.writing {
             if !state.out.is_empty() {
-                break state.closed.is_some();
-            }
-            if state.closed.is_some() {
-                break true;
-            }
-            let mut timeout = keepalive(shared, &mut state);
-            if let Some(left) = handshake_watch(shared, &mut state) {
-                timeout = Some(timeout.map_or(left, |t| t.min(left)));
-            }
-            if !state.out.is_empty() || state.closed.is_some() {
+                state = write_batch(shared, state);
                 continue;
             }
-            state.writer_waiting = true;
-            state = wait(&shared.writer_cv, state, timeout);
-            state.writer_waiting = false;
-        };
-        std::mem::swap(&mut state.out, &mut spare);
-        state.notify_senders();
-        drop(state);
-        if !spare.is_empty() {
-            let result = writer.write_all(&spare).and_then(|()| writer.flush());
-            spare.clear();
-            if let Err(err) = result {
-                let mut state = lock(shared);
-                state.close(
-                    shared,
-                    Error::Io {
-                        peer: shared.peer.clone(),
-                        err: format!("writing: {err}"),
-                    },
-                );
-                drop(state);
-                (shared.closer)();
-                return;
+            if state.closed.is_some() {
+                break;
             }
         }
-        if finishing {
-            (shared.closer)();
-            return;
+        let mut timeout = keepalive(shared, &mut state);
+        if let Some(left) = handshake_watch(shared, &mut state) {
+            timeout = Some(timeout.map_or(left, |t| t.min(left)));
         }
+        if !state.writing && (!state.out.is_empty() || state.closed.is_some()) {
+            continue;
+        }
+        if state.writing && state.closed.is_some() && !closing {
+            // A sender is stuck writing to a closed connection: shutting
+            // the socket down ends its write.
+            closing = true;
+            drop(state);
+            (shared.closer)();
+            state = lock(shared);
+            continue;
+        }
+        state.writer_waiting = true;
+        state = wait(&shared.writer_cv, state, timeout);
+        state.writer_waiting = false;
     }
+    drop(state);
+    // close_notify (TLS), then the socket.
+    drop(
+        shared
+            .writer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take(),
+    );
+    (shared.closer)();
+}
+
+/// Writes the queued output as one batch; called with `writing` clear and
+/// `out` not empty, returns with the lock held again. A failed write
+/// closes the connection.
+fn write_batch<'a>(shared: &'a Shared, mut state: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+    state.writing = true;
+    let mut batch = std::mem::take(&mut state.spare);
+    std::mem::swap(&mut state.out, &mut batch);
+    state.notify_senders();
+    drop(state);
+    let result = match shared
+        .writer
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .as_mut()
+    {
+        Some(writer) => writer.write_all(&batch).and_then(|()| writer.flush()),
+        None => Err(io::Error::new(
+            io::ErrorKind::BrokenPipe,
+            "connection closed",
+        )),
+    };
+    batch.clear();
+    let mut state = lock(shared);
+    state.spare = batch;
+    state.writing = false;
+    if let Err(err) = result {
+        state.close(
+            shared,
+            Error::Io {
+                peer: shared.peer.clone(),
+                err: format!("writing: {err}"),
+            },
+        );
+        drop(state);
+        (shared.closer)();
+        state = lock(shared);
+    }
+    // Output queued meanwhile is the writer thread's (or the next sender's).
+    if !state.out.is_empty() || state.closed.is_some() {
+        state.kick(shared);
+    }
+    state
 }
 
 /// Server side, until the client's first SETTINGS frame: closes the
@@ -2124,7 +2189,8 @@ mod tests {
         stream
             .send_headers(&[(":status".into(), b"200".to_vec())], false)
             .unwrap();
-        stream.send_data(&vec![3; 1 << 20], true).unwrap();
+        // A sender may write its frames itself: read them meanwhile.
+        let sender = std::thread::spawn(move || stream.send_data(&vec![3; 1 << 20], true));
         let mut got = 0;
         loop {
             if let Frame::Data {
@@ -2143,6 +2209,7 @@ mod tests {
             }
         }
         assert_eq!(got, 1 << 20);
+        sender.join().unwrap().unwrap();
     }
 
     #[test]
