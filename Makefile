@@ -128,7 +128,7 @@ fuzz-cmin: fuzz-build
 	@for t in $(FUZZ_TARGETS); do \
 	  mkdir -p fuzz/work/$$t fuzz/corpus/$$t; rm -rf fuzz/work/.cmin; mkdir -p fuzz/work/.cmin; \
 	  cp fuzz/corpus/$$t/seed-* fuzz/work/.cmin/ 2>/dev/null; \
-	  $(FUZZ_NET) $(FUZZ_BIN)/$$t -merge=1 -rss_limit_mb=1024 fuzz/work/.cmin fuzz/corpus/$$t fuzz/work/$$t \
+	  $(FUZZ_NET) $(FUZZ_BIN)/$$t -merge=1 -use_counters=0 -rss_limit_mb=1024 fuzz/work/.cmin fuzz/corpus/$$t fuzz/work/$$t \
 	    >fuzz/work/$$t.cmin.log 2>&1 || { tail -20 fuzz/work/$$t.cmin.log; exit 1; }; \
 	  rm -rf fuzz/corpus/$$t; mv fuzz/work/.cmin fuzz/corpus/$$t; \
 	  echo "$$t: $$(ls fuzz/corpus/$$t | wc -l) files, $$(du -sk fuzz/corpus/$$t | cut -f1) KiB"; \

@@ -18,8 +18,9 @@ What runs (all on 127.0.0.1, fresh certificates from scripts/make-certs.sh):
     tunnels.
 Load (SOAK_WORKERS threads, random mix): short CONNECT tunnels (up to
 256 KiB echoed), long ones (16-48 MiB, written and read at once), dials to a
-closed port (502 expected), clients that close mid-transfer, clients that
-stop reading (at most 4 at once, held 5-20 s), valid and malformed reviews.
+closed port below the ephemeral range (502 expected), clients that close
+mid-transfer, clients that stop reading (at most 4 at once, held 5-20 s),
+valid and malformed reviews.
 Every echoed byte is compared with the pattern sent (a random offset into
 one random 1 MiB block, so a byte from another tunnel is caught).
 
@@ -574,10 +575,7 @@ def soak(work, stop):
     echo = subprocess.Popen([sys.executable, "-c", echo_code], stdout=subprocess.PIPE, preexec_fn=die_with_parent)
     CHILDREN.append(echo)
     echo_port = int(echo.stdout.readline())
-    hole = socket.socket()
-    hole.bind(("127.0.0.1", 0))
-    closed_port = hole.getsockname()[1]
-    hole.close()  # nothing listens there: dials are refused
+    closed_port = closed_port_outside_ephemeral_range()
 
     cluster = [f"--cluster-cert={C}/agent/issued/proxy-frontend.crt",
                f"--cluster-key={C}/agent/private/proxy-frontend.key",
@@ -680,10 +678,10 @@ def soak(work, stop):
             next_restart += restart_every
         if rotations and now >= rotations[0][0]:
             _, what = rotations.pop(0)
-            t0 = time.time()
             if what == "frontend":
                 before = served_cert(front_port, front_ctx)
                 issue_server_cert(f"{C}/frontend", front_crt, front_key)
+                t0 = time.time()
                 with open(front_crt) as f:
                     want = ssl.PEM_cert_to_DER_cert(f.read())
                 poll("the rotated frontend certificate", lambda: served_cert(front_port, front_ctx) == want)
@@ -692,6 +690,7 @@ def soak(work, stop):
                 before = served_cert(hook_port, hook_ctx)
                 assert before == der(f"{DATA}/server.crt")
                 src = "server-rotated"
+                t0 = time.time()
                 replace_pair(f"{DATA}/{src}.crt", f"{DATA}/{src}.key", f"{hook_dir}/tls.crt", f"{hook_dir}/tls.key")
                 want = der(f"{DATA}/{src}.crt")
                 poll("the rotated webhook certificate", lambda: served_cert(hook_port, hook_ctx) == want)
@@ -749,6 +748,26 @@ def soak(work, stop):
         print(f"PROBLEM: {p}")
     print("SOAK " + ("PASSED" if not problems else "FAILED"))
     return not problems
+
+
+def closed_port_outside_ephemeral_range():
+    """A port nothing listens on, below the ephemeral range: a port from
+    bind(0) is ephemeral, and under load an agent's outgoing connection to
+    it occasionally gets the same port as its source and connects to itself
+    (a TCP self-connect), which answers 200 instead of 502."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        low = int(f.read().split()[0])
+    for _ in range(1000):
+        port = random.randrange(10000, low)
+        probe = socket.socket()
+        try:
+            probe.bind(("127.0.0.1", port))
+            return port
+        except OSError:
+            continue
+        finally:
+            probe.close()
+    raise RuntimeError("no free port below the ephemeral range")
 
 
 def der(path):
