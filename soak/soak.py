@@ -463,7 +463,8 @@ class Load:
     def do_review_bad(self):
         name, body = random.choice(self.reviews)
         variants = [
-            (body[:random.randrange(len(body))], "application/json", 400),
+            # Cut inside the document (not only its trailing newline).
+            (body[:random.randrange(len(body.rstrip()))], "application/json", 400),
             (b"\xff\xfe" + os.urandom(64), "application/json", 400),
             (b"[]", "application/json", 400),
             (json.dumps({"apiVersion": "admission.k8s.io/v2", "kind": "AdmissionReview"}).encode(), "application/json", 400),
