@@ -114,12 +114,45 @@ certs:
 	./scripts/make-certs.sh certs
 
 # --- fuzzing (not part of `make test`) ----------------------------------------
-# A short bounded run of each target; a crash leaves its input in
-# fuzz/artifacts/ (turn it into a unit test beside the code).
-.PHONY: fuzz
-FUZZ_TIME ?= 60
-fuzz:
+# A bounded run of each target (FUZZ_TIME seconds each; FUZZ_TARGETS to pick)
+# from the committed corpus (fuzz/corpus/<target>, plus fuzz/seeds/<target>);
+# new inputs go to fuzz/work/<target> (ignored), a crash leaves its input in
+# fuzz/artifacts/<target>/ and fails the run (turn it into a unit test beside
+# the code). As root the targets run without a network (unshare -n): the
+# flag parsers resolve host names. `make fuzz-cmin` folds fuzz/work into the
+# committed corpus, minimized.
+.PHONY: fuzz fuzz-build fuzz-cmin soak
+FUZZ_TIME ?= 30
+FUZZ_TARGETS ?= frame_decoder packet_decoder connection hpack connect_parser review flags
+FUZZ_BIN := fuzz/target/x86_64-unknown-linux-gnu/release
+FUZZ_NET := $(shell [ "$$(id -u)" = 0 ] && unshare -n true 2>/dev/null && echo unshare -n)
+fuzz-build:
 	@command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
-	cargo +nightly fuzz run frame_decoder fuzz/corpus/frame_decoder fuzz/seeds/frame_decoder -- -max_total_time=$(FUZZ_TIME) -rss_limit_mb=1024
-	cargo +nightly fuzz run packet_decoder -- -max_total_time=$(FUZZ_TIME) -rss_limit_mb=1024
-	cargo +nightly fuzz run connection fuzz/corpus/connection fuzz/seeds/connection -- -max_total_time=$(FUZZ_TIME) -rss_limit_mb=1024
+	cargo +nightly fuzz build
+fuzz: fuzz-build
+	@for t in $(FUZZ_TARGETS); do \
+	  mkdir -p fuzz/work/$$t fuzz/corpus/$$t fuzz/artifacts/$$t; \
+	  seeds=; [ -d fuzz/seeds/$$t ] && seeds=fuzz/seeds/$$t; \
+	  echo "== fuzz $$t ($(FUZZ_TIME) s; log fuzz/work/$$t.log)"; \
+	  $(FUZZ_NET) $(FUZZ_BIN)/$$t -max_total_time=$(FUZZ_TIME) -rss_limit_mb=1024 -timeout=30 \
+	    -print_final_stats=1 -artifact_prefix=fuzz/artifacts/$$t/ \
+	    fuzz/work/$$t fuzz/corpus/$$t $$seeds >fuzz/work/$$t.log 2>&1 \
+	    || { tail -40 fuzz/work/$$t.log; echo "fuzz $$t: FAILED, input in fuzz/artifacts/$$t/"; exit 1; }; \
+	  grep -E '^#[0-9]+[[:space:]]+(INITED|DONE)|^stat::(number_of_executed_units|peak_rss_mb)' fuzz/work/$$t.log; \
+	done
+fuzz-cmin: fuzz-build
+	@for t in $(FUZZ_TARGETS); do \
+	  mkdir -p fuzz/work/$$t fuzz/corpus/$$t; rm -rf fuzz/work/.cmin; mkdir -p fuzz/work/.cmin; \
+	  cp fuzz/corpus/$$t/seed-* fuzz/work/.cmin/ 2>/dev/null; \
+	  $(FUZZ_NET) $(FUZZ_BIN)/$$t -merge=1 -use_counters=0 -rss_limit_mb=1024 fuzz/work/.cmin fuzz/corpus/$$t fuzz/work/$$t \
+	    >fuzz/work/$$t.cmin.log 2>&1 || { tail -20 fuzz/work/$$t.cmin.log; exit 1; }; \
+	  rm -rf fuzz/corpus/$$t; mv fuzz/work/.cmin fuzz/corpus/$$t; \
+	  echo "$$t: $$(ls fuzz/corpus/$$t | wc -l) files, $$(du -sk fuzz/corpus/$$t | cut -f1) KiB"; \
+	done
+
+# --- soak (not part of `make test`) -----------------------------------------
+# SOAK_SECONDS (default 600) of mixed load on the release binaries, sampling
+# every process; see soak/soak.py for what runs and the pass rule.
+soak: build
+	$(call apt_install,openssl:openssl)
+	python3 soak/soak.py $(RELEASE_DIR)

@@ -46,8 +46,17 @@ pub const EXIT_USAGE: u8 = 2;
 pub struct UsageError(pub String);
 
 impl fmt::Display for UsageError {
+    /// One line whatever the command line held: control characters (a
+    /// newline inside an unknown flag's name) are shown escaped.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        for c in self.0.chars() {
+            if c.is_control() {
+                write!(f, "{}", c.escape_default())?;
+            } else {
+                fmt::Write::write_char(f, c)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -339,6 +348,19 @@ pub fn unexpected(flag: Flag) -> UsageError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by fuzz/fuzz_targets/flags.rs: an unknown flag's name was
+    /// printed raw, so a newline in it split the error over two lines.
+    #[test]
+    fn usage_errors_are_one_line() {
+        let err = unknown_flag("he\nlp\r\u{1b}[31m");
+        assert_eq!(err.to_string(), "unknown flag --he\\nlp\\r\\u{1b}[31m");
+        let mut parser = Parser::from_args(["--v=1\n2"]);
+        let mut log = LogFlags::default();
+        let err = next_long(&mut parser, &mut log).unwrap_err();
+        assert!(!err.to_string().contains('\n'), "{err}");
+        assert_eq!(unknown_flag("bogus").to_string(), "unknown flag --bogus");
+    }
 
     #[test]
     fn go_durations() {

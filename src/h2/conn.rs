@@ -277,7 +277,7 @@ fn wait<'a>(
 }
 
 /// Default HPACK table size (we never announce another).
-const TABLE_SIZE: usize = 4096;
+pub(super) const TABLE_SIZE: usize = 4096;
 /// The writer gives up queuing control frames past this (a PING or
 /// SETTINGS flood from a peer that does not read).
 const CONTROL_FLOOD_LIMIT: usize = 4 * 1024 * 1024;
@@ -1538,7 +1538,7 @@ fn conn(code: ErrorCode, reason: &'static str) -> Fatal {
 /// Checks the field rules of RFC 9113 section 8.2 that do not depend on
 /// the request or response: lower-case names, pseudo-headers first, no
 /// connection-specific fields.
-fn malformed(fields: &[Field], trailers: bool) -> Option<&'static str> {
+pub(super) fn malformed(fields: &[Field], trailers: bool) -> Option<&'static str> {
     let mut regular = false;
     for (name, value) in fields {
         if name.is_empty()
@@ -1569,15 +1569,28 @@ fn malformed(fields: &[Field], trailers: bool) -> Option<&'static str> {
     None
 }
 
-fn headers_complete(shared: &Shared, r: &mut Reader, p: PendingBlock) -> Result<(), Fatal> {
-    // Decode before anything else: the HPACK table must see every block,
-    // even one for a stream we then refuse.
-    let limit = shared.config.max_header_list_size as usize;
+/// One complete header block, decoded.
+pub(super) struct DecodedBlock {
+    /// The fields that fit in the limit, in order.
+    pub fields: Vec<Field>,
+    /// The whole list's size as RFC 9113 counts it (name + value + 32 each).
+    pub size: usize,
+    /// A field name within the limit was not UTF-8.
+    pub bad_name: bool,
+}
+
+/// Decodes one complete block. Every field goes through the HPACK table
+/// (which must see every block), but only fields within `limit` are kept.
+pub(super) fn decode_block(
+    decoder: &mut loona_hpack::Decoder<'static>,
+    block: &[u8],
+    limit: usize,
+) -> Result<DecodedBlock, frame::Error> {
     let mut size = 0usize;
     let mut fields = Vec::new();
     let mut bad_name = false;
-    r.decoder
-        .decode_with_cb(&p.block, |name, value| {
+    decoder
+        .decode_with_cb(block, |name, value| {
             size += name.len() + value.len() + 32;
             if size <= limit {
                 match std::str::from_utf8(&name) {
@@ -1586,7 +1599,26 @@ fn headers_complete(shared: &Shared, r: &mut Reader, p: PendingBlock) -> Result<
                 }
             }
         })
-        .map_err(|_| conn(ErrorCode::COMPRESSION_ERROR, "HPACK decoding failed"))?;
+        .map_err(|_| frame::Error::Connection {
+            code: ErrorCode::COMPRESSION_ERROR,
+            reason: "HPACK decoding failed",
+        })?;
+    Ok(DecodedBlock {
+        fields,
+        size,
+        bad_name,
+    })
+}
+
+fn headers_complete(shared: &Shared, r: &mut Reader, p: PendingBlock) -> Result<(), Fatal> {
+    // Decode before anything else: the HPACK table must see every block,
+    // even one for a stream we then refuse.
+    let limit = shared.config.max_header_list_size as usize;
+    let DecodedBlock {
+        fields,
+        size,
+        bad_name,
+    } = decode_block(&mut r.decoder, &p.block, limit)?;
     let id = p.stream;
     let mut state = lock(shared);
     let stream_error = |state: &mut State, code| {

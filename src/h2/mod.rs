@@ -20,6 +20,8 @@
 
 pub mod conn;
 pub mod frame;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod transport;
 
 pub use conn::{Closer, Config, Connection, Error, Event, Field, Stream};

@@ -80,8 +80,14 @@ impl Answer {
 /// cannot take (odd types, duplicate keys) falls back to the untyped path,
 /// [`review_value`], which gives the same answer or the precise error.
 pub fn review(body: &[u8], fqdn: &str) -> Result<Answer, Error> {
-    if let Ok(typed) = serde_json::from_slice::<typed::Review<'_>>(body) {
-        return review_typed(&typed, fqdn);
+    // JSON text is UTF-8; the borrowed parse does not check the parts it
+    // skips, so check it here (the untyped path then gives the error).
+    if let Ok(text) = std::str::from_utf8(body) {
+        if let Ok(typed::Object(typed)) =
+            serde_json::from_str::<typed::Object<typed::Review<'_>>>(text)
+        {
+            return review_typed(&typed, fqdn);
+        }
     }
     let review: Value = serde_json::from_slice(body).map_err(Error::Json)?;
     review_value(&review, fqdn)
@@ -244,9 +250,9 @@ fn pod_patch(pod: &Value, patch: &mut Patch) {
 
 fn review_typed(review: &typed::Review<'_>, fqdn: &str) -> Result<Answer, Error> {
     let api_version = check_envelope(review.api_version.as_deref(), review.kind.as_deref())?;
-    let request = review.request.as_ref().ok_or(Error::MissingRequest)?;
+    let request = review.request.as_deref().ok_or(Error::MissingRequest)?;
     let uid = request.uid.as_deref().ok_or(Error::MissingUid)?;
-    let kind = request.kind.as_ref();
+    let kind = request.kind.as_deref();
     let mut patch = Patch::new(fqdn);
     if wants_patch(
         request.operation.as_deref().unwrap_or(""),
@@ -254,7 +260,10 @@ fn review_typed(review: &typed::Review<'_>, fqdn: &str) -> Result<Answer, Error>
         kind.and_then(|k| k.kind.as_deref()).unwrap_or(""),
         request.sub_resource.as_deref().unwrap_or(""),
     ) {
-        let spec = request.object.as_ref().and_then(|pod| pod.spec.as_ref());
+        let spec = request
+            .object
+            .as_deref()
+            .and_then(|pod| pod.spec.as_deref());
         for (kind, containers) in [
             (
                 "initContainers",
@@ -278,11 +287,44 @@ fn review_typed(review: &typed::Review<'_>, fqdn: &str) -> Result<Answer, Error>
 
 /// Borrowed views of the few fields the decision reads. Unknown fields are
 /// skipped without being stored; any type surprise is a parse error, which
-/// sends the review down the untyped path instead.
+/// sends the review down the untyped path instead. Every struct is read
+/// through [`Object`]: serde's derive also accepts a JSON array for a
+/// struct (fields by position), which the untyped path rightly refuses.
 mod typed {
     use std::borrow::Cow;
+    use std::fmt;
+    use std::marker::PhantomData;
+    use std::ops::Deref;
 
-    use serde::Deserialize;
+    use serde::de::value::MapAccessDeserializer;
+    use serde::de::{MapAccess, Visitor};
+    use serde::{Deserialize, Deserializer};
+
+    /// `T` from a JSON object only.
+    pub struct Object<T>(pub T);
+
+    impl<T> Deref for Object<T> {
+        type Target = T;
+        fn deref(&self) -> &T {
+            &self.0
+        }
+    }
+
+    impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            struct Only<T>(PhantomData<T>);
+            impl<'de, T: Deserialize<'de>> Visitor<'de> for Only<T> {
+                type Value = T;
+                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                    f.write_str("a JSON object")
+                }
+                fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                    T::deserialize(MapAccessDeserializer::new(map))
+                }
+            }
+            deserializer.deserialize_map(Only(PhantomData)).map(Object)
+        }
+    }
 
     #[derive(Deserialize)]
     #[serde(rename_all = "camelCase")]
@@ -292,7 +334,7 @@ mod typed {
         #[serde(borrow)]
         pub kind: Option<Cow<'a, str>>,
         #[serde(borrow)]
-        pub request: Option<Request<'a>>,
+        pub request: Option<Object<Request<'a>>>,
     }
 
     #[derive(Deserialize)]
@@ -301,13 +343,13 @@ mod typed {
         #[serde(borrow)]
         pub uid: Option<Cow<'a, str>>,
         #[serde(borrow)]
-        pub kind: Option<GroupKind<'a>>,
+        pub kind: Option<Object<GroupKind<'a>>>,
         #[serde(borrow)]
         pub operation: Option<Cow<'a, str>>,
         #[serde(borrow)]
         pub sub_resource: Option<Cow<'a, str>>,
         #[serde(borrow)]
-        pub object: Option<Pod<'a>>,
+        pub object: Option<Object<Pod<'a>>>,
     }
 
     #[derive(Deserialize)]
@@ -321,22 +363,22 @@ mod typed {
     #[derive(Deserialize)]
     pub struct Pod<'a> {
         #[serde(borrow)]
-        pub spec: Option<Spec<'a>>,
+        pub spec: Option<Object<Spec<'a>>>,
     }
 
     #[derive(Deserialize)]
     #[serde(rename_all = "camelCase")]
     pub struct Spec<'a> {
         #[serde(borrow)]
-        pub init_containers: Option<Vec<Container<'a>>>,
+        pub init_containers: Option<Vec<Object<Container<'a>>>>,
         #[serde(borrow)]
-        pub containers: Option<Vec<Container<'a>>>,
+        pub containers: Option<Vec<Object<Container<'a>>>>,
     }
 
     #[derive(Deserialize)]
     pub struct Container<'a> {
         #[serde(borrow)]
-        pub env: Option<Vec<EnvVar<'a>>>,
+        pub env: Option<Vec<Object<EnvVar<'a>>>>,
     }
 
     #[derive(Deserialize)]
@@ -644,6 +686,51 @@ mod tests {
                 assert_eq!(fast, reference, "{}", String::from_utf8_lossy(&body));
             }
         }
+    }
+
+    /// Found by fuzz/fuzz_targets/review.rs: the borrowed parse skipped
+    /// invalid UTF-8 inside a field it does not read and answered a body
+    /// the untyped path calls malformed.
+    #[test]
+    fn invalid_utf8_is_malformed_on_both_paths() {
+        let body = include_bytes!("../../tests/data/delete.json");
+        let text = std::str::from_utf8(body).unwrap();
+        let at = text.find("initContainers").unwrap();
+        let mut bad = body.to_vec();
+        bad[at] = 0x9e;
+        assert!(matches!(review(&bad, FQDN), Err(Error::Json(_))));
+    }
+
+    /// serde's derive takes a JSON array for a struct (fields by position);
+    /// the fast path must refuse that shape as the untyped path does, at
+    /// every level, and never patch a container that is not an object.
+    #[test]
+    fn arrays_are_not_objects() {
+        let top = br#"["admission.k8s.io/v1", "AdmissionReview", {"uid": "u"}]"#;
+        assert!(matches!(review(top, FQDN), Err(Error::NotAnObject)));
+        let request = br#"{"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": ["u", {"group": "", "kind": "Pod"}, "CREATE", "", {"spec": {"containers": [{}]}}]}"#;
+        assert!(matches!(review(request, FQDN), Err(Error::MissingRequest)));
+        let container = br#"{"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+            "request": {"uid": "u", "kind": {"group": "", "kind": "Pod"}, "operation": "CREATE",
+            "object": {"spec": {"containers": [[null], {}], "initContainers": [{"env": [["x"]]}]}}}}"#;
+        let answer = review(container, FQDN).unwrap();
+        let reference: Value = serde_json::from_slice(container).unwrap();
+        assert_eq!(answer, review_value(&reference, FQDN).unwrap());
+        assert_eq!(answer.operations, 2);
+        assert_patch_paths(
+            &answer,
+            &["/spec/initContainers/0/env/-", "/spec/containers/1/env"],
+        );
+    }
+
+    fn assert_patch_paths(answer: &Answer, paths: &[&str]) {
+        let got: Vec<String> = answer
+            .patch_ops()
+            .iter()
+            .map(|op| op["path"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(got, paths);
     }
 
     #[test]

@@ -301,13 +301,29 @@ impl Stream {
 }
 
 /// Dials `address` ("host:port") with a timeout per resolved address.
+/// A connection to itself (a local destination port in the ephemeral range
+/// with nothing listening, which the kernel happened to pick as the source
+/// port: TCP simultaneous open) is no connection: like Go's dialer, retry
+/// (another source port), then report the port as refused.
 fn dial(address: &str, timeout: Duration) -> Result<TcpStream, String> {
     let addrs = address
         .to_socket_addrs()
         .map_err(|e| format!("dial tcp {address}: {e}"))?;
     let mut last = format!("dial tcp {address}: no address");
     for addr in addrs {
-        match TcpStream::connect_timeout(&addr, timeout) {
+        let mut attempt = TcpStream::connect_timeout(&addr, timeout);
+        for _ in 0..2 {
+            match &attempt {
+                Ok(s) if s.local_addr().ok() == Some(addr) => {
+                    attempt = TcpStream::connect_timeout(&addr, timeout);
+                }
+                _ => break,
+            }
+        }
+        match attempt {
+            Ok(s) if s.local_addr().ok() == Some(addr) => {
+                last = format!("dial tcp {addr}: connection refused (connected to itself)");
+            }
             Ok(s) => {
                 let _ = s.set_nodelay(true);
                 return Ok(s);
