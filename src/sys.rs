@@ -163,6 +163,32 @@ pub fn peer_hung_up(fd: RawFd) -> bool {
     ret > 0 && pollfd.revents & (libc::POLLRDHUP | libc::POLLHUP | libc::POLLERR) != 0
 }
 
+/// Sends what the socket takes now, without waiting (MSG_DONTWAIT, and
+/// MSG_NOSIGNAL: a closed peer is an error, not SIGPIPE). `Ok(0)` when
+/// nothing fits right now.
+pub fn send_now(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: reads at most buf.len() bytes from buf.
+        let n = unsafe {
+            libc::send(
+                fd,
+                buf.as_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let err = io::Error::last_os_error();
+        match err.kind() {
+            io::ErrorKind::Interrupted => continue,
+            io::ErrorKind::WouldBlock => return Ok(0),
+            _ => return Err(err),
+        }
+    }
+}
+
 /// Fills `buf` from the kernel's random source (getrandom(2): no /dev
 /// needed, so it works in an empty root).
 pub fn random_bytes(buf: &mut [u8]) -> io::Result<()> {

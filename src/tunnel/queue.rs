@@ -46,6 +46,10 @@ struct State<T> {
     items: VecDeque<T>,
     capacity: usize,
     closed: bool,
+    /// An item taken with [`Queue::pop_claim`] or [`Queue::send_or`] is
+    /// being sent: nobody else may send until it is released, so items
+    /// leave in order.
+    busy: bool,
 }
 
 struct Shared<T> {
@@ -75,6 +79,7 @@ impl<T> Queue<T> {
                     items: VecDeque::new(),
                     capacity: capacity.max(1),
                     closed: false,
+                    busy: false,
                 }),
                 readable: Condvar::new(),
                 writable: Condvar::new(),
@@ -178,6 +183,81 @@ impl<T> Queue<T> {
         }
     }
 
+    /// Sends `item` on the producer's own thread when the queue is empty
+    /// and nothing is being sent (one thread hand-off fewer); `send` returns
+    /// what it could not send now, which goes to the front of the queue for
+    /// the consumer. Returns the item untouched when it must be queued as
+    /// usual (others are queued or being sent, or the queue is closed).
+    pub fn send_or(&self, item: T, send: impl FnOnce(T) -> Option<T>) -> Option<T> {
+        {
+            let mut state = self.lock();
+            if state.closed || state.busy || !state.items.is_empty() {
+                return Some(item);
+            }
+            state.busy = true;
+        }
+        let rest = send(item);
+        let mut state = self.lock();
+        state.busy = false;
+        if let Some(rest) = rest {
+            if !state.closed {
+                state.items.push_front(rest);
+            }
+        }
+        // The consumer sleeps while items (or the close) wait behind a
+        // send: wake it.
+        let wake = !state.items.is_empty() || state.closed;
+        drop(state);
+        if wake {
+            self.shared.readable.notify_one();
+        }
+        None
+    }
+
+    /// [`Queue::pop_timeout`] for a consumer that shares sending with
+    /// [`Queue::send_or`]: waits while another thread sends, and marks the
+    /// item it returns as being sent until [`Queue::release`].
+    pub fn pop_claim(&self, timeout: Option<Duration>) -> Pop<T> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let mut state = self.lock();
+        loop {
+            if !state.busy {
+                if let Some(item) = state.items.pop_front() {
+                    state.busy = true;
+                    drop(state);
+                    self.shared.writable.notify_one();
+                    return Pop::Item(item);
+                }
+                if state.closed {
+                    return Pop::Closed;
+                }
+            }
+            state = match deadline {
+                None => self
+                    .shared
+                    .readable
+                    .wait(state)
+                    .unwrap_or_else(PoisonError::into_inner),
+                Some(deadline) => {
+                    let now = Instant::now();
+                    if now >= deadline {
+                        return Pop::TimedOut;
+                    }
+                    self.shared
+                        .readable
+                        .wait_timeout(state, deadline - now)
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0
+                }
+            };
+        }
+    }
+
+    /// The item from [`Queue::pop_claim`] is sent.
+    pub fn release(&self) {
+        self.lock().busy = false;
+    }
+
     /// Closes the queue: pushes fail from now on, waiters wake.
     pub fn close(&self) {
         self.lock().closed = true;
@@ -232,6 +312,55 @@ mod tests {
             Err(Rejected::Full(4)),
             "control item still counts"
         );
+    }
+
+    #[test]
+    fn direct_sends_keep_the_order_and_share_with_the_consumer() {
+        let q = Queue::new(8);
+        // Idle queue: the producer sends itself; a remainder goes first.
+        assert_eq!(q.send_or(1, |_| None), None);
+        assert_eq!(q.send_or(2, |_| Some(20)), None);
+        assert_eq!(
+            q.send_or(3, |_| None),
+            Some(3),
+            "20 is queued: wait behind it"
+        );
+        q.try_push(3).unwrap();
+        assert_eq!(q.pop_claim(None), Pop::Item(20));
+        // The consumer is sending: producers queue.
+        assert_eq!(q.send_or(4, |_| None), Some(4));
+        q.release();
+        assert_eq!(q.pop_claim(None), Pop::Item(3));
+        q.release();
+        // A consumer waiting behind a direct send wakes for its remainder
+        // and for the close.
+        let waiter = {
+            let q = q.clone();
+            std::thread::spawn(move || {
+                let mut got = Vec::new();
+                loop {
+                    match q.pop_claim(Some(Duration::from_secs(30))) {
+                        Pop::Item(i) => {
+                            got.push(i);
+                            q.release();
+                        }
+                        Pop::Closed => return got,
+                        Pop::TimedOut => panic!("the close did not wake the consumer"),
+                    }
+                }
+            })
+        };
+        let q2 = q.clone();
+        assert_eq!(
+            q.send_or(5, move |_| {
+                q2.close();
+                Some(50)
+            }),
+            None
+        );
+        // Closed during the send: the remainder is dropped with the queue.
+        assert_eq!(waiter.join().unwrap(), Vec::<i32>::new());
+        assert_eq!(q.send_or(6, |_| None), Some(6), "closed");
     }
 
     #[test]

@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::io::Write;
 use std::net::{Shutdown as SocketShutdown, TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -168,6 +169,20 @@ impl Stream {
                 }
                 Action::Dial { random, address } => self.start_dial(random, address),
                 Action::Deliver(connect_id, dest, data) => {
+                    // Written here when the destination takes it at once
+                    // and nothing is queued before it; never waits.
+                    let fd = dest.inner.socket.as_raw_fd();
+                    let Some(data) = dest.inner.queue.send_or(data, |data| {
+                        match crate::sys::send_now(fd, &data) {
+                            Ok(n) if n == data.len() => None,
+                            Ok(n) => Some(data[n..].to_vec()),
+                            // The destination's reader sees the error and
+                            // reports the close.
+                            Err(_) => None,
+                        }
+                    }) else {
+                        continue;
+                    };
                     let pushed = match dest.inner.queue.try_push(data) {
                         Err(Rejected::Full(data)) => {
                             dest.inner.queue.push_timeout(data, SLOW_GRACE)
@@ -284,8 +299,10 @@ impl Stream {
         let writer_dest = dest.clone();
         let spawned = spawned.and_then(|()| {
             self.threads.spawn("dest-write", move || {
-                while let Pop::Item(data) = writer_dest.inner.queue.pop_timeout(None) {
-                    if (&*writer_socket).write_all(&data).is_err() {
+                while let Pop::Item(data) = writer_dest.inner.queue.pop_claim(None) {
+                    let written = (&*writer_socket).write_all(&data);
+                    writer_dest.inner.queue.release();
+                    if written.is_err() {
                         break;
                     }
                 }
