@@ -101,34 +101,21 @@ impl Proxy {
             "--admin-port=0".into(),
             "--agent-bind-address=127.0.0.1".into(),
             "--health-bind-address=127.0.0.1".into(),
-            format!(
-                "--cluster-cert={}",
-                certs.path("agent/issued/proxy-frontend.crt")
-            ),
-            format!(
-                "--cluster-key={}",
-                certs.path("agent/private/proxy-frontend.key")
-            ),
-            format!("--cluster-ca-cert={}", certs.path("agent/issued/ca.crt")),
             "--server-port=0".into(),
         ];
+        args.extend(common::interop::cluster_flags(&|r| certs.path(r)));
         let uds = (!tcp).then(|| {
             std::env::temp_dir().join(common::unique("hostile").replace('-', "") + ".sock")
         });
         match &uds {
             Some(path) => args.push(format!("--uds-name={}", path.display())),
-            None => args.extend([
-                "--server-bind-address=127.0.0.1".into(),
-                format!(
-                    "--server-cert={}",
-                    certs.path("frontend/issued/proxy-frontend.crt")
-                ),
-                format!(
-                    "--server-key={}",
-                    certs.path("frontend/private/proxy-frontend.key")
-                ),
-                format!("--server-ca-cert={}", certs.path("frontend/issued/ca.crt")),
-            ]),
+            None => args.extend(
+                [
+                    vec!["--server-bind-address=127.0.0.1".to_string()],
+                    common::interop::frontend_flags(&|r| certs.path(r)),
+                ]
+                .concat(),
+            ),
         }
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut server = Logged::start(SERVER, &args);
@@ -242,7 +229,7 @@ impl Proxy {
         // A refused connection may be closed before the request is written.
         let _ = sock
             .write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes());
-        (read_head(&mut sock), sock)
+        (common::read_head(&mut sock), sock)
     }
 
     /// A CONNECT tunnel to `echo` carries bytes both ways (over the Unix
@@ -267,7 +254,7 @@ impl Proxy {
         sock.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
             .unwrap();
         sock.flush().unwrap();
-        let head = read_head(&mut sock);
+        let head = common::read_head(&mut sock);
         assert!(head.starts_with("HTTP/1.1 200"), "{head}");
         sock.write_all(b"ping").unwrap();
         sock.flush().unwrap();
@@ -407,19 +394,6 @@ fn metric(port: u16, name: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
         .unwrap_or(0.0)
-}
-
-/// Up to and including the blank line (or what came before the end).
-fn read_head(sock: &mut impl Read) -> String {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        match sock.read(&mut byte) {
-            Ok(1) => head.push(byte[0]),
-            _ => break,
-        }
-    }
-    String::from_utf8_lossy(&head).into_owned()
 }
 
 /// Everything until the peer closes (or the read timeout).
@@ -901,7 +875,7 @@ fn the_connect_frontend_survives_a_thousand_malformed_requests_of_each_kind() {
             "a".repeat(pad)
         );
         let _ = sock.write_all(head.as_bytes());
-        let answer = read_head(&mut sock);
+        let answer = common::read_head(&mut sock);
         assert!(answer.starts_with("HTTP/1.1 431 "), "{answer:?}");
     });
     // Malformed heads: a 4xx each.
@@ -934,7 +908,7 @@ fn the_connect_frontend_survives_a_thousand_malformed_requests_of_each_kind() {
             assert!(!answer.starts_with(b"HTTP/1.1 200"));
             return;
         }
-        let answer = read_head(&mut sock);
+        let answer = common::read_head(&mut sock);
         assert!(
             answer.starts_with("HTTP/1.1 4"),
             "variant {}: {answer:?}",

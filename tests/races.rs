@@ -287,29 +287,16 @@ impl Server {
             "--admin-port=0".into(),
             "--agent-bind-address=127.0.0.1".into(),
             "--health-bind-address=127.0.0.1".into(),
-            format!(
-                "--cluster-cert={}",
-                certs.path("agent/issued/proxy-frontend.crt")
-            ),
-            format!(
-                "--cluster-key={}",
-                certs.path("agent/private/proxy-frontend.key")
-            ),
-            format!("--cluster-ca-cert={}", certs.path("agent/issued/ca.crt")),
         ];
+        args.extend(common::interop::cluster_flags(&|r| certs.path(r)));
         if tls {
-            args.extend([
-                "--server-bind-address=127.0.0.1".into(),
-                format!(
-                    "--server-cert={}",
-                    certs.path("frontend/issued/proxy-frontend.crt")
-                ),
-                format!(
-                    "--server-key={}",
-                    certs.path("frontend/private/proxy-frontend.key")
-                ),
-                format!("--server-ca-cert={}", certs.path("frontend/issued/ca.crt")),
-            ]);
+            args.extend(
+                [
+                    vec!["--server-bind-address=127.0.0.1".to_string()],
+                    common::interop::frontend_flags(&|r| certs.path(r)),
+                ]
+                .concat(),
+            );
         } else {
             args.push(format!("--uds-name={}", uds.display()));
         }
@@ -555,19 +542,6 @@ impl GrpcFrontend {
     fn kill(self) {
         let _ = self.raw.shutdown(Shutdown::Both);
     }
-}
-
-/// Reads the response head of a CONNECT (up to the blank line).
-fn read_head(sock: &mut impl Read) -> String {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        match sock.read(&mut byte) {
-            Ok(1) => head.push(byte[0]),
-            _ => break,
-        }
-    }
-    String::from_utf8_lossy(&head).into_owned()
 }
 
 // --- server side: gRPC frontend --------------------------------------------------------
@@ -975,14 +949,14 @@ fn a_storm_of_connect_clients_leaves_nothing_open_at_the_agent() {
                 1 => {
                     let _ = client.shutdown(Shutdown::Write);
                     // Answered (200 if the DIAL_RSP won, else nothing) or closed.
-                    let _ = read_head(&mut client);
+                    let _ = common::read_head(&mut client);
                 }
                 2 => {
-                    let head = read_head(&mut client);
+                    let head = common::read_head(&mut client);
                     assert_eq!(head, "HTTP/1.1 200 Connection Established\r\n\r\n");
                 }
                 _ => {
-                    let head = read_head(&mut client);
+                    let head = common::read_head(&mut client);
                     assert_eq!(head, "HTTP/1.1 200 Connection Established\r\n\r\n");
                     client.write_all(b"bytes for the agent").unwrap();
                 }
@@ -1151,7 +1125,7 @@ fn a_connect_client_that_hangs_up_while_dialling_releases_everything() {
             // After: the client got its 200, then hangs up.
             _ => {
                 agent.send(dial_ok(random, connect_id));
-                let head = read_head(&mut client);
+                let head = common::read_head(&mut client);
                 assert_eq!(head, "HTTP/1.1 200 Connection Established\r\n\r\n");
                 drop(client);
                 agent.expect(
@@ -1215,7 +1189,7 @@ fn an_agent_that_vanishes_fails_100_pending_connects_with_502() {
         let killed = Instant::now();
         agent.kill();
         for client in &mut clients {
-            let head = read_head(client);
+            let head = common::read_head(client);
             assert!(head.starts_with("HTTP/1.1 502 "), "{head:?}");
         }
         assert!(

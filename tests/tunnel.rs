@@ -38,31 +38,11 @@ impl Certs {
     }
 
     fn cluster_flags(&self) -> Vec<String> {
-        vec![
-            format!(
-                "--cluster-cert={}",
-                self.path("agent/issued/proxy-frontend.crt")
-            ),
-            format!(
-                "--cluster-key={}",
-                self.path("agent/private/proxy-frontend.key")
-            ),
-            format!("--cluster-ca-cert={}", self.path("agent/issued/ca.crt")),
-        ]
+        common::interop::cluster_flags(&|r| self.path(r))
     }
 
     fn frontend_flags(&self) -> Vec<String> {
-        vec![
-            format!(
-                "--server-cert={}",
-                self.path("frontend/issued/proxy-frontend.crt")
-            ),
-            format!(
-                "--server-key={}",
-                self.path("frontend/private/proxy-frontend.key")
-            ),
-            format!("--server-ca-cert={}", self.path("frontend/issued/ca.crt")),
-        ]
+        common::interop::frontend_flags(&|r| self.path(r))
     }
 }
 
@@ -214,7 +194,7 @@ impl Tunnel {
         sock.set_read_timeout(Some(DEADLINE)).unwrap();
         sock.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
             .unwrap();
-        let head = read_head(&mut sock);
+        let head = common::read_head(&mut sock);
         (sock, head)
     }
 
@@ -254,19 +234,6 @@ impl Drop for Tunnel {
             let _ = fs::remove_file(path);
         }
     }
-}
-
-/// Reads up to and including the blank line, byte by byte.
-fn read_head(sock: &mut impl Read) -> String {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        match sock.read(&mut byte) {
-            Ok(1) => head.push(byte[0]),
-            _ => break,
-        }
-    }
-    String::from_utf8_lossy(&head).into_owned()
 }
 
 fn read_all(sock: &mut impl Read) -> String {
@@ -446,14 +413,14 @@ fn connect_answers_exactly_and_with_the_right_errors() {
     sock.set_read_timeout(Some(DEADLINE)).unwrap();
     sock.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         .unwrap();
-    assert!(read_head(&mut sock).starts_with("HTTP/1.1 405 "));
+    assert!(common::read_head(&mut sock).starts_with("HTTP/1.1 405 "));
     // A huge header: 431.
     let mut sock = UnixStream::connect(tunnel.uds.as_ref().unwrap()).unwrap();
     sock.set_read_timeout(Some(DEADLINE)).unwrap();
     let mut huge = b"CONNECT x:1 HTTP/1.1\r\nX-Big: ".to_vec();
     huge.resize(20 * 1024, b'a');
     let _ = sock.write_all(&huge);
-    assert!(read_head(&mut sock).starts_with("HTTP/1.1 431 "));
+    assert!(common::read_head(&mut sock).starts_with("HTTP/1.1 431 "));
 }
 
 #[test]
@@ -503,7 +470,7 @@ fn pending_dials_fail_at_once_when_their_agent_goes() {
                     .unwrap();
                 sock.write_all(format!("CONNECT {target} HTTP/1.1\r\n\r\n").as_bytes())
                     .unwrap();
-                read_head(&mut sock)
+                common::read_head(&mut sock)
             })
         })
         .collect();

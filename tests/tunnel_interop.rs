@@ -231,30 +231,17 @@ impl Server {
             "--admin-port=0".into(),
             "--agent-bind-address=127.0.0.1".into(),
             "--health-bind-address=127.0.0.1".into(),
-            format!(
-                "--cluster-cert={}",
-                work.cert("agent/issued/proxy-frontend.crt")
-            ),
-            format!(
-                "--cluster-key={}",
-                work.cert("agent/private/proxy-frontend.key")
-            ),
-            format!("--cluster-ca-cert={}", work.cert("agent/issued/ca.crt")),
         ];
+        args.extend(common::interop::cluster_flags(&|r| work.cert(r)));
         match uds {
             Some(path) => args.push(format!("--uds-name={path}")),
-            None => args.extend([
-                "--server-bind-address=127.0.0.1".into(),
-                format!(
-                    "--server-cert={}",
-                    work.cert("frontend/issued/proxy-frontend.crt")
-                ),
-                format!(
-                    "--server-key={}",
-                    work.cert("frontend/private/proxy-frontend.key")
-                ),
-                format!("--server-ca-cert={}", work.cert("frontend/issued/ca.crt")),
-            ]),
+            None => args.extend(
+                [
+                    vec!["--server-bind-address=127.0.0.1".to_string()],
+                    common::interop::frontend_flags(&|r| work.cert(r)),
+                ]
+                .concat(),
+            ),
         }
         args.extend(extra.iter().map(|s| s.to_string()));
         let mut proc = Proc::start("proxy-server", Command::new(SERVER).args(&args));
@@ -393,25 +380,12 @@ fn blackhole() -> (ChildGuard, u16) {
     (child, port)
 }
 
-/// Reads up to and including the blank line that ends a response head.
-fn read_head(sock: &mut impl Read) -> String {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        match sock.read(&mut byte) {
-            Ok(1) => head.push(byte[0]),
-            _ => break,
-        }
-    }
-    String::from_utf8_lossy(&head).into_owned()
-}
-
 fn connect_uds(uds: &str, target: &str) -> (UnixStream, String) {
     let mut sock = UnixStream::connect(uds).expect("connect to the frontend socket");
     sock.set_read_timeout(Some(DEADLINE)).unwrap();
     sock.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
         .unwrap();
-    let head = read_head(&mut sock);
+    let head = common::read_head(&mut sock);
     (sock, head)
 }
 

@@ -151,36 +151,7 @@ impl<T> Queue<T> {
     /// Takes the next item, waiting up to `timeout` (None: no limit). Items
     /// queued before `close` are still delivered, then `Closed`.
     pub fn pop_timeout(&self, timeout: Option<Duration>) -> Pop<T> {
-        let deadline = timeout.map(|t| Instant::now() + t);
-        let mut state = self.lock();
-        loop {
-            if let Some(item) = state.items.pop_front() {
-                drop(state);
-                self.shared.writable.notify_one();
-                return Pop::Item(item);
-            }
-            if state.closed {
-                return Pop::Closed;
-            }
-            state = match deadline {
-                None => self
-                    .shared
-                    .readable
-                    .wait(state)
-                    .unwrap_or_else(PoisonError::into_inner),
-                Some(deadline) => {
-                    let now = Instant::now();
-                    if now >= deadline {
-                        return Pop::TimedOut;
-                    }
-                    self.shared
-                        .readable
-                        .wait_timeout(state, deadline - now)
-                        .unwrap_or_else(PoisonError::into_inner)
-                        .0
-                }
-            };
-        }
+        self.pop(timeout, false)
     }
 
     /// Sends `item` on the producer's own thread when the queue is empty
@@ -218,12 +189,21 @@ impl<T> Queue<T> {
     /// [`Queue::send_or`]: waits while another thread sends, and marks the
     /// item it returns as being sent until [`Queue::release`].
     pub fn pop_claim(&self, timeout: Option<Duration>) -> Pop<T> {
+        self.pop(timeout, true)
+    }
+
+    /// The item from [`Queue::pop_claim`] is sent.
+    pub fn release(&self) {
+        self.lock().busy = false;
+    }
+
+    fn pop(&self, timeout: Option<Duration>, claim: bool) -> Pop<T> {
         let deadline = timeout.map(|t| Instant::now() + t);
         let mut state = self.lock();
         loop {
-            if !state.busy {
+            if !(claim && state.busy) {
                 if let Some(item) = state.items.pop_front() {
-                    state.busy = true;
+                    state.busy |= claim;
                     drop(state);
                     self.shared.writable.notify_one();
                     return Pop::Item(item);
@@ -251,11 +231,6 @@ impl<T> Queue<T> {
                 }
             };
         }
-    }
-
-    /// The item from [`Queue::pop_claim`] is sent.
-    pub fn release(&self) {
-        self.lock().busy = false;
     }
 
     /// Closes the queue: pushes fail from now on, waiters wake.

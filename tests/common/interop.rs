@@ -39,6 +39,34 @@ impl Drop for TempDir {
     }
 }
 
+/// proxy-server's agent-side certificate flags (`--cluster-*`) for the
+/// certificates `make_certs` wrote; `cert` turns a path in upstream's
+/// layout into a full one.
+#[allow(dead_code)]
+pub fn cluster_flags(cert: &dyn Fn(&str) -> String) -> Vec<String> {
+    vec![
+        format!("--cluster-cert={}", cert("agent/issued/proxy-frontend.crt")),
+        format!("--cluster-key={}", cert("agent/private/proxy-frontend.key")),
+        format!("--cluster-ca-cert={}", cert("agent/issued/ca.crt")),
+    ]
+}
+
+/// proxy-server's mTLS frontend flags (`--server-*`), as [`cluster_flags`].
+#[allow(dead_code)]
+pub fn frontend_flags(cert: &dyn Fn(&str) -> String) -> Vec<String> {
+    vec![
+        format!(
+            "--server-cert={}",
+            cert("frontend/issued/proxy-frontend.crt")
+        ),
+        format!(
+            "--server-key={}",
+            cert("frontend/private/proxy-frontend.key")
+        ),
+        format!("--server-ca-cert={}", cert("frontend/issued/ca.crt")),
+    ]
+}
+
 /// Writes certificates in upstream Konnectivity's layout into `dir` with
 /// the project's own scripts/make-certs.sh (openssl).
 pub fn make_certs(dir: &Path) {

@@ -214,3 +214,18 @@ impl Logged {
         );
     }
 }
+
+/// Reads a response head byte by byte, up to and including the blank line
+/// that ends it (so nothing after it is consumed), or to the end of stream.
+#[allow(dead_code)]
+pub fn read_head(sock: &mut impl std::io::Read) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match sock.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            _ => break,
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
