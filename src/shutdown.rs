@@ -1,8 +1,9 @@
 //! The one shutdown path: SIGTERM/SIGINT (or an internal fatal error) trips a
 //! shared [`Shutdown`], which wakes every waiter explicitly.
 //!
-//! Owns: the shutdown flag, its wake-up descriptor, the signal watcher thread
-//! and [`Worker`], the join-on-drop thread handle every role uses.
+//! Owns: the shutdown flag, its wake-up descriptor, the signal watcher thread,
+//! [`Worker`], the join-on-drop thread handle every role uses, and
+//! [`WorkerSet`], the joined pool of reusable threads for per-connection work.
 //! Must not: decide what a role does on shutdown; roles register wake-ups
 //! (closing a listener, say) with [`Shutdown::on_trigger`].
 

@@ -2,9 +2,12 @@
 //! GOAWAY and HPACK, run by two threads per connection.
 //!
 //! Owns: the reader thread (socket -> frames -> state; it alone decodes
-//! HPACK), the writer thread (it alone writes to the socket; it also sends
-//! keepalive PINGs and closes a connection whose PING goes unanswered), and
-//! the [`Stream`] handles applications send and receive on.
+//! HPACK), the writer thread (it writes what senders queued and did not
+//! write themselves, sends keepalive PINGs and closes a connection whose
+//! PING goes unanswered), and the [`Stream`] handles applications send and
+//! receive on. One batch is written at a time (`State::writing`): a sender
+//! that finds no batch in progress writes its own frames, which spares a
+//! thread hand-off per message.
 //! Must not: know about gRPC; block on the socket while holding the state
 //! lock; buffer without bound. A stream's receive buffer is bounded by the
 //! window we advertised, and the connection's by the connection window;
