@@ -251,6 +251,82 @@ impl WorkerSet {
     }
 }
 
+/// The process's pool for [`WorkerSet::beside`] helpers that have no set
+/// of their own (a tunnel's second direction). Its threads are joined by
+/// the calls that use them; idle ones end after [`WorkerSet::IDLE`].
+pub fn helpers() -> &'static WorkerSet {
+    static HELPERS: std::sync::OnceLock<WorkerSet> = std::sync::OnceLock::new();
+    HELPERS.get_or_init(WorkerSet::new)
+}
+
+/// Set when a [`WorkerSet::beside`] helper is done (its closure ran, or
+/// was dropped without running).
+#[derive(Default)]
+struct Done {
+    done: Mutex<bool>,
+    cv: Condvar,
+}
+
+/// Signals [`Done`] when dropped: lives inside the helper's closure.
+struct DoneOnDrop(Arc<Done>);
+
+impl Drop for DoneOnDrop {
+    fn drop(&mut self) {
+        *lock(&self.0.done) = true;
+        self.0.cv.notify_all();
+    }
+}
+
+/// Waits for the helper when dropped, also when `main` panics: what the
+/// helper borrows outlives it.
+struct WaitOnDrop(Arc<Done>);
+
+impl Drop for WaitOnDrop {
+    fn drop(&mut self) {
+        let mut done = lock(&self.0.done);
+        while !*done {
+            done = self.0.cv.wait(done).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
+impl WorkerSet {
+    /// Runs `helper` on a thread of the set while `main` runs on this
+    /// thread, and returns `main`'s result once both are done: like
+    /// [`std::thread::scope`] with one spawned thread, but the thread is a
+    /// reused one (a tunnel's second direction costs a wake-up, not a
+    /// thread start). The helper may borrow from the caller. Err, with
+    /// neither run, when no thread can be started.
+    pub fn beside<'a, R>(
+        &self,
+        name: &str,
+        helper: impl FnOnce() + Send + 'a,
+        main: impl FnOnce() -> R,
+    ) -> io::Result<R> {
+        let done = Arc::new(Done::default());
+        let signal = DoneOnDrop(done.clone());
+        let job: Box<dyn FnOnce() + Send + 'a> = Box::new(move || {
+            let _signal = signal;
+            helper();
+        });
+        // SAFETY: the job only lives past 'a if this function returns
+        // before the job is consumed or dropped. It cannot: on every path
+        // after a successful spawn (main returning or panicking) the
+        // WaitOnDrop guard below blocks until DoneOnDrop, which the job
+        // owns, has dropped; a failed spawn drops the job, and the guard
+        // waits for that too. Extending the lifetime of a boxed closure is
+        // the same erasure std::thread::scope performs.
+        let job: Job = unsafe {
+            std::mem::transmute::<Box<dyn FnOnce() + Send + 'a>, Box<dyn FnOnce() + Send + 'static>>(
+                job,
+            )
+        };
+        let _wait = WaitOnDrop(done);
+        self.spawn(name, job)?;
+        Ok(main())
+    }
+}
+
 impl Pool {
     /// A pooled thread: runs its first job, then whatever comes, until it
     /// has waited [`WorkerSet::IDLE`] in vain, too many wait, or the set
@@ -354,6 +430,59 @@ pub fn run_with_signals<E>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn beside_runs_a_borrowing_helper_on_a_reused_thread_and_waits_for_it() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let set = WorkerSet::new();
+        let mut ids = Vec::new();
+        for round in 0..10 {
+            // Borrowed, not 'static: the helper's work is visible after.
+            let count = AtomicUsize::new(0);
+            let (tx, rx) = std::sync::mpsc::channel();
+            let got = set
+                .beside(
+                    "helper",
+                    || {
+                        count.fetch_add(1, Ordering::SeqCst);
+                        tx.send(thread::current().id()).unwrap();
+                    },
+                    || round * 2,
+                )
+                .unwrap();
+            assert_eq!(got, round * 2);
+            assert_eq!(
+                count.load(Ordering::SeqCst),
+                1,
+                "returned before the helper ran"
+            );
+            ids.push(rx.recv().unwrap());
+        }
+        ids.sort_by_key(|id| format!("{id:?}"));
+        ids.dedup();
+        assert!(ids.len() < 10, "helper threads were not reused: {ids:?}");
+        // A panicking helper is logged; the call still returns.
+        assert_eq!(set.beside("helper", || panic!("boom"), || 7).unwrap(), 7);
+        // A panicking main still waits for the helper, which sees its
+        // borrow intact to the end.
+        let finished = &AtomicUsize::new(0);
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            set.beside(
+                "helper",
+                move || {
+                    go_rx.recv().unwrap();
+                    finished.store(1, Ordering::SeqCst);
+                },
+                || {
+                    go_tx.send(()).unwrap();
+                    panic!("main fails")
+                },
+            )
+        }));
+        assert!(caught.is_err());
+        assert_eq!(finished.load(Ordering::SeqCst), 1);
+    }
 
     #[test]
     fn worker_sets_reuse_idle_threads_and_join_every_job() {

@@ -610,6 +610,60 @@ fn everything_sent_before_the_client_closes_arrives() {
     }
 }
 
+#[test]
+fn a_destination_that_reads_late_gets_every_byte_in_order() {
+    // The destination reads nothing until the client has sent more than the
+    // socket buffers and windows on the way hold, so the agent must queue
+    // (its destination writer thread starts only then), then reads all;
+    // the client closes right after its last byte, with data still queued.
+    const TOTAL: usize = 24 * 1024 * 1024;
+    const GO_AFTER: usize = 12 * 1024 * 1024;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let _ = go_rx.recv_timeout(DEADLINE);
+        let (mut offset, mut buf, mut want) = (0usize, vec![0u8; 1 << 16], vec![0u8; 1 << 16]);
+        let verdict = loop {
+            match conn.read(&mut buf) {
+                Ok(0) => break Ok(offset),
+                Ok(n) => {
+                    pattern_at(7, offset, &mut want[..n]);
+                    if buf[..n] != want[..n] {
+                        break Err(format!("corrupt bytes at offset {offset}"));
+                    }
+                    offset += n;
+                }
+                Err(e) => break Err(format!("read at offset {offset}: {e}")),
+            }
+        };
+        let _ = done_tx.send(verdict);
+    });
+    let tunnel = Tunnel::start("http-connect", "uds", &[], true);
+    let (mut sock, head) = tunnel.connect_uds(&format!("127.0.0.1:{port}"));
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut chunk = vec![0u8; 64 * 1024];
+    let (mut sent, mut go) = (0usize, Some(go_tx));
+    while sent < TOTAL {
+        let n = chunk.len().min(TOTAL - sent);
+        pattern_at(7, sent, &mut chunk[..n]);
+        sock.write_all(&chunk[..n]).unwrap();
+        sent += n;
+        if sent >= GO_AFTER {
+            if let Some(go) = go.take() {
+                go.send(()).unwrap();
+            }
+        }
+    }
+    sock.shutdown(std::net::Shutdown::Write).unwrap();
+    let got = done_rx
+        .recv_timeout(DEADLINE)
+        .expect("the destination saw the close");
+    assert_eq!(got, Ok(TOTAL));
+}
+
 /// A TCP forwarder that sends each new connection to the next backend in
 /// turn: the load balancer in front of server replicas.
 fn round_robin(backends: Vec<u16>) -> u16 {

@@ -104,6 +104,10 @@ struct Dest {
 
 struct DestInner {
     queue: Queue<Vec<u8>>,
+    /// Whether the writer thread was started: only when something had to
+    /// be queued (most data is written by the stream's reader at once),
+    /// so an idle or quiet destination holds one thread, its reader.
+    writer_started: Mutex<bool>,
     /// Shared with the destination's reader and writer threads (one
     /// descriptor per destination).
     socket: Arc<TcpStream>,
@@ -130,9 +134,16 @@ impl Dest {
 
     /// Closes once the queued data is written: the writer thread drains the
     /// closed queue, then shuts the socket down (bounded by its write
-    /// timeout if the destination stops reading).
+    /// timeout if the destination stops reading). Without a writer nothing
+    /// is queued (the stream's reader, which alone queues, starts one
+    /// first): shut down now.
     fn close_after_flush(&self) {
         self.inner.queue.close();
+        let mut started = lock(&self.inner.writer_started);
+        if !*started {
+            *started = true; // none starts later
+            let _ = self.inner.socket.shutdown(SocketShutdown::Both);
+        }
     }
 }
 
@@ -157,13 +168,55 @@ struct Stream {
     shared: Arc<Shared>,
     table: Mutex<Table<Dest>>,
     outbox: Queue<Message>,
+    /// The call the outbox feeds: its writer thread sends on it, and so do
+    /// dial and destination threads when nothing is queued (send_or).
+    call: Arc<ClientCall>,
     threads: WorkerSet,
 }
 
+/// Who runs [`Stream::execute`]: the stream's reader must never wait on
+/// the server (it would stop reading what frees the window); a dial or
+/// destination thread may.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Caller {
+    StreamReader,
+    MayWait,
+}
+
 impl Stream {
-    fn execute(self: &Arc<Self>, actions: Vec<Action<Dest>>) {
+    /// Sends one message to the server: on this thread when nothing is
+    /// queued or being sent (a thread hand-off fewer), else through the
+    /// outbox (data waits up to OUTBOX_WAIT for room).
+    fn send(&self, message: Message) -> Result<(), Rejected<Message>> {
+        let Some(message) = self.outbox.send_or(message, |message| {
+            let (head, data) = message.encode_parts();
+            if self.call.send_parts(&head, &data).is_err() {
+                self.send_failed();
+            }
+            None
+        }) else {
+            return Ok(());
+        };
+        if matches!(message, Message::Data { .. }) {
+            self.outbox.push_timeout(message, OUTBOX_WAIT)
+        } else {
+            self.outbox.push_control(message)
+        }
+    }
+
+    /// Sending on the call failed: nothing more goes out on it.
+    fn send_failed(&self) {
+        self.shared.metrics.server_failures.inc(&["to_server"]);
+        self.outbox.close_and_clear();
+        self.call.cancel();
+    }
+
+    fn execute(self: &Arc<Self>, actions: Vec<Action<Dest>>, caller: Caller) {
         for action in actions {
             match action {
+                Action::Reply(message) if caller == Caller::MayWait => {
+                    let _ = self.send(message);
+                }
                 Action::Reply(message) => {
                     let _ = self.outbox.push_control(message);
                 }
@@ -172,7 +225,7 @@ impl Stream {
                     // Written here when the destination takes it at once
                     // and nothing is queued before it; never waits.
                     let fd = dest.inner.socket.as_raw_fd();
-                    let Some(data) = dest.inner.queue.send_or(data, |data| {
+                    let sent = dest.inner.queue.send_or(data, |data| {
                         match crate::sys::send_now(fd, &data) {
                             Ok(n) if n == data.len() => None,
                             Ok(n) => Some(data[n..].to_vec()),
@@ -180,9 +233,17 @@ impl Stream {
                             // reports the close.
                             Err(_) => None,
                         }
-                    }) else {
+                    });
+                    let Some(data) = sent else {
+                        // A part the destination did not take is queued.
+                        if !dest.inner.queue.is_empty() {
+                            self.start_writer(&dest);
+                        }
                         continue;
                     };
+                    // Something waits: the destination's writer thread
+                    // (started now if this is the first time) sends it.
+                    self.start_writer(&dest);
                     let pushed = match dest.inner.queue.try_push(data) {
                         Err(Rejected::Full(data)) => {
                             dest.inner.queue.push_timeout(data, SLOW_GRACE)
@@ -195,7 +256,7 @@ impl Stream {
                         );
                         let actions = lock(&self.table)
                             .destination_closed(connect_id, "destination too slow");
-                        self.execute(actions);
+                        self.execute(actions, caller);
                     }
                 }
                 Action::Close(dest) => {
@@ -234,11 +295,13 @@ impl Stream {
             };
             let (pair, outcome) = match outcome {
                 Ok(socket) => {
+                    let _ = socket.set_write_timeout(Some(WRITE_TIMEOUT));
                     let dest = Dest {
                         inner: Arc::new(DestInner {
                             queue: Queue::new(
                                 stream.shared.config.xfr_channel_size.max(MIN_TUNNEL_QUEUE),
                             ),
+                            writer_started: Mutex::new(false),
                             socket: socket.clone(),
                         }),
                     };
@@ -249,70 +312,79 @@ impl Stream {
                 Err(e) => (None, Err(e)),
             };
             let (id, actions) = lock(&stream.table).dialled(random, outcome);
-            // The DIAL_RSP is queued before the destination is read: a
-            // destination that speaks first (SSH, SMTP, a greeter) would
-            // otherwise get DATA, even its CLOSE_RSP, onto the stream ahead
-            // of the DIAL_RSP, and the server would drop them as unknown.
-            stream.execute(actions);
-            if let (Some(connect_id), Some((socket, dest))) = (id, pair) {
+            // The DIAL_RSP is sent (or queued) before the destination is
+            // read: a destination that speaks first (SSH, SMTP, a greeter)
+            // would otherwise get DATA, even its CLOSE_RSP, onto the stream
+            // ahead of the DIAL_RSP, and the server would drop them as
+            // unknown.
+            stream.execute(actions, Caller::MayWait);
+            if let (Some(connect_id), Some((socket, _))) = (id, pair) {
                 log::debug!("connection {connect_id} to {address} established");
-                stream.start_pumps(connect_id, socket, dest);
+                // This thread goes on as the destination's reader.
+                stream.read_destination(connect_id, &socket);
             }
         });
         if let Err(e) = spawned {
             log::error!("starting a dial thread: {e}");
             let (_, actions) =
                 lock(&self.table).dialled(random, Err(format!("agent cannot start a thread: {e}")));
-            self.execute(actions);
+            self.execute(actions, Caller::StreamReader);
         }
     }
 
-    /// Starts the destination's two threads: destination -> server, and
-    /// queue -> destination.
-    fn start_pumps(self: &Arc<Self>, connect_id: i64, socket: Arc<TcpStream>, dest: Dest) {
-        let _ = socket.set_write_timeout(Some(WRITE_TIMEOUT));
-        let writer_socket = socket.clone();
-        let reader = self.clone();
-        let spawned = self.threads.spawn("dest-read", move || {
-            let mut buf = ReadBuf::new(CHUNK);
-            let error = loop {
-                match buf.read_from(&mut &*socket, CHUNK) {
-                    Ok([]) => break String::new(),
-                    Ok(bytes) => {
-                        let data = Message::Data {
-                            connect_id,
-                            error: String::new(),
-                            data: bytes.to_vec(),
-                        };
-                        match reader.outbox.push_timeout(data, OUTBOX_WAIT) {
-                            Ok(()) => {}
-                            Err(Rejected::Closed(_)) => break "server stream closed".into(),
-                            Err(Rejected::Full(_)) => break "server stream stalled".into(),
-                        }
-                    }
-                    Err(e) => break e.to_string(),
-                }
-            };
-            let actions = lock(&reader.table).destination_closed(connect_id, &error);
-            reader.execute(actions);
-        });
-        let writer_dest = dest.clone();
-        let spawned = spawned.and_then(|()| {
-            self.threads.spawn("dest-write", move || {
-                while let Pop::Item(data) = writer_dest.inner.queue.pop_claim(None) {
-                    let written = (&*writer_socket).write_all(&data);
-                    writer_dest.inner.queue.release();
-                    if written.is_err() {
-                        break;
+    /// Destination -> server until the destination ends or the stream
+    /// breaks; then reports the close.
+    fn read_destination(self: &Arc<Self>, connect_id: i64, socket: &TcpStream) {
+        let mut buf = ReadBuf::new(CHUNK);
+        let error = loop {
+            match buf.read_from(&mut &*socket, CHUNK) {
+                Ok([]) => break String::new(),
+                Ok(bytes) => {
+                    let data = Message::Data {
+                        connect_id,
+                        error: String::new(),
+                        data: bytes.to_vec(),
+                    };
+                    match self.send(data) {
+                        Ok(()) => {}
+                        Err(Rejected::Closed(_)) => break "server stream closed".into(),
+                        Err(Rejected::Full(_)) => break "server stream stalled".into(),
                     }
                 }
-                // Ends the reader too (it then reports the close once).
-                let _ = writer_socket.shutdown(SocketShutdown::Both);
-            })
+                Err(e) => break e.to_string(),
+            }
+        };
+        let actions = lock(&self.table).destination_closed(connect_id, &error);
+        self.execute(actions, Caller::MayWait);
+    }
+
+    /// Starts the destination's writer thread (queue -> destination) unless
+    /// it runs already or the destination is closing.
+    fn start_writer(self: &Arc<Self>, dest: &Dest) {
+        {
+            let mut started = lock(&dest.inner.writer_started);
+            if *started {
+                return;
+            }
+            *started = true;
+        }
+        let dest = dest.clone();
+        let failed = dest.clone();
+        let spawned = self.threads.spawn("dest-write", move || {
+            let inner = &dest.inner;
+            while let Pop::Item(data) = inner.queue.pop_claim(None) {
+                let written = (&*inner.socket).write_all(&data);
+                inner.queue.release();
+                if written.is_err() {
+                    break;
+                }
+            }
+            // Ends the reader too (it then reports the close once).
+            let _ = inner.socket.shutdown(SocketShutdown::Both);
         });
         if let Err(e) = spawned {
-            log::error!("starting destination threads: {e}");
-            dest.close();
+            log::error!("starting a destination writer: {e}");
+            failed.close();
         }
     }
 }
@@ -428,6 +500,7 @@ fn serve_stream(
         shared: shared.clone(),
         table: Mutex::new(Table::new(shared.config.max_connections)),
         outbox,
+        call: call.clone(),
         threads: WorkerSet::new(),
     });
     // Disconnected when the reader below is done: the writer's cue that
@@ -438,17 +511,15 @@ fn serve_stream(
         let writer_call = call.clone();
         scope.spawn(move || {
             loop {
-                match writer_stream.outbox.pop_timeout(None) {
+                // Shares sending with the dial and destination threads
+                // (Stream::send): one message at a time, in order.
+                match writer_stream.outbox.pop_claim(None) {
                     Pop::Item(message) => {
                         let (head, data) = message.encode_parts();
-                        if writer_call.send_parts(&head, &data).is_err() {
-                            writer_stream
-                                .shared
-                                .metrics
-                                .server_failures
-                                .inc(&["to_server"]);
-                            writer_stream.outbox.close_and_clear();
-                            writer_call.cancel();
+                        let sent = writer_call.send_parts(&head, &data);
+                        writer_stream.outbox.release();
+                        if sent.is_err() {
+                            writer_stream.send_failed();
                             return;
                         }
                     }
@@ -474,7 +545,7 @@ fn serve_stream(
                     match message {
                         Ok(message) => {
                             let actions = lock(&stream.table).from_server(message);
-                            stream.execute(actions);
+                            stream.execute(actions, Caller::StreamReader);
                         }
                         Err(e) => log::warn!("server {server_id}: skipping a packet: {e}"),
                     }
@@ -489,7 +560,7 @@ fn serve_stream(
         }
         drop(reader_finished);
         let actions = lock(&stream.table).close_all();
-        stream.execute(actions);
+        stream.execute(actions, Caller::StreamReader);
         // Let a queued DRAIN or CLOSE_RSP go out only while the stream lives.
         stream.outbox.close_and_clear();
     });

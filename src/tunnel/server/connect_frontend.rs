@@ -227,29 +227,28 @@ pub fn serve(hub: &Arc<Hub>, conn: Conn, tls: Option<&Reloader>, timeouts: &Time
         );
     }
 
-    std::thread::scope(|scope| {
-        let queue = &queue;
-        let closer = &closer;
-        scope.spawn(move || {
-            loop {
-                match queue.pop_timeout(None) {
-                    Pop::Item(ToFrontend::Message(Message::Data { data, .. })) => {
-                        if writer.write_all(&data).is_err() {
-                            break;
-                        }
+    let (queue, closer) = (&queue, &closer);
+    let write_to_client = move || {
+        loop {
+            match queue.pop_timeout(None) {
+                Pop::Item(ToFrontend::Message(Message::Data { data, .. })) => {
+                    if writer.write_all(&data).is_err() {
+                        break;
                     }
-                    Pop::Item(ToFrontend::Message(Message::CloseRsp { .. })) => break,
-                    Pop::Item(_) => {}
-                    Pop::Closed | Pop::TimedOut => break,
                 }
+                Pop::Item(ToFrontend::Message(Message::CloseRsp { .. })) => break,
+                Pop::Item(_) => {}
+                Pop::Closed | Pop::TimedOut => break,
             }
-            let _ = writer.flush();
-            queue.close_and_clear();
-            // close_notify first (TLS), then wake the reader below if it is
-            // still blocked on the client.
-            drop(writer);
-            closer();
-        });
+        }
+        let _ = writer.flush();
+        queue.close_and_clear();
+        // close_notify first (TLS), then wake the reader below if it is
+        // still blocked on the client.
+        drop(writer);
+        closer();
+    };
+    let read_from_client = || {
         loop {
             match buf.read_from(&mut reader, CHUNK) {
                 Ok([]) => {
@@ -275,7 +274,15 @@ pub fn serve(hub: &Arc<Hub>, conn: Conn, tls: Option<&Reloader>, timeouts: &Time
         // The client is done (or gone): close the tunnel at the agent. Data
         // already queued for the client is still written.
         hub.remove_frontend_flushing(key);
-    });
+    };
+    // The writer runs on a pooled thread beside this one (a wake-up, not a
+    // thread start, per tunnel).
+    if let Err(e) =
+        crate::shutdown::helpers().beside("conn-write", write_to_client, read_from_client)
+    {
+        log::error!("CONNECT {peer}: starting the writer thread: {e}");
+        hub.remove_frontend(key);
+    }
     hub.metrics.http_connections.add(&[], -1.0);
     hub.metrics
         .connection_duration

@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::metrics::ServerMetrics;
+use crate::grpc::ServerCall;
 use crate::tunnel::identifiers::{Identifiers, Strategy};
 use crate::tunnel::message::Message;
 use crate::tunnel::queue::{MIN_TUNNEL_QUEUE, Queue, Rejected, SLOW_GRACE};
@@ -32,9 +33,42 @@ pub enum ToFrontend {
     DialFailed { random: i64, reason: DialFailure },
 }
 
+/// An agent stream's way out: its queue, drained by the stream's writer
+/// thread, and the call itself, which a frontend's thread sends on directly
+/// when nothing is queued or being sent (a thread hand-off fewer per
+/// packet; see [`Queue::send_or`]).
+#[derive(Clone)]
+struct AgentLink {
+    queue: Queue<Message>,
+    call: Arc<ServerCall>,
+}
+
+impl AgentLink {
+    /// Sends from a thread that may wait (a frontend's reader). Data waits
+    /// up to AGENT_QUEUE_WAIT for room in the queue; control messages pass
+    /// the bound.
+    fn send(&self, message: Message) -> Result<(), Rejected<Message>> {
+        let Some(message) = self.queue.send_or(message, |message| {
+            let (head, data) = message.encode_parts();
+            if let Err(status) = self.call.send_parts(&head, &data) {
+                log::debug!("agent stream: send failed: {status:?}");
+                self.queue.close_and_clear();
+            }
+            None
+        }) else {
+            return Ok(());
+        };
+        if matches!(message, Message::Data { .. }) {
+            self.queue.push_timeout(message, AGENT_QUEUE_WAIT)
+        } else {
+            self.queue.push_control(message)
+        }
+    }
+}
+
 struct State {
     router: Router,
-    agents: HashMap<AgentKey, Queue<Message>>,
+    agents: HashMap<AgentKey, AgentLink>,
     frontends: HashMap<FrontendKey, Queue<ToFrontend>>,
 }
 
@@ -47,7 +81,7 @@ pub struct Hub {
 }
 
 enum Delivery {
-    Agent(Queue<Message>, Message),
+    Agent(AgentLink, Message),
     Frontend(FrontendKey, Queue<ToFrontend>, ToFrontend),
 }
 
@@ -78,14 +112,24 @@ impl Hub {
         self.next_key.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Registers an agent stream; returns its key and outbound queue.
-    pub fn add_agent(&self, id: &str, identifiers: Identifiers) -> (AgentKey, Queue<Message>) {
+    /// Registers an agent stream; returns its key and outbound queue, whose
+    /// writer must share sending on `call` ([`Queue::pop_claim`]).
+    pub fn add_agent(
+        &self,
+        id: &str,
+        identifiers: Identifiers,
+        call: Arc<ServerCall>,
+    ) -> (AgentKey, Queue<Message>) {
         let key = self.key();
         let queue = Queue::new(AGENT_QUEUE);
         {
             let mut state = self.lock();
             state.router.add_agent(key, id, identifiers);
-            state.agents.insert(key, queue.clone());
+            let link = AgentLink {
+                queue: queue.clone(),
+                call,
+            };
+            state.agents.insert(key, link);
             self.update_gauges(&state);
         }
         (key, queue)
@@ -95,8 +139,8 @@ impl Hub {
     pub fn remove_agent(&self, key: AgentKey) {
         let actions = {
             let mut state = self.lock();
-            if let Some(queue) = state.agents.remove(&key) {
-                queue.close_and_clear();
+            if let Some(link) = state.agents.remove(&key) {
+                link.queue.close_and_clear();
             }
             state.router.remove_agent(key)
         };
@@ -121,16 +165,18 @@ impl Hub {
     /// A frontend ended (or is being closed): its dials are cancelled and
     /// its tunnels closed at the agents; its queue closes.
     pub fn remove_frontend(&self, key: FrontendKey) {
-        self.drop_frontend(key, false);
+        self.drop_frontend(key, false, Some(key));
     }
 
     /// [`Hub::remove_frontend`], but what is already queued for the
     /// frontend is still delivered (its client closed its side only).
     pub fn remove_frontend_flushing(&self, key: FrontendKey) {
-        self.drop_frontend(key, true);
+        self.drop_frontend(key, true, Some(key));
     }
 
-    fn drop_frontend(&self, key: FrontendKey, flush: bool) {
+    /// `caller`: the frontend whose own thread calls (it may wait), or None
+    /// from a thread that must not (an agent stream's reader).
+    fn drop_frontend(&self, key: FrontendKey, flush: bool, caller: Option<FrontendKey>) {
         let actions = {
             let mut state = self.lock();
             if let Some(queue) = state.frontends.remove(&key) {
@@ -142,7 +188,7 @@ impl Hub {
             }
             state.router.remove_frontend(key)
         };
-        self.execute(actions, None);
+        self.execute(actions, caller);
     }
 
     /// A message from a frontend. Returns false when the frontend must give
@@ -203,8 +249,8 @@ impl Hub {
             for action in actions {
                 match action {
                     Action::ToAgent(agent, message) => {
-                        if let Some(q) = state.agents.get(&agent) {
-                            deliveries.push(Delivery::Agent(q.clone(), message));
+                        if let Some(link) = state.agents.get(&agent) {
+                            deliveries.push(Delivery::Agent(link.clone(), message));
                         }
                     }
                     Action::ToFrontend(frontend, message) => {
@@ -244,16 +290,14 @@ impl Hub {
         let mut too_slow = Vec::new();
         for delivery in deliveries {
             match delivery {
-                Delivery::Agent(queue, message @ Message::Data { .. })
-                    if blocking_for.is_some() =>
-                {
-                    if let Err(Rejected::Full(_)) = queue.push_timeout(message, AGENT_QUEUE_WAIT) {
+                Delivery::Agent(link, message) if blocking_for.is_some() => {
+                    if let Err(Rejected::Full(_)) = link.send(message) {
                         log::warn!("agent queue full for {AGENT_QUEUE_WAIT:?}: closing the tunnel");
                         keep_going = false;
                     }
                 }
-                Delivery::Agent(queue, message) => {
-                    let _ = queue.push_control(message);
+                Delivery::Agent(link, message) => {
+                    let _ = link.queue.push_control(message);
                 }
                 Delivery::Frontend(
                     frontend,
@@ -277,7 +321,7 @@ impl Hub {
                 self.frontend_queue
             );
             self.metrics.slow_frontends.inc(&[]);
-            self.remove_frontend(frontend);
+            self.drop_frontend(frontend, false, None);
         }
         keep_going
     }

@@ -55,10 +55,14 @@ fn write_queue<T>(
     keep_going: impl Fn() -> bool,
 ) {
     loop {
-        match queue.pop_timeout(None) {
+        // Claims each item: an agent's queue shares sending with frontend
+        // threads (the hub's AgentLink::send).
+        match queue.pop_claim(None) {
             Pop::Item(item) => {
                 let (head, data) = into_message(item).encode_parts();
-                if let Err(status) = call.send_parts(&head, &data) {
+                let sent = call.send_parts(&head, &data);
+                queue.release();
+                if let Err(status) = sent {
                     log::debug!("{what}: send failed: {status:?}");
                     queue.close_and_clear();
                     return;
@@ -103,7 +107,7 @@ pub fn agent_handler(
         if let Err(status) = call.send_headers() {
             return status;
         }
-        let (key, outbox) = hub.add_agent(&agent_id, identifiers.clone());
+        let (key, outbox) = hub.add_agent(&agent_id, identifiers.clone(), call.clone());
         hub.metrics
             .grpc_connections
             .add(&["AgentService/Connect"], 1.0);
@@ -145,41 +149,41 @@ pub fn proxy_handler(hub: Arc<Hub>) -> impl Fn(&Arc<ServerCall>) -> Status + Sen
             .add(&["ProxyService/Proxy"], 1.0);
         let what = format!("frontend {key}");
         let dials = AtomicUsize::new(0);
-        std::thread::scope(|scope| {
-            scope.spawn(|| {
-                let exhausted = Cell::new(false);
-                let message = |item| match item {
-                    ToFrontend::Message(m) => m,
-                    ToFrontend::DialFailed { random, reason } => {
-                        exhausted.set(reason == DialFailure::TooManyPending);
-                        Message::DialRsp {
-                            error: reason.to_string(),
-                            connect_id: 0,
-                            random,
-                        }
+        let write_to_frontend = || {
+            let exhausted = Cell::new(false);
+            let message = |item| match item {
+                ToFrontend::Message(m) => m,
+                ToFrontend::DialFailed { random, reason } => {
+                    exhausted.set(reason == DialFailure::TooManyPending);
+                    Message::DialRsp {
+                        error: reason.to_string(),
+                        connect_id: 0,
+                        random,
                     }
-                };
-                let keep_going = || {
-                    if !exhausted.replace(false) {
-                        return true;
-                    }
-                    log::info!(
-                        "{what} from {}: dial refused: {}",
-                        call.peer(),
-                        DialFailure::TooManyPending
-                    );
-                    if dials.load(Ordering::Acquire) != 1 {
-                        return true;
-                    }
-                    call.end(&Status::new(
-                        Code::RESOURCE_EXHAUSTED,
-                        DialFailure::TooManyPending.to_string(),
-                    ));
-                    queue.close_and_clear();
-                    false
-                };
-                write_queue(call, &queue, &what, message, keep_going)
-            });
+                }
+            };
+            let keep_going = || {
+                if !exhausted.replace(false) {
+                    return true;
+                }
+                log::info!(
+                    "{what} from {}: dial refused: {}",
+                    call.peer(),
+                    DialFailure::TooManyPending
+                );
+                if dials.load(Ordering::Acquire) != 1 {
+                    return true;
+                }
+                call.end(&Status::new(
+                    Code::RESOURCE_EXHAUSTED,
+                    DialFailure::TooManyPending.to_string(),
+                ));
+                queue.close_and_clear();
+                false
+            };
+            write_queue(call, &queue, &what, message, keep_going)
+        };
+        let read_from_frontend = || {
             read_packets(call, &what, |message| {
                 if matches!(message, Message::DialReq { .. }) {
                     dials.fetch_add(1, Ordering::AcqRel);
@@ -187,7 +191,24 @@ pub fn proxy_handler(hub: Arc<Hub>) -> impl Fn(&Arc<ServerCall>) -> Status + Sen
                 hub.from_frontend(key, message)
             });
             hub.remove_frontend(key);
-        });
+        };
+        // The writer runs on a pooled thread beside this one (a wake-up, not
+        // a thread start, per stream: kube-apiserver opens one per dial).
+        if let Err(e) = crate::shutdown::helpers().beside(
+            "grpc-frontend-write",
+            write_to_frontend,
+            read_from_frontend,
+        ) {
+            log::error!("{what}: starting the writer thread: {e}");
+            hub.remove_frontend(key);
+            hub.metrics
+                .grpc_connections
+                .add(&["ProxyService/Proxy"], -1.0);
+            return Status::new(
+                Code::RESOURCE_EXHAUSTED,
+                format!("cannot start a thread: {e}"),
+            );
+        }
         hub.metrics
             .grpc_connections
             .add(&["ProxyService/Proxy"], -1.0);
