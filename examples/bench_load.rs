@@ -35,7 +35,7 @@ use std::time::{Duration, Instant};
 
 use apiserver_proxy::grpc;
 use apiserver_proxy::h2::conn::{Config as H2Config, Connection};
-use apiserver_proxy::h2::transport::Transport;
+use apiserver_proxy::h2::transport::{TlsSetup, Transport};
 use apiserver_proxy::tunnel::message::Message;
 use apiserver_proxy::tunnel::proto::Packet;
 use prost::Message as _;
@@ -385,7 +385,7 @@ fn grpc_send(args: &Args) -> Result<(), String> {
         let host = proxy.rsplit_once(':').map_or("", |(h, _)| h);
         let name =
             rustls::pki_types::ServerName::try_from(host.to_string()).map_err(|e| e.to_string())?;
-        let conn = rustls::ClientConnection::new(cfg, name).map_err(|e| e.to_string())?;
+        let conn = TlsSetup::Client(cfg, name);
         let sock = TcpStream::connect(proxy).map_err(err(proxy))?;
         sock.set_nodelay(true).map_err(err("nodelay"))?;
         Transport::tls(sock, conn, some, some)

@@ -165,13 +165,7 @@ fn grpc_pair(
     let cfg = s.clone();
     let server = Worker::spawn("bench-server", move || {
         let (sock, _) = listener.accept().unwrap();
-        let t = Transport::tls(
-            sock,
-            rustls::ServerConnection::new(cfg).unwrap(),
-            TIMEOUT,
-            TIMEOUT,
-        )
-        .unwrap();
+        let t = Transport::tls(sock, h2::TlsSetup::Server(cfg), TIMEOUT, TIMEOUT).unwrap();
         let conn = h2::Connection::server(t, h2::Config::default()).unwrap();
         grpc::Server::new()
             .route("/Bench/Sink", sink)
@@ -181,7 +175,7 @@ fn grpc_pair(
     .unwrap();
     let sock = TcpStream::connect(addr).unwrap();
     let name = ServerName::try_from("localhost").unwrap();
-    let tls = rustls::ClientConnection::new(c.clone(), name).unwrap();
+    let tls = h2::TlsSetup::Client(c.clone(), name);
     let t = Transport::tls(sock, tls, TIMEOUT, TIMEOUT).unwrap();
     let conn = h2::Connection::client(t, h2::Config::default()).unwrap();
     (server, grpc::Client::new(conn, "localhost"))

@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use apiserver_proxy::grpc::{self, Code, ServerCall, Status};
-use apiserver_proxy::h2::{self, ErrorCode, Transport};
+use apiserver_proxy::h2::{self, ErrorCode, TlsSetup, Transport};
 use common::{ChildGuard, poll};
 use rustls::pki_types::ServerName;
 
@@ -362,11 +362,7 @@ fn our_client(addr: &str, certs: Option<&Certs>, config: h2::Config) -> grpc::Cl
         Some(c) => {
             let sock = TcpStream::connect(addr).unwrap();
             let name = ServerName::try_from("127.0.0.1").unwrap();
-            let tls = rustls::ClientConnection::new(
-                client_tls(&c.triple("frontend", "proxy-client")),
-                name,
-            )
-            .unwrap();
+            let tls = TlsSetup::Client(client_tls(&c.triple("frontend", "proxy-client")), name);
             Transport::tls(sock, tls, IO_TIMEOUT, IO_TIMEOUT).unwrap()
         }
         None => {

@@ -20,7 +20,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use apiserver_proxy::grpc::{self, Code, ServerCall, Status};
-use apiserver_proxy::h2::{self, Transport};
+use apiserver_proxy::h2::{self, TlsSetup, Transport};
 use apiserver_proxy::tunnel::proto::{Packet, Payload};
 use common::{ChildGuard, run_ok};
 use prost::Message;
@@ -435,7 +435,7 @@ fn our_client_to_grpcio_server_over_mtls() {
     let port: u16 = line.trim_start_matches("PORT ").parse().unwrap();
     let sock = TcpStream::connect(("127.0.0.1", port)).unwrap();
     let name = ServerName::try_from("localhost").unwrap();
-    let tls = rustls::ClientConnection::new(client_tls(&certs), name).unwrap();
+    let tls = TlsSetup::Client(client_tls(&certs), name);
     let transport = Transport::tls(sock, tls, IO_TIMEOUT, IO_TIMEOUT).unwrap();
     drive_grpcio_server(h2::Connection::client(transport, h2::Config::default()).unwrap());
 }

@@ -29,7 +29,7 @@ use std::sync::{Arc, Barrier, Mutex};
 use std::time::{Duration, Instant};
 
 use apiserver_proxy::grpc::{self, ClientCall, ServerCall, Status};
-use apiserver_proxy::h2::{self, Transport};
+use apiserver_proxy::h2::{self, TlsSetup, Transport};
 use apiserver_proxy::tunnel::message::Message;
 use apiserver_proxy::tunnel::proto::Packet;
 use common::interop::{self, Listener, OurServer, TempDir};
@@ -372,7 +372,7 @@ impl Server {
         let sock = TcpStream::connect(("127.0.0.1", self.agent_port)).unwrap();
         let raw = sock.try_clone().unwrap();
         let name = ServerName::try_from("127.0.0.1").unwrap();
-        let tls = rustls::ClientConnection::new(self.certs.agent_client_tls(), name).unwrap();
+        let tls = TlsSetup::Client(self.certs.agent_client_tls(), name);
         let transport = Transport::tls(sock, tls, IO_TIMEOUT, IO_TIMEOUT).unwrap();
         let conn = h2::Connection::client(transport, h2::Config::default()).unwrap();
         let client = grpc::Client::new(conn, &format!("127.0.0.1:{}", self.agent_port));

@@ -9,8 +9,9 @@
 //!
 //! - [`frame`]: the pure frame codec (no I/O, no state).
 //! - [`transport`]: the byte stream split into a reader and a writer half
-//!   (plain TCP/Unix sockets, or rustls with the lock never held across a
-//!   blocking read).
+//!   (plain TCP/Unix sockets, or TLS: rustls's handshake, then records
+//!   decrypted in place and sent with one `writev` per batch, by
+//!   `records`).
 //! - [`conn`]: the connection state machine, its reader and writer threads,
 //!   and the [`Stream`] handles.
 //!
@@ -22,8 +23,9 @@ pub mod conn;
 pub mod frame;
 #[doc(hidden)]
 pub mod fuzzing;
+mod records;
 pub mod transport;
 
 pub use conn::{Closer, Config, Connection, Error, Event, Field, Stream};
 pub use frame::ErrorCode;
-pub use transport::Transport;
+pub use transport::{TlsSetup, Transport};

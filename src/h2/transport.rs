@@ -3,25 +3,28 @@
 //! writer thread), plus a closer that unblocks both.
 //!
 //! Owns: the plain-socket split (TCP, Unix: one socket shared through an
-//! `Arc`, so a connection costs one descriptor) and the rustls
-//! split, where a blocking read must never hold the TLS lock: the reader
-//! reads ciphertext with no lock held and decrypts under it; the writer
-//! encrypts under the lock and writes after releasing it.
+//! `Arc`, so a connection costs one descriptor) and the TLS split: the
+//! handshake, then a reader half and a writer half with a key each and no
+//! lock between them ([`super::records`]).
 //! Must not: build TLS configs or verify peers (that is the TLS module's
-//! job); it takes finished `rustls` connections.
+//! job); it takes finished configurations.
 
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown as SocketShutdown, TcpStream};
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use super::records;
+pub use super::records::TlsSetup;
 
 /// A blocking socket that one reader and one writer use at once through
 /// shared references (as `&TcpStream` allows), without a second descriptor.
 pub trait Socket: Send + Sync + 'static {
     fn read_shared(&self, buf: &mut [u8]) -> io::Result<usize>;
     fn write_shared(&self, buf: &[u8]) -> io::Result<usize>;
+    fn write_vectored_shared(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize>;
     fn shutdown_both(&self);
     fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()>;
     fn peer(&self) -> String;
@@ -33,6 +36,9 @@ impl Socket for TcpStream {
     }
     fn write_shared(&self, buf: &[u8]) -> io::Result<usize> {
         (&*self).write(buf)
+    }
+    fn write_vectored_shared(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        (&*self).write_vectored(bufs)
     }
     fn shutdown_both(&self) {
         let _ = self.shutdown(SocketShutdown::Both);
@@ -55,6 +61,9 @@ impl Socket for UnixStream {
     }
     fn write_shared(&self, buf: &[u8]) -> io::Result<usize> {
         (&*self).write(buf)
+    }
+    fn write_vectored_shared(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        (&*self).write_vectored(bufs)
     }
     fn shutdown_both(&self) {
         let _ = self.shutdown(SocketShutdown::Both);
@@ -149,11 +158,11 @@ impl Transport {
     /// timeouts) and requires ALPN `h2`.
     pub fn tls<S: Socket>(
         sock: impl Into<Arc<S>>,
-        conn: impl Into<rustls::Connection>,
+        setup: TlsSetup,
         read_timeout: Option<Duration>,
         write_timeout: Option<Duration>,
     ) -> Result<Self, Error> {
-        Self::tls_alpn(sock, conn, read_timeout, write_timeout, true, None)
+        Self::tls_alpn(sock, setup, read_timeout, write_timeout, true, None)
     }
 
     /// [`Transport::tls`] for servers and for protocols other than HTTP/2
@@ -161,15 +170,16 @@ impl Transport {
     /// `require_h2`, and with a `handshake_deadline` the whole handshake
     /// must end by then (a slowloris guard: a peer trickling its
     /// ClientHello a byte at a time satisfies every per-read timeout).
+    /// After the handshake the halves encrypt and decrypt on their own
+    /// (see [`super::records`]).
     pub fn tls_alpn<S: Socket>(
         sock: impl Into<Arc<S>>,
-        conn: impl Into<rustls::Connection>,
+        setup: TlsSetup,
         read_timeout: Option<Duration>,
         write_timeout: Option<Duration>,
         require_h2: bool,
         handshake_deadline: Option<Instant>,
     ) -> Result<Self, Error> {
-        let mut conn: rustls::Connection = conn.into();
         let sock: Arc<S> = sock.into();
         let peer = sock.peer();
         // The handshake's reads are bounded by the read timeout (the HTTP
@@ -182,41 +192,19 @@ impl Transport {
             peer: peer.clone(),
             err,
         };
-        match handshake_deadline {
-            None => {
-                let mut io = SharedSocket(sock.clone());
-                while conn.is_handshaking() {
-                    conn.complete_io(&mut io).map_err(handshake_err)?;
-                }
-            }
+        let session = match handshake_deadline {
+            None => records::handshake(setup, &mut SharedSocket(sock.clone())),
             Some(deadline) => {
-                let mut bounded = Deadline::new(&*sock, deadline, write_timeout);
-                while conn.is_handshaking() {
-                    conn.complete_io(&mut bounded).map_err(handshake_err)?;
-                }
+                records::handshake(setup, &mut Deadline::new(&*sock, deadline, write_timeout))
             }
         }
-        if require_h2 && conn.alpn_protocol() != Some(b"h2") {
+        .map_err(handshake_err)?;
+        if require_h2 && session.alpn() != Some(b"h2") {
             return Err(Error::NoAlpnH2 { peer });
         }
         sock.set_timeouts(read_timeout, write_timeout)
             .map_err(Error::Socket)?;
-        // Room for a few records per write call (the default, 64 KiB, makes
-        // one syscall per 48 KiB); the writer drains it after every call.
-        conn.set_buffer_limit(Some(TLS_BUFFER));
-        let tls = Arc::new(Mutex::new(conn));
-        let reader = TlsReader {
-            tls: tls.clone(),
-            sock: SharedSocket(sock.clone()),
-            cipher: Vec::new(),
-            start: 0,
-            end: 0,
-        };
-        let writer = TlsWriter {
-            tls,
-            sock: SharedSocket(sock.clone()),
-            cipher: Vec::new(),
-        };
+        let (reader, writer) = session.split(sock.clone()).map_err(handshake_err)?;
         let closer = sock;
         Ok(Transport {
             reader: Box::new(reader),
@@ -278,117 +266,6 @@ impl<S: Socket> Write for Deadline<'_, S> {
     }
 }
 
-/// Outgoing TLS bytes rustls may buffer, and the plaintext handed to it at
-/// once (with room for record overhead).
-const TLS_BUFFER: usize = 256 * 1024;
-const TLS_CHUNK: usize = 192 * 1024;
-
-fn lock(tls: &Mutex<rustls::Connection>) -> MutexGuard<'_, rustls::Connection> {
-    tls.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
-/// Ciphertext read per call at first (one full record); the buffer
-/// doubles up to [`CIPHER_MAX`] while reads fill it, so an idle connection
-/// holds little.
-const CIPHER_FIRST: usize = 17 * 1024;
-const CIPHER_MAX: usize = 128 * 1024;
-
-struct TlsReader<S> {
-    tls: Arc<Mutex<rustls::Connection>>,
-    sock: SharedSocket<S>,
-    cipher: Vec<u8>,
-    start: usize,
-    end: usize,
-}
-
-impl<S: Socket> Read for TlsReader<S> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        loop {
-            {
-                let mut tls = lock(&self.tls);
-                match tls.reader().read(buf) {
-                    Ok(n) => return Ok(n),
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(e) => return Err(e),
-                }
-                if self.start < self.end {
-                    let mut pending = &self.cipher[self.start..self.end];
-                    let n = tls.read_tls(&mut pending)?;
-                    self.start += n;
-                    tls.process_new_packets()
-                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-                    continue;
-                }
-            }
-            // No lock held across the blocking read.
-            if self.cipher.is_empty() {
-                self.cipher.resize(CIPHER_FIRST, 0);
-            }
-            let n = self.sock.read(&mut self.cipher)?;
-            if n == 0 {
-                return Ok(0);
-            }
-            if n == self.cipher.len() && n < CIPHER_MAX {
-                self.cipher.resize((2 * n).min(CIPHER_MAX), 0);
-            }
-            self.start = 0;
-            self.end = n;
-        }
-    }
-}
-
-struct TlsWriter<S: Socket> {
-    tls: Arc<Mutex<rustls::Connection>>,
-    sock: SharedSocket<S>,
-    cipher: Vec<u8>,
-}
-
-impl<S: Socket> TlsWriter<S> {
-    /// Moves every pending TLS record to the socket; the lock is held only
-    /// while encrypting.
-    fn flush_records(&mut self) -> io::Result<()> {
-        loop {
-            self.cipher.clear();
-            {
-                let mut tls = lock(&self.tls);
-                while tls.wants_write() {
-                    tls.write_tls(&mut self.cipher)?;
-                }
-            }
-            if self.cipher.is_empty() {
-                return Ok(());
-            }
-            self.sock.write_all(&self.cipher)?;
-        }
-    }
-}
-
-impl<S: Socket> Drop for TlsWriter<S> {
-    /// Ends the TLS session cleanly (close_notify) when the writer half
-    /// goes, so that peers that insist on it (rustls, Go's crypto/tls) see
-    /// a clean end of stream rather than a truncation.
-    fn drop(&mut self) {
-        lock(&self.tls).send_close_notify();
-        let _ = self.flush_records();
-    }
-}
-
-impl<S: Socket> Write for TlsWriter<S> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        // rustls buffers a bounded amount of plaintext: hand it slices no
-        // bigger than one batch and push the records out after each.
-        let chunk = &buf[..buf.len().min(TLS_CHUNK)];
-        let n = lock(&self.tls).writer().write(chunk)?;
-        self.flush_records()?;
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.flush_records()?;
-        self.sock.flush()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -444,7 +321,7 @@ mod tests {
         let ten = Some(Duration::from_secs(10));
         let result = Transport::tls_alpn(
             server_side,
-            rustls::ServerConnection::new(server_config()).unwrap(),
+            TlsSetup::Server(server_config()),
             ten,
             ten,
             true,

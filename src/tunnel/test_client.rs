@@ -19,7 +19,7 @@ use super::proto::Packet;
 use crate::cli::{self, Command, LogFlags, UsageError};
 use crate::grpc;
 use crate::h2::conn::{Config as H2Config, Connection};
-use crate::h2::transport::Transport;
+use crate::h2::transport::{TlsSetup, Transport};
 
 const PROXY_PATH: &str = "/ProxyService/Proxy";
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -314,10 +314,9 @@ fn via_grpc(config: &Config) -> Result<Response, String> {
         None => {
             let name = rustls::pki_types::ServerName::try_from(config.proxy_host.clone())
                 .map_err(|e| e.to_string())?;
-            let conn = rustls::ClientConnection::new(tls_config(config, b"h2")?, name)
-                .map_err(|e| e.to_string())?;
+            let setup = TlsSetup::Client(tls_config(config, b"h2")?, name);
             (
-                Transport::tls(tcp(config)?, conn, Some(TIMEOUT), Some(TIMEOUT)),
+                Transport::tls(tcp(config)?, setup, Some(TIMEOUT), Some(TIMEOUT)),
                 format!("{}:{}", config.proxy_host, config.proxy_port),
             )
         }

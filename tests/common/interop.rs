@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use apiserver_proxy::grpc;
-use apiserver_proxy::h2::{self, Transport};
+use apiserver_proxy::h2::{self, TlsSetup, Transport};
 use apiserver_proxy::shutdown::Worker;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -187,7 +187,7 @@ impl OurServer {
                         if s.load(Ordering::SeqCst) {
                             break;
                         }
-                        let conn = rustls::ServerConnection::new(tls.clone()).unwrap();
+                        let conn = TlsSetup::Server(tls.clone());
                         Transport::tls(sock, conn, IO_TIMEOUT, IO_TIMEOUT)
                     }
                     Listener::Unix(l, _) => {

@@ -19,7 +19,7 @@ use super::Config;
 use super::table::{Action, Table};
 use crate::grpc::{self, ClientCall};
 use crate::h2::conn::{Config as H2Config, Connection};
-use crate::h2::transport::Transport;
+use crate::h2::transport::{TlsSetup, Transport};
 use crate::http;
 use crate::metrics::{Counter, Gauge, Histogram, LATENCY_BUCKETS, Registry};
 use crate::shutdown::{Shutdown, WorkerSet};
@@ -441,8 +441,7 @@ fn open_stream(shared: &Shared) -> Result<(grpc::Client, ClientCall, String, u32
     let socket = dial(&target, CONNECT_TIMEOUT)?;
     let name = rustls::pki_types::ServerName::try_from(config.server_host.clone())
         .map_err(|e| format!("server name {:?}: {e}", config.server_host))?;
-    let tls =
-        rustls::ClientConnection::new(shared.tls.clone(), name).map_err(|e| format!("TLS: {e}"))?;
+    let tls = TlsSetup::Client(shared.tls.clone(), name);
     let transport =
         Transport::tls(socket, tls, None, Some(WRITE_TIMEOUT)).map_err(|e| e.to_string())?;
     let h2 = H2Config {

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::hub::{Hub, ToFrontend};
-use crate::h2::transport::Transport;
+use crate::h2::transport::{TlsSetup, Transport};
 use crate::tls::Reloader;
 use crate::tunnel::ReadBuf;
 use crate::tunnel::connect::{self, ESTABLISHED};
@@ -68,20 +68,14 @@ pub fn serve(hub: &Arc<Hub>, conn: Conn, tls: Option<&Reloader>, timeouts: &Time
     // The header timeout runs from here: TLS handshake plus request head.
     let started = Instant::now();
     let transport = match (conn, tls) {
-        (Conn::Tcp(sock), Some(tls)) => match rustls::ServerConnection::new(tls.server_config()) {
-            Ok(server) => Transport::tls_alpn::<TcpStream>(
-                sock,
-                server,
-                Some(timeouts.header),
-                Some(timeouts.write),
-                false,
-                Some(started + timeouts.header),
-            ),
-            Err(e) => {
-                log::error!("CONNECT {peer}: TLS set-up: {e}");
-                return;
-            }
-        },
+        (Conn::Tcp(sock), Some(tls)) => Transport::tls_alpn::<TcpStream>(
+            sock,
+            TlsSetup::Server(tls.server_config()),
+            Some(timeouts.header),
+            Some(timeouts.write),
+            false,
+            Some(started + timeouts.header),
+        ),
         (Conn::Tcp(sock), None) => {
             Transport::plain::<TcpStream>(sock, Some(timeouts.header), Some(timeouts.write))
         }

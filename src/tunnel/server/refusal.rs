@@ -16,7 +16,7 @@ use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
 use crate::h2::frame::{self, ErrorCode, setting};
-use crate::h2::transport::Transport;
+use crate::h2::transport::{TlsSetup, Transport};
 use crate::tls::Reloader;
 use crate::tunnel::connect;
 use crate::tunnel::listen::Conn;
@@ -57,12 +57,14 @@ pub fn refuse(
     let control = conn.clone();
     let write = Some(header_timeout.min(LINGER));
     let transport = match (conn, tls) {
-        (Conn::Tcp(sock), Some(tls)) => match rustls::ServerConnection::new(tls.server_config()) {
-            Ok(server) => {
-                Transport::tls_alpn::<TcpStream>(sock, server, write, write, h2, Some(deadline))
-            }
-            Err(_) => return,
-        },
+        (Conn::Tcp(sock), Some(tls)) => Transport::tls_alpn::<TcpStream>(
+            sock,
+            TlsSetup::Server(tls.server_config()),
+            write,
+            write,
+            h2,
+            Some(deadline),
+        ),
         (Conn::Tcp(sock), None) => Transport::plain::<TcpStream>(sock, write, write),
         (Conn::Unix(sock), _) => Transport::plain::<UnixStream>(sock, write, write),
     };

@@ -17,7 +17,7 @@ use super::streams::{AGENT_PATH, PROXY_PATH, agent_handler, proxy_handler};
 use super::{Config, Frontend, Mode};
 use crate::grpc;
 use crate::h2::conn::{Config as H2Config, Connection};
-use crate::h2::transport::Transport;
+use crate::h2::transport::{TlsSetup, Transport};
 use crate::http;
 use crate::shutdown::{Shutdown, Worker};
 use crate::tls::{Reloader, ServerFiles};
@@ -50,20 +50,14 @@ fn serve_grpc(
     let peer = conn.peer();
     let deadline = Instant::now() + header_timeout;
     let transport = match (conn, tls) {
-        (Conn::Tcp(sock), Some(tls)) => match rustls::ServerConnection::new(tls.server_config()) {
-            Ok(tls) => Transport::tls_alpn::<TcpStream>(
-                sock,
-                tls,
-                None,
-                Some(WRITE_TIMEOUT),
-                true,
-                Some(deadline),
-            ),
-            Err(e) => {
-                log::error!("{peer}: TLS set-up: {e}");
-                return;
-            }
-        },
+        (Conn::Tcp(sock), Some(tls)) => Transport::tls_alpn::<TcpStream>(
+            sock,
+            TlsSetup::Server(tls.server_config()),
+            None,
+            Some(WRITE_TIMEOUT),
+            true,
+            Some(deadline),
+        ),
         (Conn::Tcp(sock), None) => Transport::plain::<TcpStream>(sock, None, Some(WRITE_TIMEOUT)),
         (Conn::Unix(sock), _) => Transport::plain::<UnixStream>(sock, None, Some(WRITE_TIMEOUT)),
     };
