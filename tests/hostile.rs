@@ -1475,7 +1475,7 @@ fn sigterm_on_a_grpc_server_drains_then_ends_tunnels_left_open_after_the_grace_p
         call.send_msg(&Packet::from(Message::Data {
             connect_id,
             error: String::new(),
-            data: text.to_vec(),
+            data: text.to_vec().into(),
         }))
         .unwrap();
         let mut got = Vec::new();

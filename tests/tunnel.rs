@@ -1092,7 +1092,7 @@ fn a_hundred_tunnels_move_10_mib_each_way_through_grpc() {
                         send(Message::Data {
                             connect_id,
                             error: String::new(),
-                            data: data.to_vec(),
+                            data: data.to_vec().into(),
                         })
                     },
                     |got| match recv() {

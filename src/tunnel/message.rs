@@ -27,11 +27,12 @@ pub enum Message {
     /// CLOSE_RSP: connection `connect_id` is closed (answer to CLOSE_REQ, or
     /// unsolicited when the destination closed).
     CloseRsp { error: String, connect_id: i64 },
-    /// DATA: bytes of connection `connect_id`.
+    /// DATA: bytes of connection `connect_id` (a slice of the received
+    /// gRPC message, or of the read that produced it: no copy).
     Data {
         connect_id: i64,
         error: String,
-        data: Vec<u8>,
+        data: Bytes,
     },
     /// DIAL_CLS: give up on the pending dial `random`.
     DialCls { random: i64 },
@@ -55,6 +56,7 @@ impl Message {
 }
 
 use super::proto::{self, Packet, PacketType, Payload};
+pub use prost::bytes::Bytes;
 
 impl From<Message> for Packet {
     fn from(message: Message) -> Packet {
@@ -94,7 +96,7 @@ impl Message {
     /// kinds). Sent one after the other they are exactly
     /// `Packet::from(self).encode_to_vec()`, without copying the payload
     /// into a second buffer first.
-    pub fn encode_parts(self) -> (Vec<u8>, Vec<u8>) {
+    pub fn encode_parts(self) -> (Vec<u8>, Bytes) {
         use prost::Message as _;
         use prost::encoding::{WireType, encode_key, encode_varint};
         let Message::Data {
@@ -103,12 +105,12 @@ impl Message {
             data,
         } = self
         else {
-            return (Packet::from(self).encode_to_vec(), Vec::new());
+            return (Packet::from(self).encode_to_vec(), Bytes::new());
         };
         let mut inner = proto::Data {
             connect_id,
             error,
-            data: Vec::new(),
+            data: Bytes::new(),
         }
         .encode_to_vec();
         if !data.is_empty() {
@@ -227,7 +229,7 @@ mod tests {
         for message in cases {
             let want = Packet::from(message.clone()).encode_to_vec();
             let (head, body) = message.clone().encode_parts();
-            assert_eq!([head, body].concat(), want, "{message:?}");
+            assert_eq!([head, body.to_vec()].concat(), want, "{message:?}");
         }
     }
 
@@ -257,7 +259,7 @@ mod tests {
             Message::Data {
                 connect_id: 4,
                 error: "x".into(),
-                data: vec![0, 1, 2],
+                data: vec![0, 1, 2].into(),
             },
             Message::DialCls { random: 9 },
             Message::Drain,
@@ -286,7 +288,7 @@ mod tests {
             Ok(Message::Data {
                 connect_id: 0,
                 error: String::new(),
-                data: vec![]
+                data: vec![].into()
             })
         );
         let unknown = Packet {

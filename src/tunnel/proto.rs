@@ -97,8 +97,9 @@ pub struct Data {
     pub connect_id: i64,
     #[prost(string, tag = "2")]
     pub error: String,
-    #[prost(bytes = "vec", tag = "3")]
-    pub data: Vec<u8>,
+    /// `Bytes`: decoded from a gRPC message as a slice of it (no copy).
+    #[prost(bytes = "bytes", tag = "3")]
+    pub data: prost::bytes::Bytes,
 }
 
 impl Packet {
@@ -132,13 +133,13 @@ impl Packet {
         Packet::with(PacketType::DialRsp, Payload::DialResponse(p))
     }
 
-    pub fn data(connect_id: i64, data: Vec<u8>) -> Packet {
+    pub fn data(connect_id: i64, data: impl Into<prost::bytes::Bytes>) -> Packet {
         Packet::with(
             PacketType::Data,
             Payload::Data(Data {
                 connect_id,
                 error: String::new(),
-                data,
+                data: data.into(),
             }),
         )
     }

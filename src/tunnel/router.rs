@@ -649,7 +649,7 @@ mod tests {
         let data = Message::Data {
             connect_id: 7,
             error: String::new(),
-            data: b"GET /".to_vec(),
+            data: b"GET /".to_vec().into(),
         };
         assert_eq!(
             r.from_frontend(100, data.clone(), t0, &mut first),
@@ -860,7 +860,7 @@ mod tests {
         let data = Message::Data {
             connect_id: 5,
             error: String::new(),
-            data: vec![1],
+            data: vec![1].into(),
         };
         assert_eq!(
             r.from_agent(1, data.clone(), t0),

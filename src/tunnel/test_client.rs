@@ -354,7 +354,7 @@ fn via_grpc(config: &Config) -> Result<Response, String> {
     send(Message::Data {
         connect_id,
         error: String::new(),
-        data: request(config),
+        data: request(config).into(),
     })?;
     let mut raw = Vec::new();
     loop {

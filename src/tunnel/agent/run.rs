@@ -24,7 +24,7 @@ use crate::http;
 use crate::metrics::{Counter, Gauge, Histogram, LATENCY_BUCKETS, Registry};
 use crate::shutdown::{Shutdown, WorkerSet};
 use crate::tunnel::ReadBuf;
-use crate::tunnel::message::Message;
+use crate::tunnel::message::{Bytes, Message};
 use crate::tunnel::proto::Packet;
 use crate::tunnel::queue::{MIN_TUNNEL_QUEUE, Pop, Queue, Rejected, SLOW_GRACE};
 
@@ -103,7 +103,7 @@ struct Dest {
 }
 
 struct DestInner {
-    queue: Queue<Vec<u8>>,
+    queue: Queue<Bytes>,
     /// Whether the writer thread was started: only when something had to
     /// be queued (most data is written by the stream's reader at once),
     /// so an idle or quiet destination holds one thread, its reader.
@@ -228,7 +228,7 @@ impl Stream {
                     let sent = dest.inner.queue.send_or(data, |data| {
                         match crate::sys::send_now(fd, &data) {
                             Ok(n) if n == data.len() => None,
-                            Ok(n) => Some(data[n..].to_vec()),
+                            Ok(n) => Some(data.slice(n..)),
                             // The destination's reader sees the error and
                             // reports the close.
                             Err(_) => None,
@@ -343,7 +343,7 @@ impl Stream {
                     let data = Message::Data {
                         connect_id,
                         error: String::new(),
-                        data: bytes.to_vec(),
+                        data: bytes.to_vec().into(),
                     };
                     match self.send(data) {
                         Ok(()) => {}

@@ -20,7 +20,7 @@ pub enum Action<C> {
     /// Start dialling `address` for dial `random`.
     Dial { random: i64, address: String },
     /// Hand these bytes to the connection.
-    Deliver(i64, C, Vec<u8>),
+    Deliver(i64, C, crate::tunnel::message::Bytes),
     /// Close the connection (its socket and threads) now, dropping what is
     /// still queued for the destination.
     Close(C),
@@ -228,11 +228,11 @@ mod tests {
         let data = Message::Data {
             connect_id: 2,
             error: String::new(),
-            data: b"x".to_vec(),
+            data: b"x".to_vec().into(),
         };
         assert_eq!(
             t.from_server(data),
-            vec![Action::Deliver(2, "sock-b", b"x".to_vec())]
+            vec![Action::Deliver(2, "sock-b", b"x".to_vec().into())]
         );
     }
 
@@ -332,7 +332,7 @@ mod tests {
         let data = Message::Data {
             connect_id: 9,
             error: String::new(),
-            data: vec![],
+            data: vec![].into(),
         };
         assert!(matches!(
             t.from_server(data).as_slice(),

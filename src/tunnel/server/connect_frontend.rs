@@ -216,7 +216,7 @@ pub fn serve(hub: &Arc<Hub>, conn: Conn, tls: Option<&Reloader>, timeouts: &Time
             Message::Data {
                 connect_id,
                 error: String::new(),
-                data: early,
+                data: early.into(),
             },
         );
     }
@@ -257,7 +257,7 @@ pub fn serve(hub: &Arc<Hub>, conn: Conn, tls: Option<&Reloader>, timeouts: &Time
                     let data = Message::Data {
                         connect_id,
                         error: String::new(),
-                        data: bytes.to_vec(),
+                        data: bytes.to_vec().into(),
                     };
                     if !hub.from_frontend(key, data) {
                         break;
