@@ -238,27 +238,46 @@ impl<'a, S: Socket> Deadline<'a, S> {
     fn arm(&self) -> io::Result<()> {
         let left = self.deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "handshake not finished within the header timeout",
-            ));
+            return Err(Self::expired());
         }
         let write = self.write_timeout.map_or(left, |w| w.min(left));
         self.sock.set_timeouts(Some(left), Some(write))
+    }
+
+    fn expired() -> io::Error {
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            "handshake not finished within the header timeout",
+        )
+    }
+
+    /// A socket timeout that ran into the deadline is the deadline's.
+    fn check<T>(&self, result: io::Result<T>) -> io::Result<T> {
+        match result {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) && Instant::now() >= self.deadline =>
+            {
+                Err(Self::expired())
+            }
+            other => other,
+        }
     }
 }
 
 impl<S: Socket> Read for Deadline<'_, S> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.arm()?;
-        self.sock.read_shared(buf)
+        self.check(self.sock.read_shared(buf))
     }
 }
 
 impl<S: Socket> Write for Deadline<'_, S> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.arm()?;
-        self.sock.write_shared(buf)
+        self.check(self.sock.write_shared(buf))
     }
 
     fn flush(&mut self) -> io::Result<()> {
