@@ -30,7 +30,7 @@ use crate::tunnel::queue::{MIN_TUNNEL_QUEUE, Pop, Queue, Rejected, SLOW_GRACE};
 
 const AGENT_PATH: &str = "/AgentService/Connect";
 /// Bytes read from a destination per DATA packet.
-const CHUNK: usize = 32 * 1024;
+const CHUNK: usize = 64 * 1024 - 64;
 /// Packets queued towards one server stream before destination readers wait.
 const OUTBOX: usize = 256;
 /// A destination reader waits this long for room before it gives up.

@@ -49,7 +49,7 @@ impl Default for Timeouts {
 }
 
 /// Bytes read from the client per DATA packet.
-const CHUNK: usize = 32 * 1024;
+const CHUNK: usize = 64 * 1024 - 64;
 
 /// The HTTP status for a failed dial.
 pub fn status_for(reason: &DialFailure) -> u16 {
