@@ -123,7 +123,7 @@ certs:
 # committed corpus, minimized.
 .PHONY: fuzz fuzz-build fuzz-cmin soak
 FUZZ_TIME ?= 30
-FUZZ_TARGETS ?= frame_decoder packet_decoder connection hpack connect_parser review flags
+FUZZ_TARGETS ?= frame_decoder packet_decoder connection hpack connect_parser review flags tls_records
 FUZZ_BIN := fuzz/target/x86_64-unknown-linux-gnu/release
 FUZZ_NET := $(shell [ "$$(id -u)" = 0 ] && unshare -n true 2>/dev/null && echo unshare -n)
 fuzz-build:

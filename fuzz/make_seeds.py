@@ -100,3 +100,10 @@ for pick, lines in FLAGS.items():
     for i, args in enumerate(lines):
         write("flags", f"{pick}-{i}", bytes([pick]) + b"\0".join(a.encode() for a in args))
 write("flags", "help", b"\x02--help")
+
+# tls_records: record count, flags (1: KeyUpdate after the first, 2:
+# close_notify), then length-prefixed records, then raw bytes.
+write("tls_records", "records-keyupdate-close", bytes([3, 3, 5]) + b"hello" + bytes([2]) + b"hi" + bytes([3]) + b"end")
+write("tls_records", "forged-after", bytes([2, 1, 4]) + b"data" + bytes([1]) + b"x" + bytes([23, 3, 3, 0, 20]) + bytes([7] * 20))
+write("tls_records", "garbage-only", bytes([0, 0, 22, 3, 1, 0, 0]))
+write("tls_records", "big-header", bytes([1, 0, 3]) + b"abc" + bytes([23, 3, 3, 0xFF, 0xFF]))

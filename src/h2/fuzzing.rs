@@ -1,5 +1,6 @@
 //! Entry points for the fuzz targets (fuzz/): the connection reader's
-//! header-block path without a connection around it. Not a stable API.
+//! header-block path without a connection around it, and the TLS record
+//! reader after a real handshake. Not a stable API.
 
 use super::conn::{self, TABLE_SIZE};
 use super::frame;
@@ -55,6 +56,101 @@ impl HeaderDecoder {
     }
 }
 
+/// The TLS record reader (`h2::records`) against a real rustls client:
+/// `input[0] % 8` application records (each `input[i]` bytes long, taken
+/// from what follows), a KeyUpdate after the first when `input[1] & 1`, a
+/// close_notify after them when `input[1] & 2`, then the rest of the input
+/// as raw bytes on the socket. Checks that the reader returns exactly the
+/// records' bytes and then ends (EOF or an error), whatever the raw bytes
+/// are: nothing forged is ever taken for data, and nothing panics.
+pub fn tls_records(input: &[u8]) {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    use std::time::Duration;
+
+    let [count, flags, rest @ ..] = input else {
+        return;
+    };
+    let data = |name: &str| {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/data")
+            .join(name)
+    };
+    let server = crate::tls::Reloader::new(&crate::tls::ServerFiles {
+        cert: data("server-ec.crt"),
+        key: data("server-ec.key"),
+        client_ca: None,
+        alpn: vec![b"h2".to_vec()],
+    })
+    .expect("test certificates load")
+    .server_config();
+    let client = crate::tls::client_config(&data("ca.crt"), None, vec![b"h2".to_vec()])
+        .expect("test CA loads");
+    let (ours, theirs) = UnixStream::pair().expect("socket pair");
+    for s in [&ours, &theirs] {
+        let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+        let _ = s.set_write_timeout(Some(Duration::from_secs(5)));
+    }
+    let side = std::thread::spawn(move || {
+        super::Transport::tls::<UnixStream>(
+            ours,
+            super::TlsSetup::Server(server),
+            Some(Duration::from_secs(5)),
+            Some(Duration::from_secs(5)),
+        )
+    });
+    let name = "localhost".try_into().expect("a valid name");
+    let conn = rustls::ClientConnection::new(client, name).expect("client");
+    let mut peer = rustls::StreamOwned::new(conn, theirs);
+    let mut sent = Vec::new();
+    let mut rest = rest;
+    for i in 0..count % 8 {
+        let Some((&len, tail)) = rest.split_first() else {
+            break;
+        };
+        let (record, tail) = tail.split_at((len as usize).min(tail.len()));
+        rest = tail;
+        if record.is_empty() || peer.write_all(record).and_then(|()| peer.flush()).is_err() {
+            continue;
+        }
+        sent.extend_from_slice(record);
+        if i == 0 && flags & 1 != 0 {
+            let _ = peer.conn.refresh_traffic_keys();
+        }
+    }
+    if flags & 2 != 0 {
+        peer.conn.send_close_notify();
+    }
+    let _ = peer.flush();
+    let _ = peer.sock.write_all(rest);
+    let _ = peer.sock.shutdown(std::net::Shutdown::Write);
+    let transport = match side.join() {
+        Ok(Ok(transport)) => transport,
+        other => {
+            // Only if no record was sent may the handshake have failed.
+            assert!(
+                sent.is_empty(),
+                "handshake failed: {:?}",
+                other.map(|r| r.err())
+            );
+            return;
+        }
+    };
+    let mut reader = transport.reader;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match reader.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+        }
+    }
+    assert_eq!(
+        got, sent,
+        "the reader returned other bytes than the records"
+    );
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -91,5 +187,24 @@ mod tests {
             Err(ErrorCode::ENHANCE_YOUR_CALM)
         );
         assert_eq!(d.decode(b"\xff", false), Err(ErrorCode::COMPRESSION_ERROR));
+    }
+
+    #[test]
+    fn tls_records_delivers_records_and_nothing_forged() {
+        // Three records, a key update after the first, close_notify.
+        let mut input = vec![3, 3, 5];
+        input.extend_from_slice(b"hello");
+        input.push(2);
+        input.extend_from_slice(b"hi");
+        input.push(3);
+        input.extend_from_slice(b"end");
+        tls_records(&input);
+        // Garbage after the records: a forged record header and bytes.
+        input[1] = 1;
+        input.extend_from_slice(&[23, 3, 3, 0, 20]);
+        input.extend_from_slice(&[7; 20]);
+        tls_records(&input);
+        tls_records(&[1, 0]);
+        tls_records(&[0, 0, 22, 3, 1, 0, 0]);
     }
 }

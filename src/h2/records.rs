@@ -231,9 +231,14 @@ fn drive<U: Unbuffered>(conn: &mut U, io: &mut (impl Read + Write)) -> io::Resul
     let mut out_used = 0;
     let mut plaintext = Vec::new();
     loop {
+        // Once the handshake is over rustls sees no more input: what
+        // follows (data, tickets, alerts) is the record layer's, from the
+        // first byte after the last handshake record.
+        let done = !conn.common().is_handshaking();
+        let window = if done { 0 } else { used };
         let mut traffic = false;
         let mut need_read = false;
-        let UnbufferedStatus { mut discard, state } = conn.process(&mut incoming[..used]);
+        let UnbufferedStatus { mut discard, state } = conn.process(&mut incoming[..window]);
         match state.map_err(tls_err)? {
             ConnectionState::EncodeTlsData(mut data) => loop {
                 match data.encode(&mut outgoing[out_used..]) {
@@ -254,7 +259,7 @@ fn drive<U: Unbuffered>(conn: &mut U, io: &mut (impl Read + Write)) -> io::Resul
                 out_used = 0;
                 data.done();
             }
-            ConnectionState::BlockedHandshake => need_read = true,
+            ConnectionState::BlockedHandshake if !done => need_read = true,
             ConnectionState::WriteTraffic(_) => traffic = true,
             ConnectionState::ReadTraffic(mut records) => {
                 while let Some(record) = records.next_record() {
@@ -274,7 +279,7 @@ fn drive<U: Unbuffered>(conn: &mut U, io: &mut (impl Read + Write)) -> io::Resul
         incoming.copy_within(discard..used, 0);
         used -= discard;
         if traffic {
-            if !conn.common().is_handshaking() {
+            if done {
                 incoming.truncate(used);
                 return Ok(Leftovers {
                     ciphertext: incoming,
@@ -403,6 +408,7 @@ impl Session {
             early_at: 0,
             handshake: Vec::new(),
             closed: false,
+            failed: None,
         };
         let writer = RecordWriter {
             sock: SharedSocket(sock),
@@ -440,6 +446,9 @@ pub(crate) struct RecordReader<S> {
     /// A post-handshake message split across records.
     handshake: Vec<u8>,
     closed: bool,
+    /// A bad record ends the stream: this error from then on (the bytes
+    /// of the records before it are returned first).
+    failed: Option<(io::ErrorKind, String)>,
 }
 
 impl<S: Socket> RecordReader<S> {
@@ -618,8 +627,19 @@ impl<S: Socket> Read for RecordReader<S> {
             if self.closed {
                 break;
             }
-            if self.next_record()? {
-                continue;
+            if let Some((kind, msg)) = &self.failed {
+                if n > 0 {
+                    break;
+                }
+                return Err(io::Error::new(*kind, msg.clone()));
+            }
+            match self.next_record() {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(e) => {
+                    self.failed = Some((e.kind(), e.to_string()));
+                    continue;
+                }
             }
             if n > 0 {
                 break;
