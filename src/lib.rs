@@ -35,7 +35,9 @@
 //!   and the test tools [`tunnel::test_client`] and [`tunnel::test_server`].
 //! - [`h2`]: synchronous HTTP/2 over any blocking byte stream.
 //!   [`h2::frame`] is the pure frame codec, [`h2::transport`] splits TCP,
-//!   Unix and rustls streams into one reader and one writer half,
+//!   Unix and TLS streams into one reader and one writer half (TLS:
+//!   rustls's handshake, then `h2::records` frames, encrypts and decrypts
+//!   records in place with rustls's AEAD, one key per half, no lock),
 //!   [`h2::conn`] runs a connection on two threads (reader, writer; a
 //!   sender writes its own frames when no batch is being written).
 //! - [`grpc`]: gRPC on top of [`h2`]: message framing, metadata, status,

@@ -21,10 +21,11 @@ use std::time::{Duration, Instant};
 /// pause this long, once, for a stuck one.
 pub const SLOW_GRACE: Duration = Duration::from_secs(1);
 /// The smallest per-tunnel queue, whatever `--xfr-channel-size` says:
-/// upstream's default of 10 packets is sized for blocking hand-offs. 256
-/// packets of at most 32 KiB from our own readers: up to 8 MiB buffered for
-/// a consumer that falls behind before the grace period starts.
-pub const MIN_TUNNEL_QUEUE: usize = 256;
+/// upstream's default of 10 packets is sized for blocking hand-offs. 128
+/// packets of at most 64 KiB from our own readers (32 KiB from upstream's
+/// and kube-apiserver's): up to 8 MiB buffered for a consumer that falls
+/// behind before the grace period starts.
+pub const MIN_TUNNEL_QUEUE: usize = 128;
 
 /// Why an item was not queued; the item comes back.
 #[derive(Debug, PartialEq, Eq)]
