@@ -370,14 +370,34 @@ pub fn client_config(
     Ok(Arc::new(config))
 }
 
+/// A file of this repository's `tests/data` (test certificates), for unit
+/// tests and fuzz targets. Not for the binaries.
+#[doc(hidden)]
+pub fn test_data(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(name)
+}
+
+/// A server config (ALPN h2) from a `tests/data` pair, for unit tests and
+/// fuzz targets.
+#[doc(hidden)]
+pub fn test_server_config(cert: &str, key: &str) -> Result<Arc<ServerConfig>, Error> {
+    Reloader::new(&ServerFiles {
+        cert: test_data(cert),
+        key: test_data(key),
+        client_ca: None,
+        alpn: vec![b"h2".to_vec()],
+    })
+    .map(|r| r.server_config())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn data(name: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/data")
-            .join(name)
+        test_data(name)
     }
 
     #[test]

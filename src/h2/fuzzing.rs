@@ -71,21 +71,11 @@ pub fn tls_records(input: &[u8]) {
     let [count, flags, rest @ ..] = input else {
         return;
     };
-    let data = |name: &str| {
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/data")
-            .join(name)
-    };
-    let server = crate::tls::Reloader::new(&crate::tls::ServerFiles {
-        cert: data("server-ec.crt"),
-        key: data("server-ec.key"),
-        client_ca: None,
-        alpn: vec![b"h2".to_vec()],
-    })
-    .expect("test certificates load")
-    .server_config();
-    let client = crate::tls::client_config(&data("ca.crt"), None, vec![b"h2".to_vec()])
-        .expect("test CA loads");
+    let server = crate::tls::test_server_config("server-ec.crt", "server-ec.key")
+        .expect("test certificates load");
+    let client =
+        crate::tls::client_config(&crate::tls::test_data("ca.crt"), None, vec![b"h2".to_vec()])
+            .expect("test CA loads");
     let (ours, theirs) = UnixStream::pair().expect("socket pair");
     for s in [&ours, &theirs] {
         let _ = s.set_read_timeout(Some(Duration::from_secs(5)));

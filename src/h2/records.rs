@@ -762,25 +762,12 @@ impl<S: Socket> Drop for RecordWriter<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tls::test_data as data;
     use std::os::unix::net::UnixStream;
-    use std::path::{Path, PathBuf};
     use std::time::Duration;
 
-    fn data(name: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/data")
-            .join(name)
-    }
-
     fn our_server() -> Arc<rustls::ServerConfig> {
-        crate::tls::Reloader::new(&crate::tls::ServerFiles {
-            cert: data("server.crt"),
-            key: data("server.key"),
-            client_ca: None,
-            alpn: vec![b"h2".to_vec()],
-        })
-        .unwrap()
-        .server_config()
+        crate::tls::test_server_config("server.crt", "server.key").unwrap()
     }
 
     fn our_client() -> Arc<rustls::ClientConfig> {

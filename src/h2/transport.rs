@@ -289,22 +289,9 @@ impl<S: Socket> Write for Deadline<'_, S> {
 mod tests {
     use super::*;
     use std::os::unix::net::UnixStream;
-    use std::path::Path;
 
     fn server_config() -> Arc<rustls::ServerConfig> {
-        let data = |name: &str| {
-            Path::new(env!("CARGO_MANIFEST_DIR"))
-                .join("tests/data")
-                .join(name)
-        };
-        crate::tls::Reloader::new(&crate::tls::ServerFiles {
-            cert: data("server.crt"),
-            key: data("server.key"),
-            client_ca: None,
-            alpn: vec![b"h2".to_vec()],
-        })
-        .unwrap()
-        .server_config()
+        crate::tls::test_server_config("server.crt", "server.key").unwrap()
     }
 
     fn client_hello() -> Vec<u8> {
