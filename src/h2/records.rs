@@ -276,6 +276,8 @@ fn drive<U: Unbuffered>(conn: &mut U, io: &mut (impl Read + Write)) -> io::Resul
             }
             other => return Err(invalid(format!("TLS handshake: unexpected {other:?}"))),
         }
+        // rustls never asks for more than it was given; bounded anyway.
+        let discard = discard.min(used);
         incoming.copy_within(discard..used, 0);
         used -= discard;
         if traffic {
