@@ -480,6 +480,14 @@ impl Rng {
 }
 
 /// Runs `attack(i)` for every i below [`ROUNDS`] on [`CLIENTS`] threads.
+/// The child's log is collected by a thread of ours, so a line written
+/// as an answer goes out may land just after the client has read it.
+fn log_shows(log: impl Fn() -> String, line: &str) {
+    poll(&format!("{line:?} in the log"), DEADLINE, || {
+        log().contains(line).then_some(())
+    });
+}
+
 fn flood(attack: impl Fn(usize) + Sync) {
     std::thread::scope(|scope| {
         for first in 0..CLIENTS {
@@ -1172,12 +1180,9 @@ fn connect_over_tls_past_the_cap_gets_503_through_curl() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(
-        proxy
-            .log()
-            .contains("frontend: connection limit reached (--max-connections=1)"),
-        "{}",
-        proxy.log()
+    log_shows(
+        || proxy.log(),
+        "frontend: connection limit reached (--max-connections=1)",
     );
 }
 
@@ -1217,12 +1222,9 @@ fn grpc_connections_over_the_cap_get_a_goaway_naming_the_limit_and_service_resum
     let (code, debug) = goaway_of(&frames_of(&read_to_close(&mut agent))).expect("a GOAWAY");
     assert_eq!(code, ErrorCode::ENHANCE_YOUR_CALM);
     assert!(debug.contains("--max-connections=2"), "{debug}");
-    assert!(
-        proxy
-            .log()
-            .contains("connection limit reached (--max-connections=2)"),
-        "{}",
-        proxy.log()
+    log_shows(
+        || proxy.log(),
+        "connection limit reached (--max-connections=2)",
     );
     drop(held);
     poll("a free slot", DEADLINE, || proxy.grpc_request(dest).ok());
@@ -1270,12 +1272,9 @@ fn dials_over_the_pending_cap_are_refused_503_and_resource_exhausted() {
         hanging.join().unwrap()
     });
     assert!(hanging.starts_with("HTTP/1.1 504 "), "{hanging}");
-    assert!(
-        connect
-            .log()
-            .contains("503 too many pending dials (--max-pending-dials)"),
-        "{}",
-        connect.log()
+    log_shows(
+        || connect.log(),
+        "503 too many pending dials (--max-pending-dials)",
     );
     connect.connect_works(echo);
 
@@ -1302,11 +1301,9 @@ fn dials_over_the_pending_cap_are_refused_503_and_resource_exhausted() {
     }
     let status = refused.recv().unwrap_err();
     assert_eq!(status.code, Code::RESOURCE_EXHAUSTED, "{status}");
-    assert!(
-        grpc.log()
-            .contains("dial refused: too many pending dials (--max-pending-dials)"),
-        "{}",
-        grpc.log()
+    log_shows(
+        || grpc.log(),
+        "dial refused: too many pending dials (--max-pending-dials)",
     );
     // Once the hanging dial times out, dials go through again.
     poll("the hanging dial to time out", DEADLINE, || {
@@ -1499,11 +1496,7 @@ fn sigterm_on_a_grpc_server_drains_then_ends_tunnels_left_open_after_the_grace_p
     // ...and the server ends it and exits once the period is over.
     let out = proxy.server.child.wait_output(DEADLINE);
     assert!(out.status.success(), "{}", proxy.log());
-    assert!(
-        proxy.log().contains("draining 1 tunnels"),
-        "{}",
-        proxy.log()
-    );
+    log_shows(|| proxy.log(), "draining 1 tunnels");
     assert!(call.recv().is_err(), "the call outlived the server");
 }
 
