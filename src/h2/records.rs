@@ -686,7 +686,10 @@ impl<S: Socket> RecordWriter<S> {
     /// Our KeyUpdate, when the peer asked for one or our key has been used
     /// long enough; sent under the old key, then the new one takes over.
     fn maybe_rekey(&mut self) -> io::Result<()> {
-        let requested = self.keys.update_requested.swap(false, Ordering::Acquire);
+        // Read before the swap: this runs for every record, and the flag is
+        // almost never set (a plain load costs no locked instruction).
+        let requested = self.keys.update_requested.load(Ordering::Relaxed)
+            && self.keys.update_requested.swap(false, Ordering::Acquire);
         if !requested && self.seq < self.rekey_at {
             return Ok(());
         }
