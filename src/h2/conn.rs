@@ -202,12 +202,6 @@ impl StreamState {
     fn is_closed(&self) -> bool {
         self.local_closed && self.remote_closed
     }
-
-    fn wake(&self) {
-        if self.waiters > 0 {
-            self.cv.notify_all();
-        }
-    }
 }
 
 struct State {
@@ -1286,6 +1280,10 @@ fn handle_frame(shared: &Shared, r: &mut Reader, frame: Frame) -> Result<(), Fat
         return Ok(());
     }
     let mut state = lock(shared);
+    // A stream whose sleeper is woken once the lock is released: woken
+    // under it, the thread would run (on a busy machine it preempts this
+    // one), find the lock taken and sleep again: two more switches.
+    let mut wake: Option<Arc<Condvar>> = None;
     if !state.got_settings && !matches!(frame, Frame::Settings { ack: false, .. }) {
         return Err(conn(
             ErrorCode::PROTOCOL_ERROR,
@@ -1320,7 +1318,9 @@ fn handle_frame(shared: &Shared, r: &mut Reader, frame: Frame) -> Result<(), Fat
                         if end_stream {
                             s.remote_closed = true;
                         }
-                        s.wake();
+                        if s.waiters > 0 {
+                            wake = Some(s.cv.clone());
+                        }
                         Ok(())
                     }
                 }
@@ -1364,6 +1364,7 @@ fn handle_frame(shared: &Shared, r: &mut Reader, frame: Frame) -> Result<(), Fat
                 return headers_complete(shared, r, p);
             }
             r.pending = Some(p);
+            return Ok(());
         }
         Frame::Priority { .. } | Frame::Unknown { .. } => {}
         Frame::RstStream { stream, code } => {
@@ -1511,8 +1512,8 @@ fn handle_frame(shared: &Shared, r: &mut Reader, frame: Frame) -> Result<(), Fat
                     if s.send_window > i64::from(frame::MAX_WINDOW) {
                         state.fail_stream(stream, ErrorCode::FLOW_CONTROL_ERROR);
                         shared.writer_cv.notify_one();
-                    } else {
-                        s.wake();
+                    } else if s.waiters > 0 {
+                        wake = Some(s.cv.clone());
                     }
                 }
                 None if closed_id => {}
@@ -1530,6 +1531,10 @@ fn handle_frame(shared: &Shared, r: &mut Reader, frame: Frame) -> Result<(), Fat
                 "CONTINUATION without HEADERS",
             ));
         }
+    }
+    drop(state);
+    if let Some(cv) = wake {
+        cv.notify_all();
     }
     Ok(())
 }
@@ -1702,10 +1707,13 @@ fn headers_complete(shared: &Shared, r: &mut Reader, p: PendingBlock) -> Result<
     if p.end_stream {
         s.remote_closed = true;
     }
-    s.cv.notify_all();
+    let cv = s.cv.clone();
     if p.end_stream {
         state.maybe_finish(shared);
     }
+    // Woken once the lock is free (see handle_frame).
+    drop(state);
+    cv.notify_all();
     Ok(())
 }
 

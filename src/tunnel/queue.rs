@@ -186,6 +186,54 @@ impl<T> Queue<T> {
         None
     }
 
+    /// As [`Queue::send_or`] for a `send` that takes whole items (it sends
+    /// all of one, or closes the queue when sending fails), and one more
+    /// case: a producer that finds items queued while nobody sends (the
+    /// consumer was woken for them but is not running yet) sends those
+    /// first, then its own. Items still leave in order, and nobody waits
+    /// for the consumer to be scheduled: on a busy machine that wait is
+    /// longer than the send (a dial's answer stuck behind another
+    /// tunnel's close). It takes at most what was queued when it came;
+    /// later items are the consumer's, which it wakes. Returns the item
+    /// when it must be queued as usual (another thread is sending, or the
+    /// queue is closed).
+    pub fn send_through(&self, item: T, mut send: impl FnMut(T)) -> Option<T> {
+        let mut state = self.lock();
+        if state.closed || state.busy {
+            return Some(item);
+        }
+        state.busy = true;
+        let mut ahead = state.items.len();
+        while ahead > 0 {
+            ahead -= 1;
+            let Some(queued) = state.items.pop_front() else {
+                break;
+            };
+            drop(state);
+            self.shared.writable.notify_one();
+            send(queued);
+            state = self.lock();
+            if state.closed {
+                break;
+            }
+        }
+        let mut rest = None;
+        if state.closed {
+            rest = Some(item);
+        } else {
+            drop(state);
+            send(item);
+            state = self.lock();
+        }
+        state.busy = false;
+        let wake = !state.items.is_empty() || state.closed;
+        drop(state);
+        if wake {
+            self.shared.readable.notify_one();
+        }
+        rest
+    }
+
     /// [`Queue::pop_timeout`] for a consumer that shares sending with
     /// [`Queue::send_or`]: waits while another thread sends, and marks the
     /// item it returns as being sent until [`Queue::release`].
@@ -337,6 +385,44 @@ mod tests {
         // Closed during the send: the remainder is dropped with the queue.
         assert_eq!(waiter.join().unwrap(), Vec::<i32>::new());
         assert_eq!(q.send_or(6, |_| None), Some(6), "closed");
+    }
+
+    #[test]
+    fn producers_send_what_waits_for_a_sleeping_consumer_in_order() {
+        let q = Queue::new(8);
+        let sent = std::cell::RefCell::new(Vec::new());
+        // Idle: the producer sends its own.
+        assert_eq!(q.send_through(1, |i| sent.borrow_mut().push(i)), None);
+        // Queued and nobody sending: those first, then its own.
+        q.push_control(2).unwrap();
+        q.push_control(3).unwrap();
+        assert_eq!(q.send_through(4, |i| sent.borrow_mut().push(i)), None);
+        assert_eq!(*sent.borrow(), vec![1, 2, 3, 4]);
+        assert!(q.is_empty());
+        // Items queued during the drain are the consumer's.
+        q.push_control(5).unwrap();
+        let q2 = q.clone();
+        assert_eq!(
+            q.send_through(6, |i| {
+                if i == 5 {
+                    q2.push_control(7).unwrap();
+                }
+                sent.borrow_mut().push(i)
+            }),
+            None
+        );
+        assert_eq!(*sent.borrow(), vec![1, 2, 3, 4, 5, 6]);
+        assert_eq!(q.pop_claim(None), Pop::Item(7));
+        // The consumer is sending: queue as usual.
+        assert_eq!(q.send_through(8, |_| panic!("must queue")), Some(8));
+        q.release();
+        // A send that fails closes the queue: the producer's item comes
+        // back, and the consumer sees the close.
+        q.push_control(9).unwrap();
+        let q3 = q.clone();
+        assert_eq!(q.send_through(10, |_| q3.close_and_clear()), Some(10));
+        assert_eq!(q.pop_claim(Some(Duration::ZERO)), Pop::Closed);
+        assert_eq!(q.send_through(11, |_| panic!("closed")), Some(11));
     }
 
     #[test]

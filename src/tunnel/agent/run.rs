@@ -169,7 +169,7 @@ struct Stream {
     table: Mutex<Table<Dest>>,
     outbox: Queue<Message>,
     /// The call the outbox feeds: its writer thread sends on it, and so do
-    /// dial and destination threads when nothing is queued (send_or).
+    /// dial and destination threads when nobody else is (send_through).
     call: Arc<ClientCall>,
     threads: WorkerSet,
 }
@@ -184,16 +184,16 @@ enum Caller {
 }
 
 impl Stream {
-    /// Sends one message to the server: on this thread when nothing is
-    /// queued or being sent (a thread hand-off fewer), else through the
-    /// outbox (data waits up to OUTBOX_WAIT for room).
+    /// Sends one message to the server: on this thread (with whatever is
+    /// queued ahead of it) when nobody else is sending, a thread hand-off
+    /// fewer; else through the outbox (data waits up to OUTBOX_WAIT for
+    /// room).
     fn send(&self, message: Message) -> Result<(), Rejected<Message>> {
-        let Some(message) = self.outbox.send_or(message, |message| {
+        let Some(message) = self.outbox.send_through(message, |message| {
             let (head, data) = message.encode_parts();
             if self.call.send_parts(&head, &data).is_err() {
                 self.send_failed();
             }
-            None
         }) else {
             return Ok(());
         };
