@@ -471,6 +471,23 @@ impl ClientCall {
         self.sent(self.stream.send_data_parts(&head, body, false))
     }
 
+    /// [`ClientCall::send_parts`] for a caller that must not wait: sends
+    /// only if nobody else is sending and the message goes out at once
+    /// (see [`h2::Stream::try_send_data_parts`]); `Ok(false)` when it
+    /// would have waited, and nothing was sent.
+    pub fn try_send_parts(&self, head: &[u8], body: &[u8]) -> Result<bool, Status> {
+        let _send = match self.send.try_lock() {
+            Ok(guard) => guard,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(false),
+        };
+        let head = prefixed(head, body.len());
+        match self.stream.try_send_data_parts(&head, body) {
+            Ok(sent) => Ok(sent),
+            Err(e) => self.sent(Err(e)).map(|()| true),
+        }
+    }
+
     pub fn send_msg<M: prost::Message>(&self, msg: &M) -> Result<(), Status> {
         self.send(&msg.encode_to_vec())
     }

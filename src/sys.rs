@@ -189,6 +189,125 @@ pub fn send_now(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
     }
 }
 
+/// A TCP connection started with [`connect_start`].
+pub enum Connecting {
+    /// Established already (a local destination: the kernel completes a
+    /// loopback handshake inside connect(2)); the socket blocks as usual.
+    Connected(std::net::TcpStream),
+    /// Under way; finish it with [`connect_finish`]. The socket does not
+    /// block until then.
+    Pending(std::net::TcpStream),
+}
+
+/// Starts a TCP connection to `addr` without waiting for it.
+pub fn connect_start(addr: &std::net::SocketAddr) -> io::Result<Connecting> {
+    use std::net::SocketAddr;
+    // SAFETY: plain-data socket address structures, zeroed then filled.
+    let (family, storage, len) = unsafe {
+        let mut storage: libc::sockaddr_storage = std::mem::zeroed();
+        match addr {
+            SocketAddr::V4(a) => {
+                let sin =
+                    &mut *(&mut storage as *mut libc::sockaddr_storage).cast::<libc::sockaddr_in>();
+                sin.sin_family = libc::AF_INET as libc::sa_family_t;
+                sin.sin_port = a.port().to_be();
+                sin.sin_addr.s_addr = u32::from_ne_bytes(a.ip().octets());
+                (
+                    libc::AF_INET,
+                    storage,
+                    std::mem::size_of::<libc::sockaddr_in>(),
+                )
+            }
+            SocketAddr::V6(a) => {
+                let sin6 = &mut *(&mut storage as *mut libc::sockaddr_storage)
+                    .cast::<libc::sockaddr_in6>();
+                sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+                sin6.sin6_port = a.port().to_be();
+                sin6.sin6_addr.s6_addr = a.ip().octets();
+                sin6.sin6_flowinfo = a.flowinfo();
+                sin6.sin6_scope_id = a.scope_id();
+                (
+                    libc::AF_INET6,
+                    storage,
+                    std::mem::size_of::<libc::sockaddr_in6>(),
+                )
+            }
+        }
+    };
+    // SAFETY: socket(2) with constant arguments; the descriptor is owned below.
+    let fd = check(unsafe {
+        libc::socket(
+            family,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    })?;
+    // SAFETY: fd is a new descriptor nobody else owns.
+    let socket = unsafe { std::net::TcpStream::from_raw_fd(fd) };
+    loop {
+        // SAFETY: storage holds a socket address of `len` bytes.
+        let ret = unsafe {
+            libc::connect(
+                fd,
+                (&storage as *const libc::sockaddr_storage).cast(),
+                len as libc::socklen_t,
+            )
+        };
+        if ret == 0 {
+            socket.set_nonblocking(false)?;
+            return Ok(Connecting::Connected(socket));
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EINPROGRESS) => break,
+            _ => return Err(err),
+        }
+    }
+    // A loopback handshake is usually complete by now.
+    if connect_finish(&socket, Duration::ZERO)? {
+        Ok(Connecting::Connected(socket))
+    } else {
+        Ok(Connecting::Pending(socket))
+    }
+}
+
+/// Waits up to `timeout` for a connection from [`connect_start`] to
+/// complete: `Ok(true)` once it is (the socket then blocks as usual),
+/// `Ok(false)` while it is still under way, the error if it failed.
+pub fn connect_finish(socket: &std::net::TcpStream, timeout: Duration) -> io::Result<bool> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let mut pollfd = libc::pollfd {
+            fd: socket.as_raw_fd(),
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        let millis = left.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128) as libc::c_int;
+        // SAFETY: one valid pollfd.
+        let ret = unsafe { libc::poll(&mut pollfd, 1, millis) };
+        if ret < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        if ret == 0 {
+            if left.is_zero() {
+                return Ok(false);
+            }
+            continue;
+        }
+        if let Some(err) = socket.take_error()? {
+            return Err(err);
+        }
+        socket.set_nonblocking(false)?;
+        return Ok(true);
+    }
+}
+
 /// Fills `buf` from the kernel's random source (getrandom(2): no /dev
 /// needed, so it works in an empty root).
 pub fn random_bytes(buf: &mut [u8]) -> io::Result<()> {
@@ -254,6 +373,56 @@ mod tests {
         assert_ne!(a, b);
         assert_eq!(a.len(), 36);
         assert_eq!(&a[14..15], "4");
+    }
+
+    #[test]
+    fn connections_start_without_waiting_and_finish_within_a_timeout() {
+        use std::io::{Read, Write};
+        use std::net::{TcpListener, TcpStream};
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Loopback: established inside connect(2), and the socket blocks.
+        let Connecting::Connected(mut a) = connect_start(&addr).unwrap() else {
+            panic!("a loopback connection was left under way");
+        };
+        let (mut served, _) = listener.accept().unwrap();
+        a.write_all(b"hi").unwrap();
+        let mut got = [0; 2];
+        served.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"hi");
+        a.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        served.write_all(b"!").unwrap();
+        let mut one = [0; 1];
+        assert_eq!(
+            a.read(&mut one).unwrap(),
+            1,
+            "a blocking read waits for the byte"
+        );
+        // Nothing listening: refused, at once or when finished.
+        let closed = TcpListener::bind("127.0.0.1:0").unwrap();
+        let gone = closed.local_addr().unwrap();
+        drop(closed);
+        match connect_start(&gone) {
+            Err(e) => assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused),
+            Ok(Connecting::Pending(s)) => {
+                let e = connect_finish(&s, Duration::from_secs(10)).unwrap_err();
+                assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused);
+            }
+            Ok(Connecting::Connected(_)) => panic!("connected to a closed port"),
+        }
+        // A listener whose accept queue is full drops the SYN: the
+        // connection stays under way, and finishing it times out.
+        let full = TcpListener::bind("127.0.0.1:0").unwrap();
+        // SAFETY: listen(2) on a listening socket only changes its backlog.
+        assert_eq!(unsafe { libc::listen(full.as_raw_fd(), 0) }, 0);
+        let addr = full.local_addr().unwrap();
+        let _queued = TcpStream::connect(addr).unwrap();
+        match connect_start(&addr).unwrap() {
+            Connecting::Pending(s) => {
+                assert!(!connect_finish(&s, Duration::from_millis(50)).unwrap());
+            }
+            Connecting::Connected(_) => panic!("a full accept queue took the connection"),
+        }
     }
 
     #[test]

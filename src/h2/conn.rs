@@ -844,6 +844,35 @@ impl Stream {
         }
     }
 
+    /// Sends `head` then `body` as one DATA frame if that needs no
+    /// waiting: the windows and the peer's frame size take all of it and
+    /// the output buffer has room. `Ok(false)` (nothing sent) otherwise,
+    /// for a caller that must not wait on the peer (it queues instead).
+    pub fn try_send_data_parts(&self, head: &[u8], body: &[u8]) -> Result<bool, Error> {
+        let shared = &*self.shared;
+        let mut state = lock(shared);
+        self.check_send(&state)?;
+        let max_frame = state.peer.max_frame_size.min(MAX_DATA_FRAME) as i64;
+        let conn_window = state.send_window;
+        let room = state.out.len() < shared.config.max_send_buffer;
+        let Some(s) = state.streams.get_mut(&self.id) else {
+            return Err(Error::SendClosed { stream: self.id });
+        };
+        let n = head.len() + body.len();
+        if !room || (n as i64) > s.send_window.min(conn_window).min(max_frame) {
+            return Ok(false);
+        }
+        s.send_window -= n as i64;
+        state.send_window -= n as i64;
+        frame::write_data_header(&mut state.out, self.id, n, false);
+        state.out.extend_from_slice(head);
+        state.out.extend_from_slice(body);
+        if !state.writing {
+            drop(write_batch(shared, state));
+        }
+        Ok(true)
+    }
+
     /// Sleeps on this stream's condition variable, counted as a waiter.
     fn wait<'a>(
         &self,

@@ -10,7 +10,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::io::Write;
-use std::net::{Shutdown as SocketShutdown, TcpStream, ToSocketAddrs};
+use std::net::{Shutdown as SocketShutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -23,6 +23,7 @@ use crate::h2::transport::{TlsSetup, Transport};
 use crate::http;
 use crate::metrics::{Counter, Gauge, Histogram, LATENCY_BUCKETS, Registry};
 use crate::shutdown::{Shutdown, WorkerSet};
+use crate::sys::Connecting;
 use crate::tunnel::ReadBuf;
 use crate::tunnel::message::{Bytes, Message};
 use crate::tunnel::proto::Packet;
@@ -218,7 +219,23 @@ impl Stream {
                     let _ = self.send(message);
                 }
                 Action::Reply(message) => {
-                    let _ = self.outbox.push_control(message);
+                    // Sent from here when nothing waits ahead of it and it
+                    // goes out without waiting; else the outbox's writer
+                    // sends it.
+                    let queued = self.outbox.send_or(message, |message| {
+                        let (head, data) = message.clone().encode_parts();
+                        match self.call.try_send_parts(&head, &data) {
+                            Ok(true) => None,
+                            Ok(false) => Some(message),
+                            Err(_) => {
+                                self.send_failed();
+                                None
+                            }
+                        }
+                    });
+                    if let Some(message) = queued {
+                        let _ = self.outbox.push_control(message);
+                    }
                 }
                 Action::Dial { random, address } => self.start_dial(random, address),
                 Action::Deliver(connect_id, dest, data) => {
@@ -271,58 +288,61 @@ impl Stream {
         }
     }
 
+    /// Dials for a DIAL_REQ, on the stream's reader. An IP literal is
+    /// connected here without waiting: a local destination (loopback, a
+    /// pod on this node) is connected at once, and then answered from
+    /// here, a thread hand-off sooner. Anything else (a name to resolve, a
+    /// connection under way, a failure to report) goes on in a dial
+    /// thread.
     fn start_dial(self: &Arc<Self>, random: i64, address: String) {
+        let started = Instant::now();
+        let mut pending = None;
+        if let Ok(addr) = address.parse::<SocketAddr>() {
+            match crate::sys::connect_start(&addr) {
+                Ok(Connecting::Connected(socket)) if socket.local_addr().ok() != Some(addr) => {
+                    let _ = socket.set_nodelay(true);
+                    let Some((connect_id, socket)) =
+                        self.dialled(random, started, Ok(socket), Caller::StreamReader)
+                    else {
+                        return;
+                    };
+                    log::debug!("connection {connect_id} to {address} established");
+                    let stream = self.clone();
+                    let reader = socket.clone();
+                    let spawned = self.threads.spawn("dest-read", move || {
+                        stream.read_destination(connect_id, &reader)
+                    });
+                    if let Err(e) = spawned {
+                        log::error!("starting a destination reader: {e}");
+                        let actions = lock(&self.table).destination_closed(
+                            connect_id,
+                            &format!("agent cannot start a thread: {e}"),
+                        );
+                        self.execute(actions, Caller::StreamReader);
+                    }
+                    return;
+                }
+                Ok(Connecting::Pending(socket)) => pending = Some((socket, addr)),
+                // Connected to itself, or failed: the dial thread tries
+                // again and reports what it finds.
+                _ => {}
+            }
+        }
         let stream = self.clone();
         let spawned = self.threads.spawn("dial", move || {
-            let started = Instant::now();
-            let outcome = dial(&address, stream.shared.config.dial_timeout);
-            let metrics = &stream.shared.metrics;
-            let outcome = match outcome {
-                Ok(socket) => {
-                    metrics
-                        .dial_duration
-                        .observe(&[], started.elapsed().as_secs_f64());
-                    Ok(Arc::new(socket))
-                }
-                Err(e) => {
-                    metrics.dial_failures.inc(&[if e.contains("timed out") {
-                        "timeout"
-                    } else {
-                        "connection"
-                    }]);
-                    Err(e)
-                }
+            let timeout = stream.shared.config.dial_timeout;
+            let outcome = match pending {
+                Some((socket, addr)) => finish_dial(socket, addr, timeout),
+                None => dial(&address, timeout),
             };
-            let (pair, outcome) = match outcome {
-                Ok(socket) => {
-                    let _ = socket.set_write_timeout(Some(WRITE_TIMEOUT));
-                    let dest = Dest {
-                        inner: Arc::new(DestInner {
-                            queue: Queue::new(
-                                stream.shared.config.xfr_channel_size.max(MIN_TUNNEL_QUEUE),
-                            ),
-                            writer_started: Mutex::new(false),
-                            socket: socket.clone(),
-                        }),
-                    };
-                    // Counted from here; every Close action uncounts it.
-                    metrics.open_endpoints.add(&[], 1.0);
-                    (Some((socket, dest.clone())), Ok(dest))
-                }
-                Err(e) => (None, Err(e)),
+            let Some((connect_id, socket)) =
+                stream.dialled(random, started, outcome, Caller::MayWait)
+            else {
+                return;
             };
-            let (id, actions) = lock(&stream.table).dialled(random, outcome);
-            // The DIAL_RSP is sent (or queued) before the destination is
-            // read: a destination that speaks first (SSH, SMTP, a greeter)
-            // would otherwise get DATA, even its CLOSE_RSP, onto the stream
-            // ahead of the DIAL_RSP, and the server would drop them as
-            // unknown.
-            stream.execute(actions, Caller::MayWait);
-            if let (Some(connect_id), Some((socket, _))) = (id, pair) {
-                log::debug!("connection {connect_id} to {address} established");
-                // This thread goes on as the destination's reader.
-                stream.read_destination(connect_id, &socket);
-            }
+            log::debug!("connection {connect_id} to {address} established");
+            // This thread goes on as the destination's reader.
+            stream.read_destination(connect_id, &socket);
         });
         if let Err(e) = spawned {
             log::error!("starting a dial thread: {e}");
@@ -330,6 +350,54 @@ impl Stream {
                 lock(&self.table).dialled(random, Err(format!("agent cannot start a thread: {e}")));
             self.execute(actions, Caller::StreamReader);
         }
+    }
+
+    /// A dial's outcome: counted, entered in the table, answered. The
+    /// DIAL_RSP is sent (or queued) before the destination is read: a
+    /// destination that speaks first (SSH, SMTP, a greeter) would otherwise
+    /// get DATA, even its CLOSE_RSP, onto the stream ahead of the DIAL_RSP,
+    /// and the server would drop them as unknown. Returns the connection
+    /// to read, unless the dial failed or was cancelled meanwhile.
+    fn dialled(
+        self: &Arc<Self>,
+        random: i64,
+        started: Instant,
+        outcome: Result<TcpStream, String>,
+        caller: Caller,
+    ) -> Option<(i64, Arc<TcpStream>)> {
+        let metrics = &self.shared.metrics;
+        let (socket, outcome) = match outcome {
+            Ok(socket) => {
+                metrics
+                    .dial_duration
+                    .observe(&[], started.elapsed().as_secs_f64());
+                let socket = Arc::new(socket);
+                let _ = socket.set_write_timeout(Some(WRITE_TIMEOUT));
+                let dest = Dest {
+                    inner: Arc::new(DestInner {
+                        queue: Queue::new(
+                            self.shared.config.xfr_channel_size.max(MIN_TUNNEL_QUEUE),
+                        ),
+                        writer_started: Mutex::new(false),
+                        socket: socket.clone(),
+                    }),
+                };
+                // Counted from here; every Close action uncounts it.
+                metrics.open_endpoints.add(&[], 1.0);
+                (Some(socket), Ok(dest))
+            }
+            Err(e) => {
+                metrics.dial_failures.inc(&[if e.contains("timed out") {
+                    "timeout"
+                } else {
+                    "connection"
+                }]);
+                (None, Err(e))
+            }
+        };
+        let (id, actions) = lock(&self.table).dialled(random, outcome);
+        self.execute(actions, caller);
+        id.zip(socket)
     }
 
     /// Destination -> server until the destination ends or the stream
@@ -427,6 +495,23 @@ fn dial(address: &str, timeout: Duration) -> Result<TcpStream, String> {
         }
     }
     Err(last)
+}
+
+/// Finishes a connection [`crate::sys::connect_start`] left under way,
+/// within `timeout`, reporting as [`dial`] does.
+fn finish_dial(
+    socket: TcpStream,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<TcpStream, String> {
+    match crate::sys::connect_finish(&socket, timeout) {
+        Ok(true) => {
+            let _ = socket.set_nodelay(true);
+            Ok(socket)
+        }
+        Ok(false) => Err(format!("dial tcp {addr}: i/o timed out after {timeout:?}")),
+        Err(e) => Err(format!("dial tcp {addr}: {e}")),
+    }
 }
 
 /// Opens one stream to the server address; returns the client (which owns
