@@ -4,8 +4,9 @@
 //!
 //! Threads: the main loop (connecting, with backoff); per server stream a
 //! reader (the stream's thread) and a writer (its outbound queue); per
-//! destination a reader and a writer; per dial in flight one dialler. Every
-//! thread is owned by a [`WorkerSet`] and joined.
+//! destination a reader and a writer; per dial in flight one dialler (a
+//! local destination is connected on the stream's reader, without one).
+//! Every thread is owned by a [`WorkerSet`] and joined.
 
 use std::collections::HashMap;
 use std::fmt;

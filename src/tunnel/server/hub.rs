@@ -35,8 +35,8 @@ pub enum ToFrontend {
 
 /// An agent stream's way out: its queue, drained by the stream's writer
 /// thread, and the call itself, which a frontend's thread sends on directly
-/// when nobody else is sending (a thread hand-off fewer per
-/// packet; see [`Queue::send_through`]).
+/// when nothing is queued or being sent (a thread hand-off fewer per
+/// packet; see [`Queue::send_or`]).
 #[derive(Clone)]
 struct AgentLink {
     queue: Queue<Message>,
@@ -48,12 +48,13 @@ impl AgentLink {
     /// up to AGENT_QUEUE_WAIT for room in the queue; control messages pass
     /// the bound.
     fn send(&self, message: Message) -> Result<(), Rejected<Message>> {
-        let Some(message) = self.queue.send_through(message, |message| {
+        let Some(message) = self.queue.send_or(message, |message| {
             let (head, data) = message.encode_parts();
             if let Err(status) = self.call.send_parts(&head, &data) {
                 log::debug!("agent stream: send failed: {status:?}");
                 self.queue.close_and_clear();
             }
+            None
         }) else {
             return Ok(());
         };
