@@ -258,17 +258,32 @@ class Medians(dict):
         return statistics.median(x / y for x, y in zip(self.runs[a], self.runs[b]))
 
 
-def interleaved(group, variants, reps):
-    """Medians of GB/s; each repetition runs every variant once."""
+def cpu_secs(pid):
+    """User plus system CPU seconds of a process (all its threads)."""
+    fields = read(f"/proc/{pid}/stat").rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def interleaved(group, variants, reps, relays=None):
+    """Medians of GB/s; each repetition runs every variant once. `relays`
+    ({variant: [pid, ...]}): also the median CPU seconds per GiB moved that
+    each of those processes spent, in m.cpu[variant]."""
+    relays = relays or {}
     got = {k: [] for k in variants}
+    cpu = {k: [] for k in relays}
     for i in range(reps):
         # Alternate the order, so that no variant always runs first.
         for k, args in (list(variants.items())[::-1] if i % 2 else variants.items()):
-            got[k].append(gbs(load(*args)))
+            before = [cpu_secs(p) for p in relays.get(k, [])]
+            r = load(*args)
+            got[k].append(gbs(r))
+            if k in relays:
+                cpu[k].append([(cpu_secs(p) - b) / (r["bytes"] / GiB) for p, b in zip(relays[k], before)])
             log(f"  {k} #{i + 1}: {got[k][-1]:.3f} GB/s")
     raw.extend((group, k, v) for k, v in got.items())
     m = Medians((k, statistics.median(v)) for k, v in got.items())
     m.runs = got
+    m.cpu = {k: [statistics.median(rep[j] for rep in v) for j in range(len(relays[k]))] for k, v in cpu.items()}
     return m
 
 
@@ -276,8 +291,10 @@ def fmt_gbs(v):
     return f"{v:.2f} GB/s"
 
 
-def throughput(sink, squid, socat, uds, tls, grpc_uds, grpc_tls):
+def throughput(sink, squid, squid_pid, socat, uds, tls, grpc_uds, grpc_tls):
     target = ["--target", f"127.0.0.1:{sink}"]
+    relays = {"squid": [squid_pid], "uds": [uds.server.pid, uds.agent.pid],
+              "tls": [tls.server.pid, tls.agent.pid]}
     for conns, per, label in ((1, ONE_BYTES, f"1 connection, {ONE_BYTES // MiB} MiB"),
                               (16, PAR_BYTES, f"16 connections x {PAR_BYTES // MiB} MiB")):
         log(f"throughput: {label}")
@@ -289,7 +306,7 @@ def throughput(sink, squid, socat, uds, tls, grpc_uds, grpc_tls):
             "squid": ["send", "--via", "connect-tcp", "--proxy", f"127.0.0.1:{squid}", *target, *n],
             "uds": ["send", *uds.via, *target, *n],
             "tls": ["send", *tls.via, *target, *n],
-        }, REPS)
+        }, REPS, relays)
         row(f"{r}. Tunnel throughput, {label}: socat TCP relay (a user-space relay's limit)",
             "", f"direct {fmt_gbs(v['direct'])}; socat {fmt_gbs(v['socat'])}", v.ratio("socat", "direct"))
         row(f"{r}. ... squid HTTP CONNECT proxy", "", f"direct {fmt_gbs(v['direct'])}; squid {fmt_gbs(v['squid'])}",
@@ -303,7 +320,20 @@ def throughput(sink, squid, socat, uds, tls, grpc_uds, grpc_tls):
                     v.ratio(k, "direct"))
             row(f"{r}. ... ours, {name}, vs squid", fmt_gbs(v[k]), f"squid {fmt_gbs(v['squid'])}",
                 v.ratio(k, "squid"), ">= 1.00", v.ratio(k, "squid") >= 1)
+        (sq,) = v.cpu["squid"]
+        for k, name in (("uds", "HTTP CONNECT over UDS"), ("tls", "HTTP CONNECT over mTLS TCP")):
+            server, agent = v.cpu[k]
+            row(f"{r}. ... CPU per GiB relayed, {name}: proxy-server; proxy-agent (each a relay hop, "
+                f"the agent link TLS)", f"{server:.2f} s; {agent:.2f} s", f"squid {sq:.2f} s",
+                max(server, agent) / sq)
 
+    notes.append("Rows 1 and 2, CPU per GiB relayed: the CPU seconds each relay process spent per GiB it "
+                 "moved (median over the repetitions; the ratio is our costlier hop against squid). Here all "
+                 "four processes of a tunnel (client, proxy-server, proxy-agent, sink) share the machine's "
+                 "cores, so a chain of two relays moves less than one relay does, however lean each hop is "
+                 "(with two hops that each cost what squid costs, and a client and sink that together cost about "
+                 "as much as one hop, about two thirds); in a cluster the server and the agent run on "
+                 "different machines, and what each of them costs per byte is what limits a tunnel there.")
     log(f"throughput: gRPC, 1 stream, {ONE_BYTES // MiB} MiB")
     g = interleaved("3. gRPC", {
         "direct": ["send", "--via", "direct", *target, "--bytes", ONE_BYTES],
@@ -587,12 +617,12 @@ def main():
     if only & {"throughput", "latency", "hol"} or not only:
         sink_p = start([LOAD, "sink"], "sink", stdout=subprocess.PIPE)
         sink = int(sink_p.stdout.readline())
-        _, squid = start_squid()
+        squid_p, squid = start_squid()
         _, socat = start_socat(sink)
         tunnels = uds, tls, grpc_uds, grpc_tls = (Tunnel("http-connect", True), Tunnel("http-connect", False),
                                                   Tunnel("grpc", True), Tunnel("grpc", False))
     if want("throughput"):
-        throughput(sink, squid, socat, uds, tls, grpc_uds, grpc_tls)
+        throughput(sink, squid, squid_p.pid, socat, uds, tls, grpc_uds, grpc_tls)
     if want("latency"):
         latency(sink, squid, uds, tls)
     if want("hol"):
