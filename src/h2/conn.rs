@@ -1148,6 +1148,27 @@ struct PendingBlock {
 struct Reader {
     decoder: loona_hpack::Decoder<'static>,
     pending: Option<PendingBlock>,
+    /// Streams with a sleeper to wake once every frame of the last read is
+    /// handled, outside the connection's lock: one wake-up for all the
+    /// frames a read brought (a consumer then takes two 32 KiB packets per
+    /// wake-up, not one), and none under the lock (woken under it, the
+    /// thread would preempt the reader, find the lock taken and sleep
+    /// again).
+    wake: Vec<Arc<Condvar>>,
+}
+
+impl Reader {
+    fn wake_later(&mut self, cv: &Arc<Condvar>) {
+        if !self.wake.iter().any(|w| Arc::ptr_eq(w, cv)) {
+            self.wake.push(cv.clone());
+        }
+    }
+
+    fn wake_now(&mut self) {
+        for cv in self.wake.drain(..) {
+            cv.notify_all();
+        }
+    }
 }
 
 fn read_loop(shared: &Shared, mut reader: Box<dyn Read + Send>) {
@@ -1246,6 +1267,7 @@ fn read_frames(shared: &Shared, reader: &mut dyn Read) -> Result<(), Fatal> {
     let mut r = Reader {
         decoder,
         pending: None,
+        wake: Vec::new(),
     };
     let mut frames = frame::Decoder::new(shared.config.max_frame_size);
     const READ_SIZE: usize = 128 * 1024;
@@ -1267,9 +1289,14 @@ fn read_frames(shared: &Shared, reader: &mut dyn Read) -> Result<(), Fatal> {
             return Ok(());
         }
         lock(shared).last_read = Instant::now();
-        while let Some(frame) = frames.next_frame()? {
-            handle_frame(shared, &mut r, frame)?;
-        }
+        let handled = (|| -> Result<(), Fatal> {
+            while let Some(frame) = frames.next_frame()? {
+                handle_frame(shared, &mut r, frame)?;
+            }
+            Ok(())
+        })();
+        r.wake_now();
+        handled?;
         // Answers to the peer's frames (PING ACKs, RST_STREAMs) are queued
         // without waiting; a peer that sends but never reads must not grow
         // the queue without bound.
@@ -1309,10 +1336,6 @@ fn handle_frame(shared: &Shared, r: &mut Reader, frame: Frame) -> Result<(), Fat
         return Ok(());
     }
     let mut state = lock(shared);
-    // A stream whose sleeper is woken once the lock is released: woken
-    // under it, the thread would run (on a busy machine it preempts this
-    // one), find the lock taken and sleep again: two more switches.
-    let mut wake: Option<Arc<Condvar>> = None;
     if !state.got_settings && !matches!(frame, Frame::Settings { ack: false, .. }) {
         return Err(conn(
             ErrorCode::PROTOCOL_ERROR,
@@ -1348,7 +1371,7 @@ fn handle_frame(shared: &Shared, r: &mut Reader, frame: Frame) -> Result<(), Fat
                             s.remote_closed = true;
                         }
                         if s.waiters > 0 {
-                            wake = Some(s.cv.clone());
+                            r.wake_later(&s.cv);
                         }
                         Ok(())
                     }
@@ -1542,7 +1565,7 @@ fn handle_frame(shared: &Shared, r: &mut Reader, frame: Frame) -> Result<(), Fat
                         state.fail_stream(stream, ErrorCode::FLOW_CONTROL_ERROR);
                         shared.writer_cv.notify_one();
                     } else if s.waiters > 0 {
-                        wake = Some(s.cv.clone());
+                        r.wake_later(&s.cv);
                     }
                 }
                 None if closed_id => {}
@@ -1560,10 +1583,6 @@ fn handle_frame(shared: &Shared, r: &mut Reader, frame: Frame) -> Result<(), Fat
                 "CONTINUATION without HEADERS",
             ));
         }
-    }
-    drop(state);
-    if let Some(cv) = wake {
-        cv.notify_all();
     }
     Ok(())
 }
@@ -1736,13 +1755,10 @@ fn headers_complete(shared: &Shared, r: &mut Reader, p: PendingBlock) -> Result<
     if p.end_stream {
         s.remote_closed = true;
     }
-    let cv = s.cv.clone();
+    r.wake_later(&s.cv);
     if p.end_stream {
         state.maybe_finish(shared);
     }
-    // Woken once the lock is free (see handle_frame).
-    drop(state);
-    cv.notify_all();
     Ok(())
 }
 
