@@ -12,7 +12,9 @@
 //!   logging, call the role's `run`, map the result to an exit code
 //!   (0 ok, 1 runtime error, 2 bad usage) through [`cli::main_with`].
 //! - [`cli`]: pflag-compatible parsing helpers, klog-compatible logging flags.
-//! - [`sys`]: the only `unsafe` code: signal masks, signalfd, eventfd, poll.
+//! - [`sys`]: the `unsafe` system calls: signal masks, signalfd, eventfd,
+//!   poll, non-blocking connect.
+//! - [`alloc`]: the global allocator (dlmalloc behind a futex lock).
 //! - [`shutdown`]: the shutdown flag, the signal watcher, join-on-drop workers.
 //! - [`sidecar`]: `apiserver-proxy-sidecar`. [`sidecar::plan`] decides (pure),
 //!   [`sidecar::netlink`] talks rtnetlink, [`sidecar::iptables`] runs the
@@ -54,7 +56,8 @@
 //! - Every buffer filled from the network is bounded (`http::Limits`), and
 //!   every socket has a timeout.
 //! - Only `sidecar::netlink` opens netlink sockets; only `sidecar::iptables`
-//!   starts processes; only `sys` contains `unsafe`.
+//!   starts processes; `unsafe` is confined to `sys`, `alloc` and one
+//!   lifetime erasure in `shutdown` (a scoped job on a pooled thread).
 //! - Roles share only `cli`, `sys`, `shutdown`, `tls`, `http`, `metrics`
 //!   (and the tunnel roles `h2`, `grpc` and the tunnel's shared modules);
 //!   no role imports another (the proxy-server and proxy-agent share only
@@ -80,6 +83,7 @@
 //! only touched through the `iptables`/`ip6tables` binaries, as kube-proxy
 //! does), no log files (stderr only, as in containers).
 
+pub mod alloc;
 pub mod cli;
 pub mod grpc;
 pub mod h2;
@@ -92,10 +96,7 @@ pub mod tls;
 pub mod tunnel;
 pub mod webhook;
 
-/// Every binary allocates through dlmalloc rather than musl's mallocng:
-/// mallocng returns freed mid-size buffers (TLS records, HTTP/2 frames,
-/// tunnel packets) to the kernel at once, so a busy tunnel spent a fifth
-/// of its CPU in munmap and in faulting the pages back in. dlmalloc keeps
-/// freed memory for reuse and trims only large free tops.
+/// Every binary allocates through dlmalloc behind a futex lock (see
+/// [`alloc`]).
 #[global_allocator]
-static ALLOCATOR: dlmalloc::GlobalDlmalloc = dlmalloc::GlobalDlmalloc;
+static ALLOCATOR: alloc::Allocator = alloc::Allocator::new();
