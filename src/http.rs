@@ -370,6 +370,7 @@ fn refuse_tls(shared: &Shared, stream: TcpStream, peer: SocketAddr) {
         peer,
         buf: Vec::new(),
         scratch: vec![0; 16 * 1024].into_boxed_slice(),
+        read_timeout: None,
     };
     let deadline = Instant::now() + shared.limits.header_timeout;
     let answered = conn.handshake(deadline).is_ok()
@@ -488,7 +489,16 @@ struct Conn<'a> {
     buf: Vec<u8>,
     /// Where each read lands before it is appended to `buf`.
     scratch: Box<[u8]>,
+    /// The read timeout [`Conn::read_more`] last set on the socket (None:
+    /// unknown), so that a keep-alive request, whose deadline is about
+    /// where the last one's was, costs no setsockopt.
+    read_timeout: Option<Duration>,
 }
+
+/// A read timeout is set this much past its deadline, and kept while it
+/// ends at most twice this past the next deadline: a read may then wait
+/// that much longer than the deadline, never less.
+const READ_TIMEOUT_SLACK: Duration = Duration::from_millis(20);
 
 fn serve(shared: &Shared, stream: TcpStream, peer: SocketAddr) -> io::Result<()> {
     stream.set_nonblocking(false)?;
@@ -510,6 +520,7 @@ fn serve(shared: &Shared, stream: TcpStream, peer: SocketAddr) -> io::Result<()>
         peer,
         buf: Vec::with_capacity(4096),
         scratch: vec![0; 16 * 1024].into_boxed_slice(),
+        read_timeout: None,
     };
     let result = conn.serve_requests();
     conn.transport.close();
@@ -650,10 +661,21 @@ impl Conn<'_> {
         }
         // A zero timeout means "none" to std: keep it at least 1 ms.
         let remaining = (deadline - now).max(Duration::from_millis(1));
-        self.transport
-            .socket()
-            .set_read_timeout(Some(remaining))
-            .map_err(ReadError::Io)?;
+        let kept = self
+            .read_timeout
+            .is_some_and(|set| set >= remaining && set - remaining <= 2 * READ_TIMEOUT_SLACK);
+        if !kept {
+            let timeout = remaining + READ_TIMEOUT_SLACK;
+            self.transport
+                .socket()
+                .set_read_timeout(Some(timeout))
+                .map_err(ReadError::Io)?;
+            self.read_timeout = Some(timeout);
+        }
+        if matches!(&self.transport, Transport::Tls(conn, _) if conn.is_handshaking()) {
+            // The handshake sets its own timeouts.
+            self.read_timeout = None;
+        }
         let read = self
             .handshake(deadline)
             .and_then(|()| self.transport.read(&mut self.scratch[..]));
