@@ -1,19 +1,17 @@
 //! A small, bounded HTTP/1.1 server on our own listener, over TLS or plain
-//! TCP, with handlers written against rouille's `Request`/`Response`.
+//! TCP, with handlers written against its own [`Request`] and [`Response`].
 //!
 //! Owns: the listening socket, the connection pool (one thread per
 //! connection, at most [`Limits::max_connections`], threads kept for reuse),
 //! request-head parsing (httparse), bodies by `Content-Length`, keep-alive,
-//! every limit and timeout, and writing `rouille::Response`s out.
-//! Must not: know any route; a role passes one [`Handler`]. It builds the
-//! rouille request with `Request::fake_http_from` and never runs rouille's
-//! own server (that one cannot bound headers, do mTLS or reload certificates).
+//! every limit and timeout, and writing [`Response`]s out.
+//! Must not: know any route; a role passes one [`Handler`].
 //!
 //! ```no_run
 //! # use std::sync::Arc;
 //! # use apiserver_proxy::{http, shutdown::Shutdown};
 //! let shutdown = Shutdown::new().unwrap();
-//! let handler: http::Handler = Arc::new(|_req: &rouille::Request| rouille::Response::text("ok"));
+//! let handler: http::Handler = Arc::new(|_req: &http::Request| http::Response::text("ok"));
 //! let addr = "127.0.0.1:0".parse().unwrap();
 //! let server = http::Server::bind(addr, None, http::Limits::default(), handler, &shutdown).unwrap();
 //! println!("listening on {}", server.local_addr());
@@ -39,6 +37,7 @@
 //! [`Server::wait`] returns once all threads are joined. A TLS handshake
 //! already under way is not interrupted; [`Limits::header_timeout`] bounds it.
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -54,7 +53,130 @@ use crate::sys;
 use crate::tls::Reloader;
 
 /// The one request handler of a server.
-pub type Handler = Arc<dyn Fn(&rouille::Request) -> rouille::Response + Send + Sync>;
+pub type Handler = Arc<dyn Fn(&Request) -> Response + Send + Sync>;
+
+/// One request as a handler sees it: the whole (bounded) body is read.
+#[derive(Debug, Clone)]
+pub struct Request {
+    method: String,
+    url: String,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Request {
+    /// A request as the server would pass it (`url`: the request target,
+    /// path and query as sent).
+    pub fn new(method: &str, url: &str, headers: Vec<(String, String)>, body: Vec<u8>) -> Request {
+        Request {
+            method: method.to_string(),
+            url: url.to_string(),
+            headers,
+            body,
+        }
+    }
+
+    pub fn method(&self) -> &str {
+        &self.method
+    }
+
+    /// The request target as sent: path and query, not decoded.
+    pub fn raw_url(&self) -> &str {
+        &self.url
+    }
+
+    /// The path without the query, percent-decoded (invalid escapes and
+    /// bytes are kept as they are, UTF-8 lossily).
+    pub fn url(&self) -> String {
+        let path = self.url.split('?').next().unwrap_or("").as_bytes();
+        let hex = |b: u8| (b as char).to_digit(16);
+        let mut out = Vec::with_capacity(path.len());
+        let mut i = 0;
+        while i < path.len() {
+            match (
+                path[i],
+                path.get(i + 1).copied().and_then(hex),
+                path.get(i + 2).copied().and_then(hex),
+            ) {
+                (b'%', Some(hi), Some(lo)) => {
+                    out.push((hi * 16 + lo) as u8);
+                    i += 3;
+                }
+                (b, _, _) => {
+                    out.push(b);
+                    i += 1;
+                }
+            }
+        }
+        String::from_utf8_lossy(&out).into_owned()
+    }
+
+    /// The first header of that name (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn body(&self) -> &[u8] {
+        &self.body
+    }
+}
+
+/// A handler's answer. The server adds Content-Length and Connection and
+/// drops headers that would break the framing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    pub status_code: u16,
+    pub headers: Vec<(Cow<'static, str>, Cow<'static, str>)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    /// 200 with `text/plain; charset=utf-8`.
+    pub fn text(text: impl Into<String>) -> Response {
+        Response::from_data("text/plain; charset=utf-8", text.into())
+    }
+
+    /// 200 with the given content type.
+    pub fn from_data(
+        content_type: impl Into<Cow<'static, str>>,
+        data: impl Into<Vec<u8>>,
+    ) -> Response {
+        Response {
+            status_code: 200,
+            headers: vec![("Content-Type".into(), content_type.into())],
+            body: data.into(),
+        }
+    }
+
+    /// 404 with no body.
+    pub fn empty_404() -> Response {
+        Response {
+            status_code: 404,
+            headers: Vec::new(),
+            body: Vec::new(),
+        }
+    }
+
+    pub fn with_status_code(mut self, code: u16) -> Response {
+        self.status_code = code;
+        self
+    }
+
+    /// Sets `name` to `value`, replacing any header of that name.
+    pub fn with_unique_header(
+        mut self,
+        name: impl Into<Cow<'static, str>>,
+        value: impl Into<Cow<'static, str>>,
+    ) -> Response {
+        let name = name.into();
+        self.headers.retain(|(n, _)| !n.eq_ignore_ascii_case(&name));
+        self.headers.push((name, value.into()));
+        self
+    }
+}
 
 /// Called after every answer, including the server's own error answers
 /// (a refused connection is reported with method and path `-` and 503).
@@ -612,13 +734,12 @@ impl Conn<'_> {
                 head.has_token("connection", "keep-alive")
             } && !self.shared.shutdown.is_triggered();
             let head_only = head.method == "HEAD";
-            let request = rouille::Request::fake_http_from(
-                self.peer,
-                head.method,
-                head.url,
-                head.headers,
+            let request = Request {
+                method: head.method,
+                url: head.url,
+                headers: head.headers,
                 body,
-            );
+            };
             let response = (self.shared.handler)(&request);
             let status = response.status_code;
             self.write_response(response, head_only, keep_alive)?;
@@ -865,7 +986,7 @@ impl Conn<'_> {
             reject.reason
         );
         let response =
-            rouille::Response::text(format!("{}\n", reject.reason)).with_status_code(reject.status);
+            Response::text(format!("{}\n", reject.reason)).with_status_code(reject.status);
         self.write_response(response, false, false)?;
         self.observe(method, path, reject.status, Duration::ZERO);
         // Read what the client is still sending, so that closing does not
@@ -884,12 +1005,12 @@ impl Conn<'_> {
 
     fn write_response(
         &mut self,
-        response: rouille::Response,
+        response: Response,
         head_only: bool,
         keep_alive: bool,
     ) -> io::Result<()> {
         let status = response.status_code;
-        let mut out = Vec::with_capacity(512);
+        let mut out = Vec::with_capacity(512 + response.body.len());
         let _ = write!(out, "HTTP/1.1 {status} {}\r\n", reason_phrase(status));
         for (name, value) in &response.headers {
             let managed = [
@@ -907,38 +1028,13 @@ impl Conn<'_> {
             }
             let _ = write!(out, "{name}: {value}\r\n");
         }
-        let (reader, size) = response.data.into_reader_and_size();
-        // Handlers are ours; the bound only stops a runaway reader.
-        let mut reader = reader.take(64 << 20);
-        let body_start = match size {
-            Some(size) => {
-                let _ = write!(out, "Content-Length: {size}\r\n");
-                if !keep_alive {
-                    out.extend_from_slice(b"Connection: close\r\n");
-                }
-                out.extend_from_slice(b"\r\n");
-                let start = out.len();
-                reader.read_to_end(&mut out)?;
-                if out.len() - start != size {
-                    return Err(io::Error::other(
-                        "response body length differs from its size",
-                    ));
-                }
-                start
-            }
-            None => {
-                let mut body = Vec::new();
-                reader.read_to_end(&mut body)?;
-                let _ = write!(out, "Content-Length: {}\r\n", body.len());
-                if !keep_alive {
-                    out.extend_from_slice(b"Connection: close\r\n");
-                }
-                out.extend_from_slice(b"\r\n");
-                let start = out.len();
-                out.extend_from_slice(&body);
-                start
-            }
-        };
+        let _ = write!(out, "Content-Length: {}\r\n", response.body.len());
+        if !keep_alive {
+            out.extend_from_slice(b"Connection: close\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+        let body_start = out.len();
+        out.extend_from_slice(&response.body);
         if head_only {
             out.truncate(body_start);
         }
@@ -982,6 +1078,24 @@ pub fn reason_phrase(status: u16) -> &'static str {
 mod tests {
     use super::*;
 
+    #[test]
+    fn requests_and_responses_carry_what_handlers_read() {
+        let headers = vec![("content-TYPE".to_string(), "a/b".to_string())];
+        let req = Request::new("POST", "/x%20y/%zz%4?q=%20", headers, b"body".to_vec());
+        assert_eq!(req.raw_url(), "/x%20y/%zz%4?q=%20");
+        assert_eq!(req.url(), "/x y/%zz%4", "decoded, without the query");
+        assert_eq!(req.header("Content-Type"), Some("a/b"));
+        assert_eq!(req.header("Accept"), None);
+        assert_eq!((req.method(), req.body()), ("POST", &b"body"[..]));
+        let text = Response::text("ok").with_status_code(503);
+        assert_eq!(text.status_code, 503);
+        assert_eq!(text.headers[0].1, "text/plain; charset=utf-8");
+        let r =
+            Response::from_data("application/json", "{}").with_unique_header("content-type", "x/y");
+        assert_eq!(r.headers, vec![("content-type".into(), "x/y".into())]);
+        assert_eq!(Response::empty_404().status_code, 404);
+    }
+
     /// A server that shuts down when dropped, so a failed assertion ends
     /// the test instead of hanging in the join.
     struct Running {
@@ -1008,12 +1122,13 @@ mod tests {
 
     fn start(limits: Limits) -> Running {
         let shutdown = Shutdown::new().unwrap();
-        let handler: Handler = Arc::new(|req: &rouille::Request| {
-            let mut body = String::new();
-            if let Some(mut data) = req.data() {
-                let _ = data.read_to_string(&mut body);
-            }
-            rouille::Response::text(format!("{} {} {}", req.method(), req.raw_url(), body.len()))
+        let handler: Handler = Arc::new(|req: &Request| {
+            Response::text(format!(
+                "{} {} {}",
+                req.method(),
+                req.raw_url(),
+                req.body().len()
+            ))
         });
         let server = Server::bind(
             "127.0.0.1:0".parse().unwrap(),

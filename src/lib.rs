@@ -21,8 +21,9 @@
 //!   iptables binaries, [`sidecar::run`](mod@sidecar::run) is the reconcile loop.
 //! - [`tls`]: the only TLS module: rustls configs from PEM files (ring
 //!   provider), client-CA verification, certificate reload on file change.
-//! - [`http`]: the shared HTTP/1.1 server (TLS or plain TCP) with rouille
-//!   handlers, a bounded thread-per-connection pool, limits and timeouts.
+//! - [`http`]: the shared HTTP/1.1 server (TLS or plain TCP) with its own
+//!   request and response types, a bounded thread-per-connection pool,
+//!   limits and timeouts.
 //! - [`metrics`]: hand-written Prometheus text exposition.
 //! - [`webhook`]: `apiserver-proxy-pod-webhook`. [`webhook::review`] turns an
 //!   AdmissionReview into its answer (pure), [`webhook::server`] routes and

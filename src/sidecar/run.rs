@@ -130,13 +130,14 @@ pub fn serve_health(
     shutdown: &Shutdown,
 ) -> Result<crate::http::Server, Error> {
     let health = health.clone();
-    let handler: crate::http::Handler = std::sync::Arc::new(move |request: &rouille::Request| {
-        if request.url() != "/healthz" {
-            return rouille::Response::empty_404();
-        }
-        let (status, body) = health.status(sync_interval, SystemTime::now());
-        rouille::Response::text(body).with_status_code(status)
-    });
+    let handler: crate::http::Handler =
+        std::sync::Arc::new(move |request: &crate::http::Request| {
+            if request.url() != "/healthz" {
+                return crate::http::Response::empty_404();
+            }
+            let (status, body) = health.status(sync_interval, SystemTime::now());
+            crate::http::Response::text(body).with_status_code(status)
+        });
     let addr = std::net::SocketAddr::from(([0, 0, 0, 0], port));
     let server = crate::http::Server::bind(
         addr,

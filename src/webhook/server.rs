@@ -6,10 +6,9 @@
 //! Must not: read sockets (the [`crate::http`] server hands over a complete
 //! request) or decide patches (that is [`super::review`]).
 
-use std::io::Read;
 use std::sync::Arc;
 
-use rouille::{Request, Response};
+use crate::http::{Request, Response};
 use serde_json::json;
 
 use super::review;
@@ -17,9 +16,6 @@ use crate::http::{Exchange, Handler, Observer};
 use crate::metrics::{self, Counter, Histogram, Registry};
 use crate::shutdown::Shutdown;
 use crate::tls::Reloader;
-
-/// The largest capacity reserved up front for a review body.
-const MAX_BODY_HINT: usize = 4 << 20;
 
 /// The admission endpoint, as upstream serves it.
 pub const WEBHOOK_PATH: &str = "/webhook/pod-apiserver-env";
@@ -198,20 +194,8 @@ fn admit(state: &State, request: &Request) -> Response {
     if !is_json(request.header("Content-Type")) {
         return error(415, "unsupported content type (use application/json)");
     }
-    // Sized from Content-Length (already checked against the limit by the
-    // HTTP layer) so the copy does not reallocate as it grows.
-    let hint = request
-        .header("Content-Length")
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .unwrap_or(0);
-    let mut body = Vec::with_capacity(hint.min(MAX_BODY_HINT));
-    if let Some(mut data) = request.data() {
-        // The HTTP layer already holds the whole (bounded) body in memory.
-        if data.read_to_end(&mut body).is_err() {
-            return error(400, "unreadable body");
-        }
-    }
-    match review::review(&body, &state.fqdn) {
+    // The HTTP layer holds the whole (bounded) body.
+    match review::review(request.body(), &state.fqdn) {
         Ok(answer) => {
             if answer.operations == 0 {
                 state.metrics.reviews.inc(&["unchanged"]);
@@ -263,13 +247,10 @@ mod tests {
         let headers = content_type
             .map(|c| vec![("Content-Type".to_string(), c.to_string())])
             .unwrap_or_default();
-        let request = Request::fake_http(method, url, headers, body.to_vec());
+        let request = Request::new(method, url, headers, body.to_vec());
         let response = route(state, &request);
-        let status = response.status_code;
-        let (mut reader, _) = response.data.into_reader_and_size();
-        let mut text = String::new();
-        reader.read_to_string(&mut text).unwrap();
-        (status, text)
+        let text = String::from_utf8(response.body).unwrap();
+        (response.status_code, text)
     }
 
     #[test]

@@ -687,21 +687,21 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), Error> {
     let health_handler = |probes: bool| -> http::Handler {
         let shared = shared.clone();
         Arc::new(
-            move |request: &rouille::Request| match request.url().as_str() {
-                "/healthz" if probes => rouille::Response::text("ok"),
+            move |request: &crate::http::Request| match request.url().as_str() {
+                "/healthz" if probes => crate::http::Response::text("ok"),
                 "/readyz" if probes => {
                     if lock(&shared.servers).streams.is_empty() {
-                        rouille::Response::text("not ready: no connection to any proxy server")
+                        crate::http::Response::text("not ready: no connection to any proxy server")
                             .with_status_code(503)
                     } else {
-                        rouille::Response::text("ok")
+                        crate::http::Response::text("ok")
                     }
                 }
-                "/metrics" => rouille::Response::from_data(
+                "/metrics" => crate::http::Response::from_data(
                     crate::metrics::CONTENT_TYPE,
                     shared.metrics.registry.render(),
                 ),
-                _ => rouille::Response::empty_404(),
+                _ => crate::http::Response::empty_404(),
             },
         )
     };

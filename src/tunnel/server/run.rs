@@ -105,21 +105,21 @@ fn reloader(files: &super::TlsFiles, alpn: &[u8]) -> Result<Reloader, Error> {
 /// upstream), `/metrics`. The admin port serves `/metrics` only.
 fn health_handler(hub: Arc<Hub>, with_probes: bool) -> http::Handler {
     Arc::new(
-        move |request: &rouille::Request| match request.url().as_str() {
-            "/healthz" if with_probes => rouille::Response::text("ok"),
+        move |request: &crate::http::Request| match request.url().as_str() {
+            "/healthz" if with_probes => crate::http::Response::text("ok"),
             "/readyz" if with_probes => {
                 if hub.ready() {
-                    rouille::Response::text("ok")
+                    crate::http::Response::text("ok")
                 } else {
-                    rouille::Response::text("no connection to any proxy agent")
+                    crate::http::Response::text("no connection to any proxy agent")
                         .with_status_code(500)
                 }
             }
-            "/metrics" => rouille::Response::from_data(
+            "/metrics" => crate::http::Response::from_data(
                 crate::metrics::CONTENT_TYPE,
                 hub.metrics.registry.render(),
             ),
-            _ => rouille::Response::empty_404(),
+            _ => crate::http::Response::empty_404(),
         },
     )
 }
