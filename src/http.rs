@@ -47,7 +47,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use crate::h2::transport::Deadline;
+use crate::h2::records;
+use crate::h2::transport::{Deadline, TlsSetup};
 use crate::shutdown::{Shutdown, Worker, WorkerSet};
 use crate::sys;
 use crate::tls::Reloader;
@@ -58,37 +59,111 @@ pub type Handler = Arc<dyn Fn(&Request) -> Response + Send + Sync>;
 /// One request as a handler sees it: the whole (bounded) body is read.
 #[derive(Debug, Clone)]
 pub struct Request {
-    method: String,
-    url: String,
-    headers: Vec<(String, String)>,
+    fields: Fields,
     body: Vec<u8>,
+}
+
+/// Byte offsets `[start, end)` into [`Fields::text`].
+type Span = (usize, usize);
+
+/// A request head's method, target and headers, in one string (two
+/// allocations per request, however many headers it has).
+#[derive(Debug, Clone)]
+struct Fields {
+    text: String,
+    method: Span,
+    url: Span,
+    headers: Vec<(Span, Span)>,
+}
+
+impl Fields {
+    fn new<'a>(
+        method: &str,
+        url: &str,
+        headers: impl ExactSizeIterator<Item = (&'a str, Cow<'a, str>)> + Clone,
+    ) -> Fields {
+        let len = method.len()
+            + url.len()
+            + headers
+                .clone()
+                .map(|(k, v)| k.len() + v.len())
+                .sum::<usize>();
+        let mut text = String::with_capacity(len);
+        let mut span = |s: &str| {
+            let start = text.len();
+            text.push_str(s);
+            (start, text.len())
+        };
+        let method = span(method);
+        let url = span(url);
+        let mut spans = Vec::with_capacity(headers.len());
+        for (name, value) in headers {
+            spans.push((span(name), span(&value)));
+        }
+        Fields {
+            text,
+            method,
+            url,
+            headers: spans,
+        }
+    }
+
+    fn get(&self, (start, end): Span) -> &str {
+        self.text.get(start..end).unwrap_or("")
+    }
+
+    fn method(&self) -> &str {
+        self.get(self.method)
+    }
+
+    fn url(&self) -> &str {
+        self.get(self.url)
+    }
+
+    /// The first header's value of that name (case-insensitive).
+    fn first(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| self.get(*k).eq_ignore_ascii_case(name))
+            .map(|(_, v)| self.get(*v))
+    }
+
+    /// Every header's value of that name (case-insensitive), in order.
+    fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.headers
+            .iter()
+            .filter(move |(k, _)| self.get(*k).eq_ignore_ascii_case(name))
+            .map(|(_, v)| self.get(*v))
+    }
 }
 
 impl Request {
     /// A request as the server would pass it (`url`: the request target,
     /// path and query as sent).
     pub fn new(method: &str, url: &str, headers: Vec<(String, String)>, body: Vec<u8>) -> Request {
-        Request {
-            method: method.to_string(),
-            url: url.to_string(),
-            headers,
-            body,
-        }
+        let fields = Fields::new(
+            method,
+            url,
+            headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), Cow::Borrowed(v.as_str()))),
+        );
+        Request { fields, body }
     }
 
     pub fn method(&self) -> &str {
-        &self.method
+        self.fields.method()
     }
 
     /// The request target as sent: path and query, not decoded.
     pub fn raw_url(&self) -> &str {
-        &self.url
+        self.fields.url()
     }
 
     /// The path without the query, percent-decoded (invalid escapes and
     /// bytes are kept as they are, UTF-8 lossily).
     pub fn url(&self) -> String {
-        let path = self.url.split('?').next().unwrap_or("").as_bytes();
+        let path = self.raw_url().split('?').next().unwrap_or("").as_bytes();
         let hex = |b: u8| (b as char).to_digit(16);
         let mut out = Vec::with_capacity(path.len());
         let mut i = 0;
@@ -113,10 +188,7 @@ impl Request {
 
     /// The first header of that name (case-insensitive).
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.fields.first(name)
     }
 
     pub fn body(&self) -> &[u8] {
@@ -479,16 +551,12 @@ fn refuse_tls(shared: &Shared, stream: TcpStream, peer: SocketAddr) {
         .set_nonblocking(false)
         .and_then(|()| stream.set_nodelay(true))
         .and_then(|()| stream.set_write_timeout(Some(shared.limits.write_timeout)));
-    let tls = shared
-        .tls
-        .as_ref()
-        .and_then(|reloader| rustls::ServerConnection::new(reloader.server_config()).ok());
-    let (Ok(()), Some(tls)) = (prepared, tls) else {
+    let (Ok(()), Some(reloader)) = (prepared, &shared.tls) else {
         return;
     };
     let mut conn = Conn {
         shared,
-        transport: Transport::Tls(Box::new(tls), stream),
+        transport: Transport::Handshake(reloader.server_config(), Arc::new(stream)),
         peer,
         buf: Vec::new(),
         scratch: vec![0; 16 * 1024].into_boxed_slice(),
@@ -542,56 +610,72 @@ fn work_loop(shared: &Arc<Shared>) {
 /// The byte stream of one connection, TLS or not.
 enum Transport {
     Plain(TcpStream),
-    Tls(Box<rustls::ServerConnection>, TcpStream),
+    /// TLS before its handshake, which the first read runs.
+    Handshake(Arc<rustls::ServerConfig>, Arc<TcpStream>),
+    /// TLS after the handshake: rustls handed the keys over and
+    /// [`records`] decrypts in place and encrypts straight into the records
+    /// it sends (no rustls buffers, no copy into a plaintext queue).
+    Tls(Box<TlsHalves>, Arc<TcpStream>),
+    /// A TLS handshake that failed: nothing more is read or written.
+    Failed(Arc<TcpStream>),
+}
+
+struct TlsHalves {
+    reader: records::RecordReader<TcpStream>,
+    writer: records::RecordWriter<TcpStream>,
 }
 
 impl Transport {
     fn socket(&self) -> &TcpStream {
         match self {
-            Transport::Plain(s) | Transport::Tls(_, s) => s,
+            Transport::Plain(s) => s,
+            Transport::Handshake(_, s) | Transport::Tls(_, s) | Transport::Failed(s) => s,
         }
     }
 
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
             Transport::Plain(s) => s.read(buf),
-            Transport::Tls(conn, s) => rustls::Stream::new(conn.as_mut(), s).read(buf),
+            Transport::Tls(tls, _) => tls.reader.read(buf),
+            Transport::Handshake(..) | Transport::Failed(_) => Err(Self::unusable()),
         }
     }
 
     fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
         match self {
             Transport::Plain(s) => s.write_all(data),
-            Transport::Tls(conn, s) => {
-                let mut stream = rustls::Stream::new(conn.as_mut(), s);
-                stream.write_all(data)?;
-                stream.flush()
-            }
+            Transport::Tls(tls, _) => tls.writer.write_all(data),
+            Transport::Handshake(..) | Transport::Failed(_) => Err(Self::unusable()),
         }
     }
 
-    /// Decrypted bytes waiting inside rustls (a pipelined request).
-    fn has_buffered(&mut self) -> bool {
+    fn unusable() -> io::Error {
+        io::Error::new(io::ErrorKind::NotConnected, "no TLS session")
+    }
+
+    /// Decrypted bytes, or a whole record, waiting in the reader (a
+    /// pipelined request).
+    fn has_buffered(&self) -> bool {
         match self {
-            Transport::Plain(_) => false,
-            Transport::Tls(conn, _) => conn
-                .process_new_packets()
-                .is_ok_and(|state| state.plaintext_bytes_to_read() > 0),
+            Transport::Tls(tls, _) => tls.reader.has_buffered(),
+            _ => false,
         }
     }
 
-    fn close(mut self) {
-        if let Transport::Tls(conn, s) = &mut self {
-            conn.send_close_notify();
-            // Only write: complete_io would also read while a handshake is
-            // unfinished, and nothing more is wanted from this peer.
-            while conn.wants_write() {
-                if conn.write_tls(s).is_err() {
-                    break;
-                }
+    fn close(self) {
+        let sock = match self {
+            Transport::Plain(s) => {
+                let _ = s.shutdown(SocketShutdown::Write);
+                return;
             }
-        }
-        let _ = self.socket().shutdown(SocketShutdown::Write);
+            // Dropping the writer half sends close_notify.
+            Transport::Tls(tls, s) => {
+                drop(tls);
+                s
+            }
+            Transport::Handshake(_, s) | Transport::Failed(s) => s,
+        };
+        let _ = sock.shutdown(SocketShutdown::Write);
     }
 }
 
@@ -630,11 +714,7 @@ fn serve(shared: &Shared, stream: TcpStream, peer: SocketAddr) -> io::Result<()>
     stream.set_read_timeout(Some(shared.limits.header_timeout))?;
     let transport = match &shared.tls {
         None => Transport::Plain(stream),
-        Some(reloader) => {
-            let conn = rustls::ServerConnection::new(reloader.server_config())
-                .map_err(|e| io::Error::other(e.to_string()))?;
-            Transport::Tls(Box::new(conn), stream)
-        }
+        Some(reloader) => Transport::Handshake(reloader.server_config(), Arc::new(stream)),
     };
     let mut conn = Conn {
         shared,
@@ -651,31 +731,30 @@ fn serve(shared: &Shared, stream: TcpStream, peer: SocketAddr) -> io::Result<()>
 
 /// A parsed request head.
 struct Head {
-    method: String,
-    url: String,
+    fields: Fields,
     minor_version: u8,
-    headers: Vec<(String, String)>,
+    /// Its length in bytes on the wire.
     len: usize,
 }
 
 impl Head {
+    fn method(&self) -> &str {
+        self.fields.method()
+    }
+
     fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(k, _)| k.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
+        self.fields.first(name)
     }
 
     fn has_token(&self, name: &str, token: &str) -> bool {
-        self.headers
-            .iter()
-            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
-            .flat_map(|(_, v)| v.split(','))
+        self.fields
+            .values(name)
+            .flat_map(|v| v.split(','))
             .any(|t| t.trim().eq_ignore_ascii_case(token))
     }
 
     fn path(&self) -> &str {
-        self.url.split('?').next().unwrap_or("")
+        self.fields.url().split('?').next().unwrap_or("")
     }
 }
 
@@ -724,7 +803,7 @@ impl Conn<'_> {
             let started = Instant::now();
             let body = match self.read_body(&head) {
                 Ok(Ok(body)) => body,
-                Ok(Err(reject)) => return self.reject(reject, &head.method, head.path()),
+                Ok(Err(reject)) => return self.reject(reject, head.method(), head.path()),
                 Err(ReadError::Io(err)) => return Err(err),
                 Err(_) => return Ok(()),
             };
@@ -733,11 +812,9 @@ impl Conn<'_> {
             } else {
                 head.has_token("connection", "keep-alive")
             } && !self.shared.shutdown.is_triggered();
-            let head_only = head.method == "HEAD";
+            let head_only = head.method() == "HEAD";
             let request = Request {
-                method: head.method,
-                url: head.url,
-                headers: head.headers,
+                fields: head.fields,
                 body,
             };
             let response = (self.shared.handler)(&request);
@@ -793,7 +870,7 @@ impl Conn<'_> {
                 .map_err(ReadError::Io)?;
             self.read_timeout = Some(timeout);
         }
-        if matches!(&self.transport, Transport::Tls(conn, _) if conn.is_handshaking()) {
+        if matches!(&self.transport, Transport::Handshake(..)) {
             // The handshake sets its own timeouts.
             self.read_timeout = None;
         }
@@ -822,18 +899,24 @@ impl Conn<'_> {
     /// while the handshake lasts, so a client trickling its ClientHello
     /// would otherwise renew the read timeout with every byte.
     fn handshake(&mut self, deadline: Instant) -> io::Result<()> {
-        let Transport::Tls(conn, sock) = &mut self.transport else {
+        let Transport::Handshake(config, sock) = &self.transport else {
             return Ok(());
         };
-        if !conn.is_handshaking() {
-            return Ok(());
-        }
+        let (config, sock) = (config.clone(), sock.clone());
         let write_timeout = Some(self.shared.limits.write_timeout);
-        let mut bounded = Deadline::new(sock, deadline, write_timeout);
-        while conn.is_handshaking() {
-            conn.complete_io(&mut bounded)?;
+        let mut bounded = Deadline::new(&*sock, deadline, write_timeout);
+        let split = records::handshake(TlsSetup::Server(config), &mut bounded)
+            .and_then(|session| session.split(sock.clone()));
+        match split {
+            Ok((reader, writer)) => {
+                self.transport = Transport::Tls(Box::new(TlsHalves { reader, writer }), sock);
+                self.transport.socket().set_write_timeout(write_timeout)
+            }
+            Err(err) => {
+                self.transport = Transport::Failed(sock);
+                Err(err)
+            }
         }
-        sock.set_write_timeout(write_timeout)
     }
 
     /// Reads one request head. With `abortable` (a new connection), a
@@ -864,20 +947,17 @@ impl Conn<'_> {
                 let scan = &self.buf[..self.buf.len().min(limits.max_head_bytes)];
                 match request.parse(scan) {
                     Ok(httparse::Status::Complete(len)) => {
+                        let headers = request.headers.iter().map(|h| {
+                            let value = String::from_utf8_lossy(h.value);
+                            (h.name, value)
+                        });
                         return Ok(Ok(Head {
-                            method: request.method.unwrap_or("").to_string(),
-                            url: request.path.unwrap_or("").to_string(),
+                            fields: Fields::new(
+                                request.method.unwrap_or(""),
+                                request.path.unwrap_or(""),
+                                headers,
+                            ),
                             minor_version: request.version.unwrap_or(1),
-                            headers: request
-                                .headers
-                                .iter()
-                                .map(|h| {
-                                    (
-                                        h.name.to_string(),
-                                        String::from_utf8_lossy(h.value).into_owned(),
-                                    )
-                                })
-                                .collect(),
                             len,
                         }));
                     }
@@ -921,11 +1001,7 @@ impl Conn<'_> {
             }));
         }
         let mut length: Option<usize> = None;
-        for (_, value) in head
-            .headers
-            .iter()
-            .filter(|(k, _)| k.eq_ignore_ascii_case("content-length"))
-        {
+        for value in head.fields.values("content-length") {
             let value = value.trim();
             let parsed = if !value.is_empty() && value.bytes().all(|b| b.is_ascii_digit()) {
                 value.parse::<usize>().ok()

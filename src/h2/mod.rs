@@ -23,7 +23,7 @@ pub mod conn;
 pub mod frame;
 #[doc(hidden)]
 pub mod fuzzing;
-mod records;
+pub(crate) mod records;
 pub mod transport;
 
 pub use conn::{Closer, Config, Connection, Error, Event, Field, Stream};

@@ -239,7 +239,14 @@ fn drive<U: Unbuffered>(conn: &mut U, io: &mut (impl Read + Write)) -> io::Resul
         let mut traffic = false;
         let mut need_read = false;
         let UnbufferedStatus { mut discard, state } = conn.process(&mut incoming[..window]);
-        match state.map_err(tls_err)? {
+        let state = match state {
+            Ok(state) => state,
+            Err(err) => {
+                send_alert(conn, io);
+                return Err(tls_err(err));
+            }
+        };
+        match state {
             ConnectionState::EncodeTlsData(mut data) => loop {
                 match data.encode(&mut outgoing[out_used..]) {
                     Ok(n) => {
@@ -308,6 +315,18 @@ fn drive<U: Unbuffered>(conn: &mut U, io: &mut (impl Read + Write)) -> io::Resul
                 }
                 n => used += n,
             }
+        }
+    }
+}
+
+/// Sends the alert rustls queued when the handshake failed (a bad
+/// certificate, no common version), so that the peer learns why instead
+/// of seeing the connection drop. Best effort: the connection is over.
+fn send_alert<U: Unbuffered>(conn: &mut U, io: &mut impl Write) {
+    let mut alert = [0u8; 64];
+    if let Ok(ConnectionState::EncodeTlsData(mut data)) = conn.process(&mut []).state {
+        if let Ok(n) = data.encode(&mut alert) {
+            let _ = io.write_all(&alert[..n]);
         }
     }
 }
@@ -454,6 +473,19 @@ pub(crate) struct RecordReader<S> {
 }
 
 impl<S: Socket> RecordReader<S> {
+    /// Whether a read would return bytes without waiting for the socket:
+    /// plaintext not yet returned, or a whole record still to decrypt (a
+    /// partial one needs the socket anyway).
+    pub(crate) fn has_buffered(&self) -> bool {
+        if self.early_at < self.early.len() || self.plain.0 < self.plain.1 {
+            return true;
+        }
+        let avail = &self.buf[self.start..self.end];
+        avail.first_chunk::<HEADER>().is_some_and(|head| {
+            avail.len() >= HEADER + usize::from(u16::from_be_bytes([head[3], head[4]]))
+        })
+    }
+
     /// Decrypts the next whole record in the buffer; `false` when there is
     /// none.
     fn next_record(&mut self) -> io::Result<bool> {
@@ -971,6 +1003,38 @@ mod tests {
         theirs.write_all(&record).unwrap();
         let err = reader.read(&mut [0; 16]).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+    }
+
+    #[test]
+    fn a_failed_handshake_tells_the_peer_why() {
+        // A server that requires a client certificate, a client without.
+        let server = crate::tls::Reloader::new(&crate::tls::ServerFiles {
+            cert: data("server.crt"),
+            key: data("server.key"),
+            client_ca: Some(data("ca.crt")),
+            alpn: vec![],
+        })
+        .unwrap()
+        .server_config();
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        for s in [&ours, &theirs] {
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        }
+        let ours = Arc::new(ours);
+        let side = std::thread::spawn(move || {
+            handshake(TlsSetup::Server(server), &mut SharedSocket(ours)).map(|_| ())
+        });
+        let mut peer = rustls::StreamOwned::new(their_client(&rustls::version::TLS13), theirs);
+        let _ = peer.write_all(b"hi");
+        let mut buf = [0u8; 16];
+        let read = peer.read(&mut buf);
+        let ours = side.join().unwrap().unwrap_err();
+        assert!(ours.to_string().contains("no certificate"), "{ours}");
+        let theirs = read.unwrap_err();
+        assert!(
+            theirs.to_string().contains("CertificateRequired"),
+            "the peer saw {theirs}"
+        );
     }
 
     #[test]
