@@ -773,6 +773,34 @@ struct ServerRecv {
     ended: bool,
 }
 
+/// Delivers every complete message `reader` holds; false (after
+/// delivering the end) when one breaks the call's rules (too large,
+/// compressed).
+fn deliver_complete<M: prost::Message + Default>(
+    reader: &mut MessageReader,
+    deliver: &mut impl FnMut(Inbound<M>),
+) -> bool {
+    loop {
+        match reader.next_decoded::<M>() {
+            Ok(Some(message)) => deliver(Inbound::Message(message)),
+            Ok(None) => return true,
+            Err(status) => {
+                deliver(Inbound::End(Err(status)));
+                return false;
+            }
+        }
+    }
+}
+
+/// What [`ServerCall::recv_inline`] delivers.
+#[derive(Debug)]
+pub enum Inbound<M> {
+    /// A request message, or why it did not decode (the call goes on).
+    Message(Result<M, String>),
+    /// The request side is over: `Ok` when the client half-closed.
+    End(Result<(), Status>),
+}
+
 /// One call on the server side, handed to its handler. `send` and `recv`
 /// may run on two threads (share it by reference in a thread scope).
 pub struct ServerCall {
@@ -895,6 +923,55 @@ impl ServerCall {
 
     pub fn recv_msg<M: prost::Message + Default>(&self) -> Result<Option<M>, Status> {
         self.recv()?.map(|b| decode(&b)).transpose()
+    }
+
+    /// Hands every request message from now on to `deliver`, decoded as
+    /// `M`, on the connection's reader thread as its frames arrive (see
+    /// [`h2::Stream::tap`]): no thread wakes up per message. Then exactly
+    /// one [`Inbound::End`]: `Ok` once the client half-closed, the status
+    /// that [`ServerCall::recv`] would have returned otherwise. `deliver`
+    /// must not block; `recv` must not be called afterwards.
+    pub fn recv_inline<M: prost::Message + Default>(
+        &self,
+        mut deliver: impl FnMut(Inbound<M>) + Send + 'static,
+    ) {
+        let mut reader = {
+            let mut recv = plock(&self.recv);
+            std::mem::replace(&mut recv.reader, MessageReader::new(0))
+        };
+        let mut ended = false;
+        self.stream.tap(Box::new(move |tapped| {
+            if ended {
+                return;
+            }
+            let end = match tapped {
+                h2::Tapped::Event(Event::Data(data)) => {
+                    reader.push(data);
+                    ended = !deliver_complete(&mut reader, &mut deliver);
+                    return;
+                }
+                // Request trailers carry nothing gRPC uses; the end follows.
+                h2::Tapped::Event(Event::Headers { .. }) => return,
+                h2::Tapped::End => {
+                    // What the reader held before the tap comes first.
+                    if !deliver_complete(&mut reader, &mut deliver) {
+                        ended = true;
+                        return;
+                    }
+                    if reader.has_partial() {
+                        Err(Status::new(
+                            Code::INTERNAL,
+                            "request ended inside a message",
+                        ))
+                    } else {
+                        Ok(())
+                    }
+                }
+                h2::Tapped::Failed(err) => Err(Status::from_h2(&err)),
+            };
+            ended = true;
+            deliver(Inbound::End(end));
+        }));
     }
 
     /// Ends the call now with `status` and asks the client to stop sending

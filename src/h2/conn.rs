@@ -18,6 +18,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -167,6 +168,24 @@ pub enum Event {
     Data(Vec<u8>),
 }
 
+/// What a tapped stream's consumer receives (see [`Stream::tap`]), in
+/// the order the peer sent it.
+#[derive(Debug)]
+pub enum Tapped {
+    /// A data chunk, or a header block after the first (trailers).
+    Event(Event),
+    /// The peer ended the stream (after the data and trailers).
+    End,
+    /// The peer reset the stream, or the connection ended, before that.
+    Failed(Error),
+}
+
+/// A tapped stream's consumer. It runs on the connection's reader thread,
+/// outside the connection's lock, and must not block: every stream of the
+/// connection waits while it runs.
+pub type Tap = Box<dyn FnMut(Tapped) + Send>;
+type SharedTap = Arc<Mutex<Tap>>;
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Role {
     Client,
@@ -195,6 +214,10 @@ struct StreamState {
     blocks: u8,
     /// Threads sleeping on `cv` (a receiver, a sender).
     waiters: u32,
+    /// Where the peer's frames go instead of `events` ([`Stream::tap`]),
+    /// and whether it was given its last event.
+    tap: Option<SharedTap>,
+    tap_done: bool,
 }
 
 impl StreamState {
@@ -234,6 +257,9 @@ struct State {
     writing: bool,
     /// The buffer the next batch is swapped into (kept for its capacity).
     spare: Vec<u8>,
+    /// Events for tapped streams, in order, for the reader thread to
+    /// deliver once it has let go of the lock.
+    tap_pending: Vec<(SharedTap, Tapped)>,
 }
 
 struct Shared {
@@ -250,6 +276,8 @@ struct Shared {
     /// The transport's writer half, used by whoever holds `State::writing`;
     /// taken (dropped: TLS close_notify) when the writer thread ends.
     writer: Mutex<Option<Box<dyn Write + Send>>>,
+    /// A stream was ever tapped: the reader then looks for tap events.
+    tapped: AtomicBool,
 }
 
 fn lock(shared: &Shared) -> MutexGuard<'_, State> {
@@ -299,16 +327,50 @@ impl State {
             s.remote_closed = true;
             s.cv.notify_all();
         }
+        self.tap_event(id, || {
+            Tapped::Failed(Error::Reset {
+                stream: id,
+                code,
+                remote: false,
+            })
+        });
+    }
+
+    /// Queues an event for stream `id`'s tap, if it has one and has not had
+    /// its last event; returns whether the stream is tapped.
+    fn tap_event(&mut self, id: u32, event: impl FnOnce() -> Tapped) -> bool {
+        let State {
+            streams,
+            tap_pending,
+            ..
+        } = self;
+        let Some(s) = streams.get_mut(&id) else {
+            return false;
+        };
+        let Some(tap) = &s.tap else {
+            return false;
+        };
+        if !s.tap_done {
+            let event = event();
+            s.tap_done = matches!(event, Tapped::End | Tapped::Failed(_));
+            tap_pending.push((tap.clone(), event));
+        }
+        true
     }
 
     fn close(&mut self, shared: &Shared, err: Error) {
         if self.closed.is_some() {
             return;
         }
-        self.closed = Some(err);
-        for s in self.streams.values() {
+        for s in self.streams.values_mut() {
             s.cv.notify_all();
+            if let (Some(tap), false) = (&s.tap, s.tap_done) {
+                s.tap_done = true;
+                self.tap_pending
+                    .push((tap.clone(), Tapped::Failed(err.clone())));
+            }
         }
+        self.closed = Some(err);
         shared.conn_cv.notify_all();
         shared.writer_cv.notify_all();
     }
@@ -495,6 +557,7 @@ impl Connection {
             writer_waiting: false,
             writing: false,
             spare: Vec::new(),
+            tap_pending: Vec::new(),
         };
         let shared = Arc::new(Shared {
             state: Mutex::new(state),
@@ -506,6 +569,7 @@ impl Connection {
             secure,
             closer,
             writer: Mutex::new(Some(writer)),
+            tapped: AtomicBool::new(false),
         });
         let io_err = |err: io::Error| Error::Io {
             peer: shared.peer.clone(),
@@ -583,6 +647,8 @@ impl Connection {
             send_blocked: false,
             blocks: 0,
             waiters: 0,
+            tap: None,
+            tap_done: false,
         };
         state.streams.insert(id, stream);
         if let Err(err) = state.encode_headers(shared, id, fields, end_stream) {
@@ -944,6 +1010,66 @@ impl Stream {
         }
     }
 
+    /// Hands what the peer sends on this stream from now on to `tap`, on
+    /// the connection's reader thread, instead of queueing it for
+    /// [`Stream::recv`] (which must not be called afterwards): a consumer
+    /// that never blocks saves a thread hand-off per frame. Events already
+    /// queued go to `tap` first, on this thread. Data is credited back to
+    /// the peer as `tap` receives it, so `tap` bounds what it keeps.
+    /// [`Tapped::End`] or [`Tapped::Failed`] comes last, once; a reset from
+    /// this side is not reported.
+    pub fn tap(&self, tap: Tap) {
+        let tap: SharedTap = Arc::new(Mutex::new(tap));
+        // Held until the queued events are delivered: the reader's first
+        // events for the stream wait behind them.
+        let mut consumer = tap.lock().unwrap_or_else(PoisonError::into_inner);
+        let shared = &*self.shared;
+        let (events, last) = {
+            let mut state = lock(shared);
+            shared.tapped.store(true, Ordering::Relaxed);
+            let closed = state.closed.clone();
+            match state.streams.get_mut(&self.id) {
+                None => {
+                    let err = closed.unwrap_or(Error::Reset {
+                        stream: self.id,
+                        code: ErrorCode::STREAM_CLOSED,
+                        remote: false,
+                    });
+                    (VecDeque::new(), Some(Tapped::Failed(err)))
+                }
+                Some(s) => {
+                    s.tap = Some(tap.clone());
+                    let events = std::mem::take(&mut s.events);
+                    let last = match (s.reset, s.remote_closed, closed) {
+                        (Some((code, remote)), _, _) => Some(Tapped::Failed(Error::Reset {
+                            stream: self.id,
+                            code,
+                            remote,
+                        })),
+                        (None, true, _) => Some(Tapped::End),
+                        (None, false, Some(err)) => Some(Tapped::Failed(err)),
+                        (None, false, None) => None,
+                    };
+                    s.tap_done = last.is_some();
+                    let unread: usize = events
+                        .iter()
+                        .map(|e| if let Event::Data(d) = e { d.len() } else { 0 })
+                        .sum();
+                    if state.release(&shared.config, Some(self.id), unread as u32) {
+                        state.kick(shared);
+                    }
+                    (events, last)
+                }
+            }
+        };
+        for event in events {
+            consumer(Tapped::Event(event));
+        }
+        if let Some(last) = last {
+            consumer(last);
+        }
+    }
+
     /// Resets the stream with `code` (CANCEL to abandon a call).
     pub fn reset(&self, code: ErrorCode) {
         let shared = &*self.shared;
@@ -1155,6 +1281,9 @@ struct Reader {
     /// thread would preempt the reader, find the lock taken and sleep
     /// again).
     wake: Vec<Arc<Condvar>>,
+    /// Tap events taken from the state, being delivered (kept for its
+    /// capacity).
+    taps: Vec<(SharedTap, Tapped)>,
 }
 
 impl Reader {
@@ -1168,6 +1297,14 @@ impl Reader {
         for cv in self.wake.drain(..) {
             cv.notify_all();
         }
+    }
+}
+
+/// Gives each tap its events, in order (outside the connection's lock).
+fn deliver_taps(pending: &mut Vec<(SharedTap, Tapped)>) {
+    for (tap, event) in pending.drain(..) {
+        let mut consumer = tap.lock().unwrap_or_else(PoisonError::into_inner);
+        consumer(event);
     }
 }
 
@@ -1199,7 +1336,9 @@ fn read_loop(shared: &Shared, mut reader: Box<dyn Read + Send>) {
         (err, _) => err,
     };
     state.close(shared, err);
+    let mut taps = std::mem::take(&mut state.tap_pending);
     drop(state);
+    deliver_taps(&mut taps);
     // The writer flushes what is queued (a GOAWAY, say) and shuts the
     // socket down; nothing else for the reader to do.
 }
@@ -1268,6 +1407,7 @@ fn read_frames(shared: &Shared, reader: &mut dyn Read) -> Result<(), Fatal> {
         decoder,
         pending: None,
         wake: Vec::new(),
+        taps: Vec::new(),
     };
     let mut frames = frame::Decoder::new(shared.config.max_frame_size);
     const READ_SIZE: usize = 128 * 1024;
@@ -1295,6 +1435,10 @@ fn read_frames(shared: &Shared, reader: &mut dyn Read) -> Result<(), Fatal> {
             }
             Ok(())
         })();
+        if shared.tapped.load(Ordering::Relaxed) {
+            std::mem::swap(&mut r.taps, &mut lock(shared).tap_pending);
+            deliver_taps(&mut r.taps);
+        }
         r.wake_now();
         handled?;
         // Answers to the peer's frames (PING ACKs, RST_STREAMs) are queued
@@ -1358,20 +1502,32 @@ fn handle_frame(shared: &Shared, r: &mut Reader, frame: Frame) -> Result<(), Fat
             state.recv_window -= i64::from(flow_len);
             let padding = flow_len - data.len() as u32;
             let closed_id = state.is_closed_id(stream, shared.role);
+            // A tapped stream's data is taken at once: its credit goes back now.
+            let mut consumed = 0;
             let open = match state.streams.get_mut(&stream) {
                 Some(s) if !s.remote_closed => {
                     if i64::from(flow_len) > s.recv_window {
                         Err(ErrorCode::FLOW_CONTROL_ERROR)
                     } else {
                         s.recv_window -= i64::from(flow_len);
-                        if !data.is_empty() {
-                            s.events.push_back(Event::Data(data));
-                        }
                         if end_stream {
                             s.remote_closed = true;
                         }
-                        if s.waiters > 0 {
-                            r.wake_later(&s.cv);
+                        if s.tap.is_some() {
+                            consumed = data.len() as u32;
+                            if !data.is_empty() {
+                                state.tap_event(stream, || Tapped::Event(Event::Data(data)));
+                            }
+                            if end_stream {
+                                state.tap_event(stream, || Tapped::End);
+                            }
+                        } else {
+                            if !data.is_empty() {
+                                s.events.push_back(Event::Data(data));
+                            }
+                            if s.waiters > 0 {
+                                r.wake_later(&s.cv);
+                            }
                         }
                         Ok(())
                     }
@@ -1382,7 +1538,7 @@ fn handle_frame(shared: &Shared, r: &mut Reader, frame: Frame) -> Result<(), Fat
             };
             match open {
                 Ok(()) => {
-                    if state.release(&shared.config, Some(stream), padding) {
+                    if state.release(&shared.config, Some(stream), padding + consumed) {
                         state.kick(shared);
                     }
                     if end_stream {
@@ -1428,6 +1584,13 @@ fn handle_frame(shared: &Shared, r: &mut Reader, frame: Frame) -> Result<(), Fat
                     s.remote_closed = true;
                     s.cv.notify_all();
                     shared.conn_cv.notify_all();
+                    state.tap_event(stream, || {
+                        Tapped::Failed(Error::Reset {
+                            stream,
+                            code,
+                            remote: true,
+                        })
+                    });
                 }
                 None if closed_id => {}
                 None => {
@@ -1520,13 +1683,24 @@ fn handle_frame(shared: &Shared, r: &mut Reader, frame: Frame) -> Result<(), Fat
                 .goaway_received
                 .map_or(last_stream, |l| l.min(last_stream));
             state.goaway_received = Some(last);
+            let mut refused = Vec::new();
             for (&id, s) in state.streams.iter_mut() {
                 if s.local && id > last {
                     s.reset.get_or_insert((ErrorCode::REFUSED_STREAM, true));
                     s.local_closed = true;
                     s.remote_closed = true;
                     s.cv.notify_all();
+                    refused.push(id);
                 }
+            }
+            for id in refused {
+                state.tap_event(id, || {
+                    Tapped::Failed(Error::Reset {
+                        stream: id,
+                        code: ErrorCode::REFUSED_STREAM,
+                        remote: true,
+                    })
+                });
             }
             shared.conn_cv.notify_all();
             if code != ErrorCode::NO_ERROR {
@@ -1727,6 +1901,8 @@ fn headers_complete(shared: &Shared, r: &mut Reader, p: PendingBlock) -> Result<
             send_blocked: false,
             blocks: 0,
             waiters: 0,
+            tap: None,
+            tap_done: false,
         };
         state.streams.insert(id, stream);
         state.accept.push_back(id);
@@ -1748,14 +1924,21 @@ fn headers_complete(shared: &Shared, r: &mut Reader, p: PendingBlock) -> Result<
     {
         return stream_error(&mut state, ErrorCode::PROTOCOL_ERROR);
     }
-    s.events.push_back(Event::Headers {
-        fields,
-        end_stream: p.end_stream,
-    });
     if p.end_stream {
         s.remote_closed = true;
     }
-    r.wake_later(&s.cv);
+    let event = Event::Headers {
+        fields,
+        end_stream: p.end_stream,
+    };
+    if s.tap.is_some() {
+        // Trailers end the stream (checked above).
+        state.tap_event(id, || Tapped::Event(event));
+        state.tap_event(id, || Tapped::End);
+    } else {
+        s.events.push_back(event);
+        r.wake_later(&s.cv);
+    }
     if p.end_stream {
         state.maybe_finish(shared);
     }
@@ -2298,6 +2481,104 @@ mod tests {
         }
         assert_eq!(got, 1 << 20);
         sender.join().unwrap().unwrap();
+    }
+
+    /// What a tap saw, for the tests.
+    fn recorder() -> (Tap, std::sync::mpsc::Receiver<(String, Tapped)>) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let tap = Box::new(move |t: Tapped| {
+            let thread = std::thread::current().name().unwrap_or("").to_string();
+            let _ = tx.send((thread, t));
+        });
+        (tap, rx)
+    }
+
+    #[test]
+    fn a_tap_gets_queued_then_live_events_in_order_on_the_reader_and_returns_credit() {
+        let config = Config {
+            stream_window: 65_535,
+            ..Config::default()
+        };
+        let (conn, mut raw) = raw_pair(config, true);
+        raw.request(1);
+        raw.frame(kind::DATA, 0, 1, b"queued");
+        let s = conn.accept().unwrap();
+        s.recv().unwrap(); // the request headers
+        // Wait until the first DATA is queued, so the tap takes it over.
+        raw.frame(kind::PING, 0, 0, b"ordering");
+        raw.expect("PING ACK", |f| matches!(f, Frame::Ping { ack: true, .. }));
+        let (tap, seen) = recorder();
+        s.tap(tap);
+        let wait = Duration::from_secs(10);
+        let (thread, first) = seen.recv_timeout(wait).unwrap();
+        assert!(matches!(first, Tapped::Event(Event::Data(d)) if d == b"queued"));
+        assert_ne!(
+            thread, "h2-reader",
+            "queued events are delivered by the tapping thread"
+        );
+        // More than a quarter of the window: credit must come back unread.
+        for _ in 0..2 {
+            raw.frame(kind::DATA, 0, 1, &[7; 16_000]);
+        }
+        raw.expect("WINDOW_UPDATE", |f| {
+            matches!(f, Frame::WindowUpdate { stream: 1, .. })
+        });
+        let fields = [("x-trailer", "1")];
+        raw.headers(1, &fields, flag::END_HEADERS | flag::END_STREAM);
+        let mut got = 0;
+        while got < 32_000 {
+            let (thread, event) = seen.recv_timeout(wait).unwrap();
+            assert_eq!(thread, "h2-reader");
+            match event {
+                Tapped::Event(Event::Data(d)) => got += d.len(),
+                e => panic!("{e:?}"),
+            }
+        }
+        let (_, trailers) = seen.recv_timeout(wait).unwrap();
+        assert!(matches!(
+            trailers,
+            Tapped::Event(Event::Headers {
+                end_stream: true,
+                ..
+            })
+        ));
+        assert!(matches!(seen.recv_timeout(wait).unwrap().1, Tapped::End));
+        assert!(seen.try_recv().is_err(), "nothing after the end");
+    }
+
+    #[test]
+    fn a_tap_hears_of_a_reset_and_of_the_connection_ending() {
+        let (conn, mut raw) = server();
+        raw.request(1);
+        raw.request(3);
+        let (a, b) = (conn.accept().unwrap(), conn.accept().unwrap());
+        a.recv().unwrap();
+        b.recv().unwrap();
+        let (tap_a, seen_a) = recorder();
+        let (tap_b, seen_b) = recorder();
+        a.tap(tap_a);
+        b.tap(tap_b);
+        let wait = Duration::from_secs(10);
+        raw.frame(kind::RST_STREAM, 0, 1, &ErrorCode::CANCEL.0.to_be_bytes());
+        let (_, reset) = seen_a.recv_timeout(wait).unwrap();
+        assert!(
+            matches!(
+                reset,
+                Tapped::Failed(Error::Reset {
+                    stream: 1,
+                    remote: true,
+                    ..
+                })
+            ),
+            "{reset:?}"
+        );
+        drop(raw); // the peer goes away
+        let (_, gone) = seen_b.recv_timeout(wait).unwrap();
+        assert!(matches!(gone, Tapped::Failed(_)), "{gone:?}");
+        assert!(
+            seen_a.recv_timeout(Duration::from_millis(100)).is_err(),
+            "one last event"
+        );
     }
 
     #[test]

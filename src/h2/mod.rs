@@ -26,6 +26,6 @@ pub mod fuzzing;
 pub(crate) mod records;
 pub mod transport;
 
-pub use conn::{Closer, Config, Connection, Error, Event, Field, Stream};
+pub use conn::{Closer, Config, Connection, Error, Event, Field, Stream, Tap, Tapped};
 pub use frame::ErrorCode;
 pub use transport::{TlsSetup, Transport};

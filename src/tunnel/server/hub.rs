@@ -85,6 +85,11 @@ enum Delivery {
     Frontend(FrontendKey, Queue<ToFrontend>, ToFrontend),
 }
 
+/// What [`Hub::from_agent_nowait`] could not deliver without waiting (data
+/// for a frontend whose queue is full), and every frontend delivery after
+/// it, in order: for a thread that may wait to finish ([`Hub::finish`]).
+pub struct Deferred(Vec<Delivery>);
+
 impl Hub {
     pub fn new(
         strategies: Vec<Strategy>,
@@ -150,6 +155,24 @@ impl Hub {
     pub fn from_agent(&self, key: AgentKey, message: Message) {
         let actions = self.lock().router.from_agent(key, message, Instant::now());
         self.execute(actions, None);
+    }
+
+    /// [`Hub::from_agent`] for a caller that must not wait at all (the
+    /// agent connection's reader thread): what would wait comes back, to be
+    /// handed to [`Hub::finish`] on a thread that may, before anything else
+    /// from that agent.
+    pub fn from_agent_nowait(&self, key: AgentKey, message: Message) -> Option<Deferred> {
+        let actions = self.lock().router.from_agent(key, message, Instant::now());
+        let deliveries = self.decide(actions);
+        let mut deferred = Vec::new();
+        self.deliver(deliveries, None, Some(&mut deferred));
+        (!deferred.is_empty()).then_some(Deferred(deferred))
+    }
+
+    /// Makes the deliveries [`Hub::from_agent_nowait`] left, waiting as
+    /// [`Hub::from_agent`] does (a frontend that stays full is too slow).
+    pub fn finish(&self, deferred: Deferred) {
+        self.deliver(deferred.0, None, None);
     }
 
     /// Registers a frontend; returns its key and the queue its writer reads.
@@ -243,6 +266,12 @@ impl Hub {
     /// reader is calling, which may wait for room in its agent's queue.
     /// Returns false if that frontend must give up.
     fn execute(&self, actions: Vec<Action>, blocking_for: Option<FrontendKey>) -> bool {
+        let deliveries = self.decide(actions);
+        self.deliver(deliveries, blocking_for, None)
+    }
+
+    /// The deliveries the router's decisions make (under the lock).
+    fn decide(&self, actions: Vec<Action>) -> Vec<Delivery> {
         let mut deliveries = Vec::with_capacity(actions.len());
         {
             let state = self.lock();
@@ -286,9 +315,40 @@ impl Hub {
             }
             self.update_gauges(&state);
         }
+        deliveries
+    }
+
+    /// Queues `deliveries`. With `defer`, nothing waits: data for a full
+    /// frontend queue, and every frontend delivery after it, go there.
+    fn deliver(
+        &self,
+        deliveries: Vec<Delivery>,
+        blocking_for: Option<FrontendKey>,
+        mut defer: Option<&mut Vec<Delivery>>,
+    ) -> bool {
         let mut keep_going = true;
         let mut too_slow = Vec::new();
         for delivery in deliveries {
+            let delivery = match (defer.as_deref_mut(), delivery) {
+                (Some(deferred), delivery @ Delivery::Frontend(..)) if !deferred.is_empty() => {
+                    deferred.push(delivery);
+                    continue;
+                }
+                (
+                    Some(deferred),
+                    Delivery::Frontend(
+                        frontend,
+                        queue,
+                        item @ ToFrontend::Message(Message::Data { .. }),
+                    ),
+                ) => {
+                    if let Err(Rejected::Full(item)) = queue.try_push(item) {
+                        deferred.push(Delivery::Frontend(frontend, queue, item));
+                    }
+                    continue;
+                }
+                (_, delivery) => delivery,
+            };
             match delivery {
                 Delivery::Agent(link, message) if blocking_for.is_some() => {
                     if let Err(Rejected::Full(_)) = link.send(message) {

@@ -8,16 +8,17 @@
 //! conversion between packets and the hub's messages.
 
 use std::cell::Cell;
-use std::sync::Arc;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
-use super::hub::{Hub, ToFrontend};
-use crate::grpc::{Code, ServerCall, Status};
+use super::hub::{Deferred, Hub, ToFrontend};
+use crate::grpc::{Code, Inbound, ServerCall, Status};
 use crate::tunnel::identifiers::Identifiers;
 use crate::tunnel::message::Message;
 use crate::tunnel::proto::Packet;
 use crate::tunnel::queue::{Pop, Queue};
-use crate::tunnel::router::DialFailure;
+use crate::tunnel::router::{AgentKey, DialFailure};
 
 pub const AGENT_PATH: &str = "/AgentService/Connect";
 pub const PROXY_PATH: &str = "/ProxyService/Proxy";
@@ -76,6 +77,123 @@ fn write_queue<T>(
     }
 }
 
+/// Packets from an agent that its connection's reader could not hand on
+/// without waiting, for the call's own thread; and the end of the stream.
+#[derive(Default)]
+struct Inbox {
+    state: Mutex<InboxState>,
+    ready: Condvar,
+}
+
+#[derive(Default)]
+struct InboxState {
+    backlog: VecDeque<Backlog>,
+    /// The call's thread is handing on an item taken from the backlog:
+    /// later packets queue behind it.
+    busy: bool,
+    end: Option<Result<(), Status>>,
+}
+
+enum Backlog {
+    Message(Message),
+    Deferred(Deferred),
+}
+
+/// Packets queued for the call's thread before the reader waits for it: a
+/// frontend that stays full holds the agent's packets up to a second
+/// (SLOW_GRACE) before it is closed, and the agent keeps sending.
+const INBOX_BACKLOG: usize = 256;
+
+impl Inbox {
+    fn lock(&self) -> MutexGuard<'_, InboxState> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Hands on the backlog until the stream's end has come and nothing is
+    /// left (on the call's thread, which may wait).
+    fn finish(&self, hub: &Hub, key: AgentKey, what: &str) {
+        let mut state = self.lock();
+        loop {
+            if let Some(item) = state.backlog.pop_front() {
+                state.busy = true;
+                drop(state);
+                self.ready.notify_all(); // room for a waiting reader
+                match item {
+                    Backlog::Message(message) => hub.from_agent(key, message),
+                    Backlog::Deferred(deferred) => hub.finish(deferred),
+                }
+                state = self.lock();
+                state.busy = false;
+                continue;
+            }
+            match &state.end {
+                Some(Ok(())) => return,
+                Some(Err(status)) => {
+                    log::debug!("{what}: stream ended: {status:?}");
+                    return;
+                }
+                None => {}
+            }
+            state = self
+                .ready
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
+/// The agent stream's consumer, on its connection's reader thread: each
+/// packet goes to the hub at once, unless it would wait (a full frontend
+/// queue) or the call's thread still has packets to hand on; those queue
+/// for the call's thread, in order.
+fn agent_tap(
+    hub: Arc<Hub>,
+    key: AgentKey,
+    agent_id: String,
+    inbox: Arc<Inbox>,
+) -> impl FnMut(Inbound<Packet>) + Send + 'static {
+    move |inbound| {
+        let message = match inbound {
+            Inbound::Message(packet) => match packet.and_then(Message::try_from) {
+                Ok(message) => message,
+                Err(e) => {
+                    log::warn!("agent {agent_id}: skipping a packet: {e}");
+                    return;
+                }
+            },
+            Inbound::End(end) => {
+                inbox.lock().end = Some(end);
+                inbox.ready.notify_all();
+                return;
+            }
+        };
+        if message == Message::Drain {
+            log::info!("agent {agent_id} is draining: new dials go to other agents");
+        }
+        let mut state = inbox.lock();
+        if state.backlog.is_empty() && !state.busy {
+            drop(state);
+            let Some(deferred) = hub.from_agent_nowait(key, message) else {
+                return;
+            };
+            state = inbox.lock();
+            state.backlog.push_back(Backlog::Deferred(deferred));
+        } else {
+            // Bounded: past it the reader waits, as a thread reading the
+            // stream itself would.
+            while state.backlog.len() >= INBOX_BACKLOG && state.end.is_none() {
+                state = inbox
+                    .ready
+                    .wait(state)
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
+            state.backlog.push_back(Backlog::Message(message));
+        }
+        drop(state);
+        inbox.ready.notify_all();
+    }
+}
+
 /// The `AgentService/Connect` handler.
 pub fn agent_handler(
     hub: Arc<Hub>,
@@ -118,13 +236,9 @@ pub fn agent_handler(
         let what = format!("agent {agent_id}");
         std::thread::scope(|scope| {
             scope.spawn(|| write_queue(call, &outbox, &what, |m| m, || true));
-            read_packets(call, &what, |message| {
-                if message == Message::Drain {
-                    log::info!("agent {agent_id} is draining: new dials go to other agents");
-                }
-                hub.from_agent(key, message);
-                true
-            });
+            let inbox = Arc::new(Inbox::default());
+            call.recv_inline(agent_tap(hub.clone(), key, agent_id.clone(), inbox.clone()));
+            inbox.finish(&hub, key, &what);
             hub.remove_agent(key); // closes the outbox, so the writer ends
         });
         hub.metrics
