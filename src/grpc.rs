@@ -599,12 +599,80 @@ impl ClientCall {
                 return Err(status);
             }
         };
+        recv.take(event);
+        Ok(())
+    }
+
+    /// Hands every response message from now on to `deliver`, decoded as
+    /// `M`, on the connection's reader thread as its frames arrive (see
+    /// [`ServerCall::recv_inline`]); then exactly one [`Inbound::End`]:
+    /// `Ok` for status OK, else what [`ClientCall::recv`] would have
+    /// returned (a message over the limit ends it too: cancel the call
+    /// then). `deliver` must not block; `recv` must not be called
+    /// afterwards.
+    pub fn recv_inline<M: prost::Message + Default>(
+        &self,
+        mut deliver: impl FnMut(Inbound<M>) + Send + 'static,
+    ) {
+        let mut recv = {
+            let mut recv = plock(&self.recv);
+            let headers = recv.headers.clone();
+            std::mem::replace(
+                &mut *recv,
+                ClientRecv {
+                    reader: MessageReader::new(0),
+                    headers,
+                    status: None,
+                },
+            )
+        };
+        let mut ended = false;
+        let mut consume = move |tapped: Option<h2::Tapped>| {
+            if ended {
+                return;
+            }
+            match tapped {
+                Some(h2::Tapped::Event(event)) => recv.take(Some(event)),
+                Some(h2::Tapped::End) => recv.take(None),
+                Some(h2::Tapped::Failed(err)) => {
+                    recv.status.get_or_insert(Status::from_h2(&err));
+                }
+                None => {} // what was buffered before the tap
+            }
+            if !deliver_complete(&mut recv.reader, &mut deliver) {
+                ended = true;
+                return;
+            }
+            let Some(status) = &recv.status else {
+                return;
+            };
+            ended = true;
+            deliver(Inbound::End(
+                if recv.reader.has_partial() && status.is_ok() {
+                    Err(Status::new(Code::INTERNAL, "call ended inside a message"))
+                } else if status.is_ok() {
+                    Ok(())
+                } else {
+                    Err(status.clone())
+                },
+            ));
+        };
+        consume(None);
+        self.stream
+            .tap(Box::new(move |tapped| consume(Some(tapped))));
+    }
+}
+
+impl ClientRecv {
+    /// Takes one event of the response (`None`: the stream's end).
+    fn take(&mut self, event: Option<Event>) {
+        let recv = self;
         match event {
             Some(Event::Headers { fields, end_stream }) if recv.headers.is_none() => {
                 let http = pseudo(&fields, ":status").unwrap_or(b"");
                 if http != b"200" {
                     recv.status = Some(http_status(http));
-                    return Ok(());
+                    return;
                 }
                 let grpc = pseudo(&fields, "content-type")
                     .is_some_and(|c| c.starts_with(b"application/grpc"));
@@ -613,7 +681,7 @@ impl ClientCall {
                         Code::UNKNOWN,
                         "response content-type is not application/grpc",
                     ));
-                    return Ok(());
+                    return;
                 }
                 recv.headers = Some(Metadata::from_fields(&fields));
                 if end_stream {
@@ -637,7 +705,6 @@ impl ClientCall {
                 ));
             }
         }
-        Ok(())
     }
 }
 

@@ -347,13 +347,20 @@ impl State {
         let Some(s) = streams.get_mut(&id) else {
             return false;
         };
-        let Some(tap) = &s.tap else {
+        if s.tap.is_none() && !s.tap_done {
             return false;
-        };
-        if !s.tap_done {
+        }
+        if let Some(tap) = &s.tap {
             let event = event();
-            s.tap_done = matches!(event, Tapped::End | Tapped::Failed(_));
-            tap_pending.push((tap.clone(), event));
+            let tap = if matches!(event, Tapped::End | Tapped::Failed(_)) {
+                // Its last event: the connection lets go of the consumer
+                // (which may own what owns this stream).
+                s.tap_done = true;
+                s.tap.take()
+            } else {
+                Some(tap.clone())
+            };
+            tap_pending.extend(tap.map(|tap| (tap, event)));
         }
         true
     }
@@ -364,10 +371,9 @@ impl State {
         }
         for s in self.streams.values_mut() {
             s.cv.notify_all();
-            if let (Some(tap), false) = (&s.tap, s.tap_done) {
+            if let Some(tap) = s.tap.take() {
                 s.tap_done = true;
-                self.tap_pending
-                    .push((tap.clone(), Tapped::Failed(err.clone())));
+                self.tap_pending.push((tap, Tapped::Failed(err.clone())));
             }
         }
         self.closed = Some(err);
@@ -1051,6 +1057,9 @@ impl Stream {
                         (None, false, None) => None,
                     };
                     s.tap_done = last.is_some();
+                    if s.tap_done {
+                        s.tap = None;
+                    }
                     let unread: usize = events
                         .iter()
                         .map(|e| if let Event::Data(d) = e { d.len() } else { 0 })
@@ -1513,7 +1522,7 @@ fn handle_frame(shared: &Shared, r: &mut Reader, frame: Frame) -> Result<(), Fat
                         if end_stream {
                             s.remote_closed = true;
                         }
-                        if s.tap.is_some() {
+                        if s.tap.is_some() || s.tap_done {
                             consumed = data.len() as u32;
                             if !data.is_empty() {
                                 state.tap_event(stream, || Tapped::Event(Event::Data(data)));
@@ -1931,7 +1940,7 @@ fn headers_complete(shared: &Shared, r: &mut Reader, p: PendingBlock) -> Result<
         fields,
         end_stream: p.end_stream,
     };
-    if s.tap.is_some() {
+    if s.tap.is_some() || s.tap_done {
         // Trailers end the stream (checked above).
         state.tap_event(id, || Tapped::Event(event));
         state.tap_event(id, || Tapped::End);

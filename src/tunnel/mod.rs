@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod connect;
 pub mod identifiers;
+pub mod inbox;
 pub mod listen;
 pub mod message;
 pub mod proto;

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use super::Config;
 use super::table::{Action, Table};
-use crate::grpc::{self, ClientCall};
+use crate::grpc::{self, ClientCall, Inbound};
 use crate::h2::conn::{Config as H2Config, Connection};
 use crate::h2::transport::{TlsSetup, Transport};
 use crate::http;
@@ -26,6 +26,7 @@ use crate::metrics::{Counter, Gauge, Histogram, LATENCY_BUCKETS, Registry};
 use crate::shutdown::{Shutdown, WorkerSet};
 use crate::sys::Connecting;
 use crate::tunnel::ReadBuf;
+use crate::tunnel::inbox::{self, Inbox};
 use crate::tunnel::message::{Bytes, Message};
 use crate::tunnel::proto::Packet;
 use crate::tunnel::queue::{MIN_TUNNEL_QUEUE, Pop, Queue, Rejected, SLOW_GRACE};
@@ -176,11 +177,20 @@ struct Stream {
     threads: WorkerSet,
 }
 
+/// What the connection's reader could not carry out without waiting.
+enum Backlog {
+    Message(Message),
+    Actions(Vec<Action<Dest>>),
+}
+
 /// Who runs [`Stream::execute`]: the stream's reader must never wait on
 /// the server (it would stop reading what frees the window); a dial or
 /// destination thread may.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Caller {
+    /// The connection's reader thread (the stream's tap): waits on nothing;
+    /// what would wait is handed back to the stream's thread.
+    Reader,
     StreamReader,
     MayWait,
 }
@@ -213,8 +223,16 @@ impl Stream {
         self.call.cancel();
     }
 
-    fn execute(self: &Arc<Self>, actions: Vec<Action<Dest>>, caller: Caller) {
-        for action in actions {
+    /// Carries out `actions`. For [`Caller::Reader`], the first one that
+    /// would wait (data for a destination whose queue is full) and all after
+    /// it come back, for the stream's thread.
+    fn execute(
+        self: &Arc<Self>,
+        actions: Vec<Action<Dest>>,
+        caller: Caller,
+    ) -> Option<Vec<Action<Dest>>> {
+        let mut actions = actions.into_iter();
+        while let Some(action) = actions.next() {
             match action {
                 Action::Reply(message) if caller == Caller::MayWait => {
                     let _ = self.send(message);
@@ -263,6 +281,11 @@ impl Stream {
                     // (started now if this is the first time) sends it.
                     self.start_writer(&dest);
                     let pushed = match dest.inner.queue.try_push(data) {
+                        Err(Rejected::Full(data)) if caller == Caller::Reader => {
+                            let mut rest = vec![Action::Deliver(connect_id, dest, data)];
+                            rest.extend(actions);
+                            return Some(rest);
+                        }
                         Err(Rejected::Full(data)) => {
                             dest.inner.queue.push_timeout(data, SLOW_GRACE)
                         }
@@ -287,6 +310,7 @@ impl Stream {
                 }
             }
         }
+        None
     }
 
     /// Dials for a DIAL_REQ, on the stream's reader. An IP literal is
@@ -623,25 +647,45 @@ fn serve_stream(
                 }
             }
         });
-        loop {
-            match call.recv_decoded::<Packet>() {
-                Ok(Some(packet)) => {
-                    let message = packet.and_then(Message::try_from);
-                    match message {
-                        Ok(message) => {
-                            let actions = lock(&stream.table).from_server(message);
-                            stream.execute(actions, Caller::StreamReader);
+        // Packets are handled on the connection's reader thread as they
+        // arrive; what would wait goes on here, in order.
+        let inbox = Arc::new(Inbox::new(inbox::BACKLOG));
+        let tap = {
+            let (stream, inbox, server_id) = (stream.clone(), inbox.clone(), server_id.clone());
+            move |inbound| {
+                let message = match inbound {
+                    Inbound::Message(packet) => match packet.and_then(Message::try_from) {
+                        Ok(message) => message,
+                        Err(e) => {
+                            log::warn!("server {server_id}: skipping a packet: {e}");
+                            return;
                         }
-                        Err(e) => log::warn!("server {server_id}: skipping a packet: {e}"),
+                    },
+                    Inbound::End(end) => return inbox.end(end),
+                };
+                inbox.offer(Backlog::Message(message), |item| match item {
+                    Backlog::Message(message) => {
+                        let actions = lock(&stream.table).from_server(message);
+                        stream
+                            .execute(actions, Caller::Reader)
+                            .map(Backlog::Actions)
                     }
-                }
-                Ok(None) => break,
-                Err(status) => {
-                    shared.metrics.server_failures.inc(&["from_server"]);
-                    log::info!("server {server_id}: stream ended: {status:?}");
-                    break;
-                }
+                    actions => Some(actions),
+                });
             }
+        };
+        call.recv_inline::<Packet>(tap);
+        let end = inbox.drain(|item| {
+            let actions = match item {
+                Backlog::Message(message) => lock(&stream.table).from_server(message),
+                Backlog::Actions(actions) => actions,
+            };
+            stream.execute(actions, Caller::StreamReader);
+        });
+        if let Err(status) = end {
+            shared.metrics.server_failures.inc(&["from_server"]);
+            log::info!("server {server_id}: stream ended: {status:?}");
+            call.cancel();
         }
         drop(reader_finished);
         let actions = lock(&stream.table).close_all();

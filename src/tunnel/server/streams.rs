@@ -8,13 +8,13 @@
 //! conversion between packets and the hub's messages.
 
 use std::cell::Cell;
-use std::collections::VecDeque;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use super::hub::{Deferred, Hub, ToFrontend};
 use crate::grpc::{Code, Inbound, ServerCall, Status};
 use crate::tunnel::identifiers::Identifiers;
+use crate::tunnel::inbox::{self, Inbox};
 use crate::tunnel::message::Message;
 use crate::tunnel::proto::Packet;
 use crate::tunnel::queue::{Pop, Queue};
@@ -77,80 +77,20 @@ fn write_queue<T>(
     }
 }
 
-/// Packets from an agent that its connection's reader could not hand on
-/// without waiting, for the call's own thread; and the end of the stream.
-#[derive(Default)]
-struct Inbox {
-    state: Mutex<InboxState>,
-    ready: Condvar,
-}
-
-#[derive(Default)]
-struct InboxState {
-    backlog: VecDeque<Backlog>,
-    /// The call's thread is handing on an item taken from the backlog:
-    /// later packets queue behind it.
-    busy: bool,
-    end: Option<Result<(), Status>>,
-}
-
+/// What an agent's reader thread could not hand to the hub without waiting.
 enum Backlog {
     Message(Message),
     Deferred(Deferred),
 }
 
-/// Packets queued for the call's thread before the reader waits for it: a
-/// frontend that stays full holds the agent's packets up to a second
-/// (SLOW_GRACE) before it is closed, and the agent keeps sending.
-const INBOX_BACKLOG: usize = 256;
-
-impl Inbox {
-    fn lock(&self) -> MutexGuard<'_, InboxState> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Hands on the backlog until the stream's end has come and nothing is
-    /// left (on the call's thread, which may wait).
-    fn finish(&self, hub: &Hub, key: AgentKey, what: &str) {
-        let mut state = self.lock();
-        loop {
-            if let Some(item) = state.backlog.pop_front() {
-                state.busy = true;
-                drop(state);
-                self.ready.notify_all(); // room for a waiting reader
-                match item {
-                    Backlog::Message(message) => hub.from_agent(key, message),
-                    Backlog::Deferred(deferred) => hub.finish(deferred),
-                }
-                state = self.lock();
-                state.busy = false;
-                continue;
-            }
-            match &state.end {
-                Some(Ok(())) => return,
-                Some(Err(status)) => {
-                    log::debug!("{what}: stream ended: {status:?}");
-                    return;
-                }
-                None => {}
-            }
-            state = self
-                .ready
-                .wait(state)
-                .unwrap_or_else(PoisonError::into_inner);
-        }
-    }
-}
-
 /// The agent stream's consumer, on its connection's reader thread: each
-/// packet goes to the hub at once, unless it would wait (a full frontend
-/// queue) or the call's thread still has packets to hand on; those queue
-/// for the call's thread, in order.
+/// packet goes to the hub at once; what would wait (a full frontend queue)
+/// and every packet after it queue for the call's thread, in order.
 fn agent_tap(
     hub: Arc<Hub>,
     key: AgentKey,
     agent_id: String,
-    inbox: Arc<Inbox>,
+    inbox: Arc<Inbox<Backlog>>,
 ) -> impl FnMut(Inbound<Packet>) + Send + 'static {
     move |inbound| {
         let message = match inbound {
@@ -161,36 +101,15 @@ fn agent_tap(
                     return;
                 }
             },
-            Inbound::End(end) => {
-                inbox.lock().end = Some(end);
-                inbox.ready.notify_all();
-                return;
-            }
+            Inbound::End(end) => return inbox.end(end),
         };
         if message == Message::Drain {
             log::info!("agent {agent_id} is draining: new dials go to other agents");
         }
-        let mut state = inbox.lock();
-        if state.backlog.is_empty() && !state.busy {
-            drop(state);
-            let Some(deferred) = hub.from_agent_nowait(key, message) else {
-                return;
-            };
-            state = inbox.lock();
-            state.backlog.push_back(Backlog::Deferred(deferred));
-        } else {
-            // Bounded: past it the reader waits, as a thread reading the
-            // stream itself would.
-            while state.backlog.len() >= INBOX_BACKLOG && state.end.is_none() {
-                state = inbox
-                    .ready
-                    .wait(state)
-                    .unwrap_or_else(PoisonError::into_inner);
-            }
-            state.backlog.push_back(Backlog::Message(message));
-        }
-        drop(state);
-        inbox.ready.notify_all();
+        inbox.offer(Backlog::Message(message), |item| match item {
+            Backlog::Message(message) => hub.from_agent_nowait(key, message).map(Backlog::Deferred),
+            deferred => Some(deferred),
+        });
     }
 }
 
@@ -236,9 +155,15 @@ pub fn agent_handler(
         let what = format!("agent {agent_id}");
         std::thread::scope(|scope| {
             scope.spawn(|| write_queue(call, &outbox, &what, |m| m, || true));
-            let inbox = Arc::new(Inbox::default());
+            let inbox = Arc::new(Inbox::new(inbox::BACKLOG));
             call.recv_inline(agent_tap(hub.clone(), key, agent_id.clone(), inbox.clone()));
-            inbox.finish(&hub, key, &what);
+            let end = inbox.drain(|item| match item {
+                Backlog::Message(message) => hub.from_agent(key, message),
+                Backlog::Deferred(deferred) => hub.finish(deferred),
+            });
+            if let Err(status) = end {
+                log::debug!("{what}: stream ended: {status:?}");
+            }
             hub.remove_agent(key); // closes the outbox, so the writer ends
         });
         hub.metrics
