@@ -9,6 +9,7 @@
 //! [`crate::tls`]), or install signal handling (the binary does).
 
 pub mod review;
+mod scan;
 pub mod server;
 
 use std::ffi::OsString;

@@ -4,14 +4,24 @@
 //! adds it, and the shape of the answer (`admission.k8s.io/v1` or
 //! `v1beta1`, echoing the request's version and uid).
 //! Must not: do I/O, log, or touch any field it does not patch. The review
-//! stays an untyped `serde_json::Value`, so fields this code does not know
-//! (new pod fields, extensions) cannot be lost: the patch only adds.
+//! is only read, never written back (the fast path scans the body with
+//! `webhook::scan`, the reference reads an untyped `serde_json::Value`),
+//! so fields this code does not know (new pod fields, extensions) cannot
+//! be lost: the patch only adds.
+//!
+//! Two paths, one decision: [`review`] scans the body once and reads the
+//! few fields it needs in place; [`review_value`] is the reference, and
+//! [`review`] hands it every body the scan is unsure of. Both feed the same
+//! `Patch` and `answer` code, so their answers are the same bytes (the
+//! tests and fuzz/fuzz_targets/review.rs check it).
 
 use std::fmt;
 
 use serde_json::Value;
 #[cfg(test)]
 use serde_json::json;
+
+use super::scan::{Scan, Scanner, Unsure};
 
 /// The variable the webhook sets.
 pub const VARIABLE: &str = "KUBERNETES_SERVICE_HOST";
@@ -75,18 +85,17 @@ impl Answer {
 
 /// Answers the review in `body` (JSON bytes) for the given FQDN.
 ///
-/// The common case is parsed into borrowed structs that skip every field
-/// the decision does not need (few allocations); anything those structs
-/// cannot take (odd types, duplicate keys) falls back to the untyped path,
-/// [`review_value`], which gives the same answer or the precise error.
+/// The common case is read by one strict pass of `webhook::scan` that
+/// validates the whole body and borrows the few fields the decision needs
+/// (no `Value` is built). Whatever that pass is unsure of (invalid
+/// JSON, odd types, duplicate keys, escapes in a field it reads) goes to
+/// the untyped path, [`review_value`], which gives the same answer or the
+/// precise error.
 pub fn review(body: &[u8], fqdn: &str) -> Result<Answer, Error> {
-    // JSON text is UTF-8; the borrowed parse does not check the parts it
-    // skips, so check it here (the untyped path then gives the error).
+    // The scan checks JSON syntax, not UTF-8; JSON text must be UTF-8.
     if let Ok(text) = std::str::from_utf8(body) {
-        if let Ok(typed::Object(typed)) =
-            serde_json::from_str::<typed::Object<typed::Review<'_>>>(text)
-        {
-            return review_typed(&typed, fqdn);
+        if let Ok(scanned) = scan_review(text) {
+            return review_scanned(&scanned, fqdn);
         }
     }
     let review: Value = serde_json::from_slice(body).map_err(Error::Json)?;
@@ -94,6 +103,7 @@ pub fn review(body: &[u8], fqdn: &str) -> Result<Answer, Error> {
 }
 
 /// What the decision needs to know about one container's `env`.
+#[derive(Clone, Copy)]
 enum Env {
     /// Absent or null.
     Missing,
@@ -112,13 +122,37 @@ fn wants_patch(operation: &str, group: &str, kind: &str, sub_resource: &str) -> 
         && sub_resource.is_empty()
 }
 
-/// A JSON string literal for `text`, escaped as needed.
-fn json_string(text: &str) -> String {
-    // Serialising a &str cannot fail.
-    serde_json::to_string(text).unwrap_or_else(|_| "\"\"".to_string())
+/// Appends `text` as a JSON string literal, escaped as serde_json
+/// escapes it (quotes, backslashes and control characters; nothing else).
+fn push_json_string(out: &mut String, text: &str) {
+    if text.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push('"');
+        out.push_str(text);
+        out.push('"');
+    } else {
+        // Serialising a &str cannot fail.
+        out.push_str(&serde_json::to_string(text).unwrap_or_else(|_| "\"\"".to_string()));
+    }
 }
 
-/// The patch under construction, as JSON text.
+/// Appends `n` in decimal.
+fn push_decimal(out: &mut String, mut n: usize) {
+    // A usize has at most 20 decimal digits.
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend(digits[at..].iter().map(|&d| char::from(d)));
+}
+
+/// The patch under construction, as JSON text (written piece by piece:
+/// `format!` and its temporaries were most of the patch's cost).
 struct Patch {
     text: String,
     operations: usize,
@@ -128,10 +162,12 @@ struct Patch {
 
 impl Patch {
     fn new(fqdn: &str) -> Patch {
-        let variable = format!(
-            "{{\"name\":\"{VARIABLE}\",\"value\":{}}}",
-            json_string(fqdn)
-        );
+        let mut variable = String::with_capacity(48 + fqdn.len());
+        variable.push_str("{\"name\":\"");
+        variable.push_str(VARIABLE);
+        variable.push_str("\",\"value\":");
+        push_json_string(&mut variable, fqdn);
+        variable.push('}');
         Patch {
             text: String::new(),
             operations: 0,
@@ -142,15 +178,33 @@ impl Patch {
     /// Adds the operation container `i` of `kind` (`initContainers` or
     /// `containers`) needs, if any.
     fn container(&mut self, kind: &str, i: usize, env: Env) {
-        let (suffix, value) = match env {
-            Env::Missing => ("", format!("[{}]", self.variable)),
-            Env::List { defined: false } => ("/-", self.variable.clone()),
+        // A missing `env` is set to a list of one; a list gets an append.
+        let append = match env {
+            Env::Missing => false,
+            Env::List { defined: false } => true,
             Env::List { defined: true } | Env::Malformed => return,
         };
-        self.text.push(if self.operations == 0 { '[' } else { ',' });
-        self.text.push_str(&format!(
-            "{{\"op\":\"add\",\"path\":\"/spec/{kind}/{i}/env{suffix}\",\"value\":{value}}}"
-        ));
+        if self.operations == 0 {
+            // Room for a few operations: one allocation for most pods.
+            self.text.reserve(4 * (64 + self.variable.len()));
+            self.text.push('[');
+        } else {
+            self.text.push(',');
+        }
+        self.text.push_str("{\"op\":\"add\",\"path\":\"/spec/");
+        self.text.push_str(kind);
+        self.text.push('/');
+        push_decimal(&mut self.text, i);
+        self.text.push_str(if append {
+            "/env/-\",\"value\":"
+        } else {
+            "/env\",\"value\":["
+        });
+        self.text.push_str(&self.variable);
+        if !append {
+            self.text.push(']');
+        }
+        self.text.push('}');
         self.operations += 1;
     }
 }
@@ -158,9 +212,9 @@ impl Patch {
 fn answer(api_version: &str, uid: &str, mut patch: Patch) -> Answer {
     let mut body = String::with_capacity(192 + patch.text.len() * 4 / 3);
     body.push_str("{\"apiVersion\":");
-    body.push_str(&json_string(api_version));
+    push_json_string(&mut body, api_version);
     body.push_str(",\"kind\":\"AdmissionReview\",\"response\":{\"uid\":");
-    body.push_str(&json_string(uid));
+    push_json_string(&mut body, uid);
     body.push_str(",\"allowed\":true");
     if patch.operations > 0 {
         patch.text.push(']');
@@ -248,144 +302,205 @@ fn pod_patch(pod: &Value, patch: &mut Patch) {
     }
 }
 
-fn review_typed(review: &typed::Review<'_>, fqdn: &str) -> Result<Answer, Error> {
-    let api_version = check_envelope(review.api_version.as_deref(), review.kind.as_deref())?;
-    let request = review.request.as_deref().ok_or(Error::MissingRequest)?;
-    let uid = request.uid.as_deref().ok_or(Error::MissingUid)?;
-    let kind = request.kind.as_deref();
+/// What the fast path found in a review: the fields the decision reads,
+/// borrowed from the body. A field that was absent or `null` is `None`
+/// (the reference treats both alike).
+struct Scanned<'a> {
+    api_version: Option<&'a str>,
+    kind: Option<&'a str>,
+    request: Option<ScannedRequest<'a>>,
+}
+
+struct ScannedRequest<'a> {
+    uid: Option<&'a str>,
+    /// `kind.group` and `kind.kind`.
+    group: Option<&'a str>,
+    kind: Option<&'a str>,
+    operation: Option<&'a str>,
+    sub_resource: Option<&'a str>,
+    /// `object.spec.initContainers` and `object.spec.containers`.
+    init_containers: Containers,
+    containers: Containers,
+}
+
+/// Containers one list may have on the fast path; a longer list goes to
+/// the reference (the bound keeps the scan free of allocation).
+const MAX_CONTAINERS: usize = 64;
+
+/// The `env` of each container of one list, in order.
+#[derive(Clone, Copy)]
+struct Containers {
+    envs: [Env; MAX_CONTAINERS],
+    len: usize,
+}
+
+impl Containers {
+    const NONE: Containers = Containers {
+        envs: [Env::Missing; MAX_CONTAINERS],
+        len: 0,
+    };
+
+    fn envs(&self) -> &[Env] {
+        self.envs.get(..self.len).unwrap_or_default()
+    }
+}
+
+/// Keeps the first value of a key and refuses a second: serde_json's
+/// `Value` keeps the last one, so a repeated key the decision reads goes
+/// to the reference.
+fn first<T>(slot: &mut Option<T>, value: T) -> Scan<()> {
+    if slot.is_some() {
+        return Err(Unsure);
+    }
+    *slot = Some(value);
+    Ok(())
+}
+
+/// Scans a whole review. Every field read must have the type the
+/// decision expects (or be `null`); anything else is [`Unsure`], as is
+/// anything the scanner itself is unsure of.
+fn scan_review(text: &str) -> Scan<Scanned<'_>> {
+    let mut scanner = Scanner::new(text);
+    let (mut api_version, mut kind, mut request) = (None, None, None);
+    scanner.object(|s, key| match key {
+        "apiVersion" => first(&mut api_version, s.nullable(Scanner::text)?),
+        "kind" => first(&mut kind, s.nullable(Scanner::text)?),
+        "request" => first(&mut request, s.nullable(scan_request)?),
+        _ => s.skip(),
+    })?;
+    scanner.finish()?;
+    Ok(Scanned {
+        api_version: api_version.flatten(),
+        kind: kind.flatten(),
+        request: request.flatten(),
+    })
+}
+
+fn scan_request<'a>(scanner: &mut Scanner<'a>) -> Scan<ScannedRequest<'a>> {
+    let (mut uid, mut group_kind, mut operation, mut sub_resource, mut pod) =
+        (None, None, None, None, None);
+    scanner.object(|s, key| match key {
+        "uid" => first(&mut uid, s.nullable(Scanner::text)?),
+        "kind" => first(&mut group_kind, s.nullable(scan_group_kind)?),
+        "operation" => first(&mut operation, s.nullable(Scanner::text)?),
+        "subResource" => first(&mut sub_resource, s.nullable(Scanner::text)?),
+        "object" => first(&mut pod, s.nullable(scan_pod)?),
+        _ => s.skip(),
+    })?;
+    let (group, kind) = group_kind.flatten().unwrap_or_default();
+    let (init_containers, containers) = pod
+        .flatten()
+        .unwrap_or((Containers::NONE, Containers::NONE));
+    Ok(ScannedRequest {
+        uid: uid.flatten(),
+        group,
+        kind,
+        operation: operation.flatten(),
+        sub_resource: sub_resource.flatten(),
+        init_containers,
+        containers,
+    })
+}
+
+/// `request.kind`: its group and kind.
+fn scan_group_kind<'a>(scanner: &mut Scanner<'a>) -> Scan<(Option<&'a str>, Option<&'a str>)> {
+    let (mut group, mut kind) = (None, None);
+    scanner.object(|s, key| match key {
+        "group" => first(&mut group, s.nullable(Scanner::text)?),
+        "kind" => first(&mut kind, s.nullable(Scanner::text)?),
+        _ => s.skip(),
+    })?;
+    Ok((group.flatten(), kind.flatten()))
+}
+
+/// `request.object`: the init containers and containers of its spec.
+fn scan_pod(scanner: &mut Scanner<'_>) -> Scan<(Containers, Containers)> {
+    let mut spec = None;
+    scanner.object(|s, key| match key {
+        "spec" => first(&mut spec, s.nullable(scan_spec)?),
+        _ => s.skip(),
+    })?;
+    Ok(spec
+        .flatten()
+        .unwrap_or((Containers::NONE, Containers::NONE)))
+}
+
+fn scan_spec(scanner: &mut Scanner<'_>) -> Scan<(Containers, Containers)> {
+    let (mut init_containers, mut containers) = (None, None);
+    scanner.object(|s, key| match key {
+        "initContainers" => first(&mut init_containers, s.nullable(scan_containers)?),
+        "containers" => first(&mut containers, s.nullable(scan_containers)?),
+        _ => s.skip(),
+    })?;
+    Ok((
+        init_containers.flatten().unwrap_or(Containers::NONE),
+        containers.flatten().unwrap_or(Containers::NONE),
+    ))
+}
+
+/// A list of containers, each an object.
+fn scan_containers(scanner: &mut Scanner<'_>) -> Scan<Containers> {
+    let mut list = Containers::NONE;
+    scanner.array(|s, i| {
+        let env = scan_container(s)?;
+        *list.envs.get_mut(i).ok_or(Unsure)? = env;
+        list.len = i + 1;
+        Ok(())
+    })?;
+    Ok(list)
+}
+
+/// A container's `env`: absent, `null`, or a list of objects.
+fn scan_container(scanner: &mut Scanner<'_>) -> Scan<Env> {
+    let mut env = None;
+    scanner.object(|s, key| match key {
+        "env" => first(&mut env, s.nullable(scan_env)?),
+        _ => s.skip(),
+    })?;
+    Ok(match env.flatten() {
+        None => Env::Missing,
+        Some(defined) => Env::List { defined },
+    })
+}
+
+/// Whether one entry of an `env` list is named [`VARIABLE`].
+fn scan_env(scanner: &mut Scanner<'_>) -> Scan<bool> {
+    let mut defined = false;
+    scanner.array(|s, _| {
+        let mut name = None;
+        s.object(|s, key| match key {
+            "name" => first(&mut name, s.nullable(Scanner::text)?),
+            _ => s.skip(),
+        })?;
+        defined |= name.flatten() == Some(VARIABLE);
+        Ok(())
+    })?;
+    Ok(defined)
+}
+
+/// [`review_value`] for a scanned review (the same decisions, in the same
+/// order, so the same answer or error).
+fn review_scanned(review: &Scanned<'_>, fqdn: &str) -> Result<Answer, Error> {
+    let api_version = check_envelope(review.api_version, review.kind)?;
+    let request = review.request.as_ref().ok_or(Error::MissingRequest)?;
+    let uid = request.uid.ok_or(Error::MissingUid)?;
     let mut patch = Patch::new(fqdn);
     if wants_patch(
-        request.operation.as_deref().unwrap_or(""),
-        kind.and_then(|k| k.group.as_deref()).unwrap_or(""),
-        kind.and_then(|k| k.kind.as_deref()).unwrap_or(""),
-        request.sub_resource.as_deref().unwrap_or(""),
+        request.operation.unwrap_or(""),
+        request.group.unwrap_or(""),
+        request.kind.unwrap_or(""),
+        request.sub_resource.unwrap_or(""),
     ) {
-        let spec = request
-            .object
-            .as_deref()
-            .and_then(|pod| pod.spec.as_deref());
         for (kind, containers) in [
-            (
-                "initContainers",
-                spec.and_then(|s| s.init_containers.as_ref()),
-            ),
-            ("containers", spec.and_then(|s| s.containers.as_ref())),
+            ("initContainers", &request.init_containers),
+            ("containers", &request.containers),
         ] {
-            for (i, container) in containers.into_iter().flatten().enumerate() {
-                let env = match &container.env {
-                    None => Env::Missing,
-                    Some(env) => Env::List {
-                        defined: env.iter().any(|var| var.name.as_deref() == Some(VARIABLE)),
-                    },
-                };
+            for (i, &env) in containers.envs().iter().enumerate() {
                 patch.container(kind, i, env);
             }
         }
     }
     Ok(answer(api_version, uid, patch))
-}
-
-/// Borrowed views of the few fields the decision reads. Unknown fields are
-/// skipped without being stored; any type surprise is a parse error, which
-/// sends the review down the untyped path instead. Every struct is read
-/// through [`Object`]: serde's derive also accepts a JSON array for a
-/// struct (fields by position), which the untyped path rightly refuses.
-mod typed {
-    use std::borrow::Cow;
-    use std::fmt;
-    use std::marker::PhantomData;
-    use std::ops::Deref;
-
-    use serde::de::value::MapAccessDeserializer;
-    use serde::de::{MapAccess, Visitor};
-    use serde::{Deserialize, Deserializer};
-
-    /// `T` from a JSON object only.
-    pub struct Object<T>(pub T);
-
-    impl<T> Deref for Object<T> {
-        type Target = T;
-        fn deref(&self) -> &T {
-            &self.0
-        }
-    }
-
-    impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
-        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-            struct Only<T>(PhantomData<T>);
-            impl<'de, T: Deserialize<'de>> Visitor<'de> for Only<T> {
-                type Value = T;
-                fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-                    f.write_str("a JSON object")
-                }
-                fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
-                    T::deserialize(MapAccessDeserializer::new(map))
-                }
-            }
-            deserializer.deserialize_map(Only(PhantomData)).map(Object)
-        }
-    }
-
-    #[derive(Deserialize)]
-    #[serde(rename_all = "camelCase")]
-    pub struct Review<'a> {
-        #[serde(borrow)]
-        pub api_version: Option<Cow<'a, str>>,
-        #[serde(borrow)]
-        pub kind: Option<Cow<'a, str>>,
-        #[serde(borrow)]
-        pub request: Option<Object<Request<'a>>>,
-    }
-
-    #[derive(Deserialize)]
-    #[serde(rename_all = "camelCase")]
-    pub struct Request<'a> {
-        #[serde(borrow)]
-        pub uid: Option<Cow<'a, str>>,
-        #[serde(borrow)]
-        pub kind: Option<Object<GroupKind<'a>>>,
-        #[serde(borrow)]
-        pub operation: Option<Cow<'a, str>>,
-        #[serde(borrow)]
-        pub sub_resource: Option<Cow<'a, str>>,
-        #[serde(borrow)]
-        pub object: Option<Object<Pod<'a>>>,
-    }
-
-    #[derive(Deserialize)]
-    pub struct GroupKind<'a> {
-        #[serde(borrow)]
-        pub group: Option<Cow<'a, str>>,
-        #[serde(borrow)]
-        pub kind: Option<Cow<'a, str>>,
-    }
-
-    #[derive(Deserialize)]
-    pub struct Pod<'a> {
-        #[serde(borrow)]
-        pub spec: Option<Object<Spec<'a>>>,
-    }
-
-    #[derive(Deserialize)]
-    #[serde(rename_all = "camelCase")]
-    pub struct Spec<'a> {
-        #[serde(borrow)]
-        pub init_containers: Option<Vec<Object<Container<'a>>>>,
-        #[serde(borrow)]
-        pub containers: Option<Vec<Object<Container<'a>>>>,
-    }
-
-    #[derive(Deserialize)]
-    pub struct Container<'a> {
-        #[serde(borrow)]
-        pub env: Option<Vec<Object<EnvVar<'a>>>>,
-    }
-
-    #[derive(Deserialize)]
-    pub struct EnvVar<'a> {
-        #[serde(borrow)]
-        pub name: Option<Cow<'a, str>>,
-    }
 }
 
 /// Standard base64 with padding (RFC 4648), as Kubernetes expects `patch`.
@@ -610,8 +725,8 @@ mod tests {
         assert!(review(deep.as_bytes(), FQDN).is_err());
     }
 
-    /// The typed fast path and the untyped reference agree on every input
-    /// the other tests use, and on inputs only the reference can take.
+    /// The scanned fast path and the untyped reference agree on every
+    /// input the other tests use, and on inputs only the reference can take.
     #[test]
     fn fast_path_agrees_with_the_reference() {
         let pod = json!({"spec": {"containers": [{"name": "a", "env": [{"name": VARIABLE}]}, {"name": "b"}]}});
@@ -642,7 +757,7 @@ mod tests {
             let reference = review_value(&input, FQDN).map_err(|e| e.to_string());
             assert_eq!(fast, reference, "{body}");
         }
-        // Escaped strings cannot be borrowed; they are still read right.
+        // The scan does not decode escapes; the reference reads them right.
         let body = r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"u\"\u00e9","kind":{"group":"","kind":"Pod"},"operation":"CREATE","object":{"spec":{"containers":[{"env":[{"name":"KUBERNETES_\u0053ERVICE_HOST"}]},{"env":[]}]}}}}"#;
         let fast = review(body.as_bytes(), FQDN).unwrap();
         let reference = review_value(&serde_json::from_str(body).unwrap(), FQDN).unwrap();
@@ -693,9 +808,10 @@ mod tests {
         }
     }
 
-    /// Found by fuzz/fuzz_targets/review.rs: the borrowed parse skipped
-    /// invalid UTF-8 inside a field it does not read and answered a body
-    /// the untyped path calls malformed.
+    /// Found by fuzz/fuzz_targets/review.rs (when the fast path was a
+    /// borrowed serde parse): a parse that skipped invalid UTF-8 inside a
+    /// field it does not read answered a body the untyped path calls
+    /// malformed. The scan does not check UTF-8 either; `review` does.
     #[test]
     fn invalid_utf8_is_malformed_on_both_paths() {
         let body = include_bytes!("../../tests/data/delete.json");
@@ -706,9 +822,10 @@ mod tests {
         assert!(matches!(review(&bad, FQDN), Err(Error::Json(_))));
     }
 
-    /// serde's derive takes a JSON array for a struct (fields by position);
-    /// the fast path must refuse that shape as the untyped path does, at
-    /// every level, and never patch a container that is not an object.
+    /// An array is not an object at any level (serde's derive, the fast
+    /// path before the scan, took one for a struct, fields by position):
+    /// the fast path refuses that shape as the untyped path does, and never
+    /// patches a container that is not an object.
     #[test]
     fn arrays_are_not_objects() {
         let top = br#"["admission.k8s.io/v1", "AdmissionReview", {"uid": "u"}]"#;
@@ -753,5 +870,320 @@ mod tests {
             assert_eq!(base64(plain.as_bytes()), encoded);
         }
         assert_eq!(base64(&[0xff, 0xfe, 0xfd]), "//79");
+    }
+
+    /// What `review` gives for `body`, what the reference gives (serde_json
+    /// and `review_value`), and whether the scan answered by itself.
+    fn both_paths(body: &[u8]) -> (Result<Answer, String>, Result<Answer, String>, bool) {
+        let fast = review(body, FQDN).map_err(|e| e.to_string());
+        let reference = serde_json::from_slice::<Value>(body)
+            .map_err(Error::Json)
+            .and_then(|value| review_value(&value, FQDN))
+            .map_err(|e| e.to_string());
+        let scanned = std::str::from_utf8(body).is_ok_and(|text| scan_review(text).is_ok());
+        (fast, reference, scanned)
+    }
+
+    /// Checks that `body` gets the reference's answer (or error), and that
+    /// the scan answered it by itself exactly when `scanned` says.
+    fn check(body: &str, scanned: bool) {
+        let (fast, reference, did_scan) = both_paths(body.as_bytes());
+        assert_eq!(fast, reference, "{body}");
+        assert_eq!(did_scan, scanned, "scanned? {body}");
+    }
+
+    /// A v1 CREATE review of a pod whose spec is `spec` (JSON text), with
+    /// `extra` (JSON members, may be empty) at the start of the request.
+    fn pod_review(extra: &str, spec: &str) -> String {
+        format!(
+            r#"{{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{{{extra}"uid":"u-1","kind":{{"group":"","version":"v1","kind":"Pod"}},"operation":"CREATE","object":{{"metadata":{{"name":"p"}},"spec":{spec}}}}}}}"#
+        )
+    }
+
+    /// Reviews the scan answers itself: the shapes real reviews take, and
+    /// everything JSON allows in the parts the decision does not read.
+    #[test]
+    fn scan_answers_common_shapes() {
+        for data in [
+            "admission.json",
+            "admission-v1beta1.json",
+            "pod-4k.json",
+            "delete.json",
+        ] {
+            let path = format!("{}/tests/data/{data}", env!("CARGO_MANIFEST_DIR"));
+            let body = std::fs::read_to_string(&path).unwrap();
+            check(&body, true);
+            // Whitespace everywhere JSON allows it.
+            let value: Value = serde_json::from_str(&body).unwrap();
+            check(&serde_json::to_string_pretty(&value).unwrap(), true);
+            let spaced = serde_json::to_string_pretty(&value)
+                .unwrap()
+                .replace("\n", "\r\n\t")
+                .replace(": ", " \n: \t");
+            check(&format!(" \t\r\n{spaced} \r\n\t "), true);
+        }
+        let skipped = [
+            // Escapes (all of them, and a surrogate pair) in strings and
+            // keys the decision does not read.
+            r#""s":"\"\\\/\b\f\n\r\t\u00e9\uD83D\uDE00\u0000\u001f","#,
+            r#""userInfo":{"k\u0069nd":"not the kind","\"":{"\u0000":[]}},"#,
+            // Every kind of value, empty containers, nesting.
+            r#""n":[0,-0,1.5,-12.25,0.000,123456789012345678901234567890,true,false,null,{},[],[[]],{"a":{"b":[{}]}}],"#,
+            r#""raw":"é ü ✓ 😀 \u007f","#,
+        ];
+        for extra in skipped {
+            check(&pod_review(extra, r#"{"containers":[{"name":"a"}]}"#), true);
+        }
+        let long_integer = format!(r#""big":{},"#, "9".repeat(300));
+        check(&pod_review(&long_integer, "{}"), true);
+        let specs = [
+            "{}",
+            "null",
+            r#"{"containers":[]}"#,
+            r#"{"containers":null,"initContainers":null}"#,
+            r#"{"containers":[{}],"initContainers":[{"env":null}]}"#,
+            r#"{"containers":[{"env":[]},{"env":[{}]},{"env":[{"name":null}]}]}"#,
+            r#"{"containers":[{"env":[{"name":"A","value":"1"},{"name":"KUBERNETES_SERVICE_HOST"}]}]}"#,
+            r#"{"containers":[{"env":[{"name":"KUBERNETES_SERVICE_HOST_X"},{"name":"kubernetes_service_host"}]}]}"#,
+            r#"{"initContainers":[{"env":[]}],"containers":[{},{"env":null}]}"#,
+            // containers before initContainers: the patch still lists the
+            // init containers first.
+            r#"{"containers":[{}],"initContainers":[{}]}"#,
+        ];
+        for spec in specs {
+            check(&pod_review("", spec), true);
+        }
+        // null wherever the decision reads a field.
+        for body in [
+            r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":null}"#,
+            r#"{"apiVersion":null,"kind":"AdmissionReview"}"#,
+            r#"{"apiVersion":"admission.k8s.io/v1","kind":null}"#,
+            r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":null}}"#,
+            r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"u","kind":null,"operation":null,"subResource":null,"object":null}}"#,
+            r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"u","kind":{"group":null,"kind":null},"operation":"CREATE","object":{"spec":{"containers":[{}]}}}}"#,
+            r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"u","operation":"CREATE","subResource":"status","kind":{"group":"","kind":"Pod"},"object":{"spec":{"containers":[{}]}}}}"#,
+        ] {
+            check(body, true);
+        }
+    }
+
+    /// Whatever the scan is unsure of goes to the reference, which gives
+    /// the same answer or error it gives for any body.
+    #[test]
+    fn scan_leaves_the_unsure_to_the_reference() {
+        let envelope = |members: &str| {
+            format!(r#"{{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview",{members}}}"#)
+        };
+        let request = |members: &str| envelope(&format!(r#""request":{{"uid":"u",{members}}}"#));
+        let pod = r#""kind":{"group":"","kind":"Pod"},"operation":"CREATE""#;
+        let mut bodies = vec![
+            // Duplicate keys the decision reads (serde_json keeps the last).
+            r#"{"apiVersion":"admission.k8s.io/v1","apiVersion":"admission.k8s.io/v2","kind":"AdmissionReview"}"#.to_string(),
+            envelope(r#""kind":"AdmissionReview""#),
+            envelope(r#""request":{"uid":"a"},"request":{"uid":"b"}"#),
+            request(r#""uid":"again""#),
+            request(r#""kind":{"group":"","kind":"Pod","kind":"Deployment"},"operation":"CREATE""#),
+            request(r#""kind":{"group":"","group":"apps","kind":"Pod"},"operation":"CREATE""#),
+            request(&format!(r#"{pod},"operation":"DELETE""#)),
+            request(&format!(r#"{pod},"subResource":"","subResource":"status""#)),
+            request(&format!(r#"{pod},"object":{{"spec":{{"containers":[{{}}]}}}},"object":null"#)),
+            request(&format!(r#"{pod},"object":{{"spec":{{"containers":[{{}}]}},"spec":{{}}}}"#)),
+            request(&format!(r#"{pod},"object":{{"spec":{{"containers":[{{}}],"containers":[]}}}}"#)),
+            request(&format!(r#"{pod},"object":{{"spec":{{"initContainers":[],"initContainers":[{{}}]}}}}"#)),
+            request(&format!(r#"{pod},"object":{{"spec":{{"containers":[{{"env":[],"env":null}}]}}}}"#)),
+            request(&format!(r#"{pod},"object":{{"spec":{{"containers":[{{"env":[{{"name":"KUBERNETES_SERVICE_HOST","name":"X"}}]}}]}}}}"#)),
+            // Types the decision does not expect.
+            r#"{"apiVersion":1,"kind":"AdmissionReview"}"#.to_string(),
+            r#"{"apiVersion":"admission.k8s.io/v1","kind":["AdmissionReview"]}"#.to_string(),
+            envelope(r#""request":"r""#),
+            envelope(r#""request":[{"uid":"u"}]"#),
+            envelope(r#""request":{"uid":5}"#),
+            request(r#""kind":"Pod","operation":"CREATE""#),
+            request(r#""kind":{"group":1,"kind":"Pod"},"operation":"CREATE""#),
+            request(r#""kind":{"group":"","kind":"Pod"},"operation":true"#),
+            request(&format!(r#"{pod},"subResource":{{}}"#)),
+            request(&format!(r#"{pod},"object":"not a pod""#)),
+            request(&format!(r#"{pod},"object":{{"spec":7}}"#)),
+            request(&format!(r#"{pod},"object":{{"spec":{{"containers":{{}}}}}}"#)),
+            request(&format!(r#"{pod},"object":{{"spec":{{"initContainers":"nope","containers":[{{}}]}}}}"#)),
+            request(&format!(r#"{pod},"object":{{"spec":{{"containers":[7,{{}}]}}}}"#)),
+            request(&format!(r#"{pod},"object":{{"spec":{{"containers":[[],{{}}]}}}}"#)),
+            request(&format!(r#"{pod},"object":{{"spec":{{"containers":[{{"env":"x"}},{{}}]}}}}"#)),
+            request(&format!(r#"{pod},"object":{{"spec":{{"containers":[{{"env":{{}}}},{{}}]}}}}"#)),
+            request(&format!(r#"{pod},"object":{{"spec":{{"containers":[{{"env":[7]}},{{}}]}}}}"#)),
+            request(&format!(r#"{pod},"object":{{"spec":{{"containers":[{{"env":[{{"name":1}}]}}]}}}}"#)),
+            request(&format!(r#"{pod},"object":{{"spec":{{"containers":[{{"env":[{{"name":["KUBERNETES_SERVICE_HOST"]}}]}}]}}}}"#)),
+            // Escapes in strings and keys the decision reads.
+            envelope(r#""request":{"uid":"u\u0031"}"#),
+            request(r#""kind":{"group":"","kind":"P\u006fd"},"operation":"CREATE""#),
+            request(&format!(r#"{pod},"object":{{"spec":{{"containers":[{{"env":[{{"name":"KUBERNETES_\u0053ERVICE_HOST"}}]}}]}}}}"#)),
+            r#"{"apiVersion":"admission.k8s.io/v1","\u006bind":"AdmissionReview"}"#.to_string(),
+            request(&format!(r#"{pod},"object":{{"spec":{{"c\u006fntainers":[{{}}]}}}}"#)),
+            request(r#""\u006bind":{"group":"","kind":"Pod"},"operation":"CREATE""#),
+            // Numbers serde_json might call out of range.
+            request(r#""n":1e400"#),
+            request(r#""n":1e5"#),
+            request(r#""n":-2.5E-3"#),
+            request(&format!(r#""n":{}"#, "9".repeat(301))),
+            request(&format!(r#""n":{}"#, "9".repeat(400))),
+        ];
+        // More containers than the scan keeps.
+        let many = vec!["{}"; MAX_CONTAINERS + 1].join(",");
+        bodies.push(request(&format!(
+            r#"{pod},"object":{{"spec":{{"containers":[{many}]}}}}"#
+        )));
+        // Top-level values that are not objects.
+        bodies.extend(["[]", "null", "\"review\"", "7"].map(String::from));
+        for body in &bodies {
+            check(body, false);
+        }
+        let exactly = vec!["{}"; MAX_CONTAINERS].join(",");
+        check(
+            &request(&format!(
+                r#"{pod},"object":{{"spec":{{"containers":[{exactly}]}}}}"#
+            )),
+            true,
+        );
+    }
+
+    /// Invalid JSON of every kind is never answered: the scan is unsure,
+    /// and the reference reports the error.
+    #[test]
+    fn invalid_json_is_malformed() {
+        let in_skipped = [
+            "\"a\u{1}b\"",
+            "\"tab\there\"",
+            "\"line\nbreak\"",
+            r#""\x""#,
+            r#""\'""#,
+            r#""\u12G4""#,
+            r#""\u12""#,
+            r#""\uD800""#,
+            r#""\uDC00""#,
+            r#""\uD800\u0041""#,
+            r#""\uD800\uD800""#,
+            r#""\uD800x""#,
+            r#""\uD800\n""#,
+            r#""unclosed"#,
+            "'single'",
+            "01",
+            "-01",
+            "-",
+            "1.",
+            ".5",
+            "+1",
+            "1e",
+            "1e+",
+            "0x10",
+            "NaN",
+            "Infinity",
+            "tru",
+            "nul",
+            "True",
+            "nulll",
+            "[1,]",
+            "[,1]",
+            "[1 2]",
+            r#"{"a":1,}"#,
+            r#"{"a" 1}"#,
+            r#"{"a":1 "b":2}"#,
+            r#"{a:1}"#,
+            r#"{"a"}"#,
+            "[1}",
+            r#"{"a":1]"#,
+            "[",
+            "/* comment */ 1",
+        ];
+        let mut bodies: Vec<String> = in_skipped
+            .iter()
+            .map(|value| pod_review(&format!(r#""x":{value},"#), "{}"))
+            .collect();
+        let valid = pod_review("", r#"{"containers":[{}]}"#);
+        bodies.extend([
+            String::new(),
+            " ".to_string(),
+            format!("\u{feff}{valid}"),
+            format!("{valid} x"),
+            format!("{valid}{valid}"),
+            format!("{valid},"),
+            valid[..valid.len() - 1].to_string(),
+            format!("{valid}}}"),
+            // Non-whitespace control characters between tokens.
+            valid.replacen(',', ",\u{b}", 1),
+            valid.replacen(':', "\u{c}:", 1),
+        ]);
+        for body in &bodies {
+            assert!(
+                serde_json::from_str::<Value>(body).is_err(),
+                "serde_json takes {body}"
+            );
+            assert!(
+                matches!(review(body.as_bytes(), FQDN), Err(Error::Json(_))),
+                "answered: {body}"
+            );
+        }
+    }
+
+    /// The scan takes the nesting serde_json takes (127 levels) and no
+    /// more; deeper bodies are malformed on both paths.
+    #[test]
+    fn nesting_limit_is_serde_jsons() {
+        // The review itself is one level; its request two.
+        for (open, close) in [("[", "]"), (r#"{"a":"#, "}")] {
+            let nested = |levels: usize| {
+                pod_review(
+                    &format!(
+                        r#""deep":{}0{},"#,
+                        open.repeat(levels),
+                        close.repeat(levels)
+                    ),
+                    "{}",
+                )
+            };
+            check(&nested(super::super::scan::MAX_DEPTH - 2), true);
+            let too_deep = nested(super::super::scan::MAX_DEPTH - 1);
+            let err = serde_json::from_str::<Value>(&too_deep).unwrap_err();
+            assert!(err.to_string().contains("recursion limit"), "{err}");
+            assert!(matches!(
+                review(too_deep.as_bytes(), FQDN),
+                Err(Error::Json(_))
+            ));
+        }
+    }
+
+    /// The answer's exact bytes (as before the scan replaced the serde
+    /// parse, and the patch was written without `format!`).
+    #[test]
+    fn answer_bytes_are_stable() {
+        let body = include_bytes!("../../tests/data/admission.json");
+        assert_eq!(
+            review(body, FQDN).unwrap().body,
+            r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","response":{"uid":"705ab4f5-6393-11e8-b7cc-42010a800002","allowed":true,"patchType":"JSONPatch","patch":"W3sib3AiOiJhZGQiLCJwYXRoIjoiL3NwZWMvaW5pdENvbnRhaW5lcnMvMC9lbnYiLCJ2YWx1ZSI6W3sibmFtZSI6IktVQkVSTkVURVNfU0VSVklDRV9IT1NUIiwidmFsdWUiOiJmb28uYmFyLiJ9XX0seyJvcCI6ImFkZCIsInBhdGgiOiIvc3BlYy9jb250YWluZXJzLzAvZW52IiwidmFsdWUiOlt7Im5hbWUiOiJLVUJFUk5FVEVTX1NFUlZJQ0VfSE9TVCIsInZhbHVlIjoiZm9vLmJhci4ifV19XQ=="}}"#
+        );
+        let body = br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"u\"\\\u0001\u00e9/","kind":{"group":"","kind":"Pod"},"operation":"CREATE","object":{"spec":{"containers":[{}]}}}}"#;
+        let answer = review(body, "a\"b").unwrap();
+        assert_eq!(
+            answer.body,
+            r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","response":{"uid":"u\"\\\u0001é/","allowed":true,"patchType":"JSONPatch","patch":"W3sib3AiOiJhZGQiLCJwYXRoIjoiL3NwZWMvY29udGFpbmVycy8wL2VudiIsInZhbHVlIjpbeyJuYW1lIjoiS1VCRVJORVRFU19TRVJWSUNFX0hPU1QiLCJ2YWx1ZSI6ImFcImIifV19XQ=="}}"#
+        );
+        assert_eq!(
+            answer.patch,
+            r#"[{"op":"add","path":"/spec/containers/0/env","value":[{"name":"KUBERNETES_SERVICE_HOST","value":"a\"b"}]}]"#
+        );
+        let many = format!(
+            r#"{{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{{"uid":"u","kind":{{"group":"","kind":"Pod"}},"operation":"CREATE","object":{{"spec":{{"containers":[{}]}}}}}}}}"#,
+            [r#"{"env":[]}"#; 12].join(",")
+        );
+        let answer = review(many.as_bytes(), FQDN).unwrap();
+        assert!(
+            answer
+                .patch
+                .contains(r#""path":"/spec/containers/11/env/-","value":{"name""#)
+        );
+        assert!(
+            answer
+                .patch
+                .contains(r#""path":"/spec/containers/0/env/-""#)
+        );
     }
 }
