@@ -367,7 +367,7 @@ def head_of_line(sink, uds):
         v.ratio("stalled", "clean") >= 0.90)
 
 
-def idle_run(n, squid=False):
+def idle_run(n, squid=False, uds=True):
     """n idle tunnels through a fresh proxy-server and proxy-agent (or a fresh squid)."""
     hold = start([LOAD, "sink", "--hold"], "hold", stdout=subprocess.PIPE)
     port = int(hold.stdout.readline())
@@ -380,7 +380,7 @@ def idle_run(n, squid=False):
                             "--pids", p.pid)
             finally:
                 stop(p)
-        t = Tunnel("http-connect", uds=True)
+        t = Tunnel("http-connect", uds=uds)
         try:
             return load("idle", *t.via, *target, "--pids", f"{t.server.pid},{t.agent.pid}")
         finally:
@@ -408,6 +408,8 @@ def idle():
                      f"raise it; it holds {n} and reports the cost per tunnel.")
     log(f"idle: {n} tunnels ({per_fd:.1f} descriptors per tunnel, limit {limit})")
     r = idle_run(n)
+    log(f"idle: {n} tunnels over mTLS TCP")
+    tls = idle_run(n, uds=False)["procs"][0]
     log(f"idle: {n} tunnels through squid")
     sq = idle_run(n, squid=True)["procs"][0]
     sq_per = (sq["rss_kib"] - sq["rss_kib_before"]) / n
@@ -420,6 +422,9 @@ def idle():
             f"{sq['fds_before']} -> {sq['fds']}", None,
             f"(ours: {(p['threads'] - p['threads_before']) / n:.2f} threads, "
             f"{(p['fds'] - p['fds_before']) / n:.2f} descriptors per tunnel)")
+    per = (tls["rss_kib"] - tls["rss_kib_before"]) / n
+    row(f"5. ... proxy-server RSS per tunnel over mTLS TCP (each client's TLS handshake on its tunnel's thread)",
+        f"{per:.1f} KiB", f"squid {sq_per:.1f} KiB (plain)", per / sq_per if sq_per > 0 else None, "", None)
 
 
 WRK_LUA = """wrk.method = "POST"

@@ -58,10 +58,15 @@ const HEADER: usize = 5;
 /// bytes of expansion (§5.2), TLS 1.2 2048 (RFC 5246 §6.2.3).
 const MAX_CIPHERTEXT_13: usize = MAX_PLAINTEXT + 256;
 const MAX_CIPHERTEXT_12: usize = MAX_PLAINTEXT + 2048;
-/// The reader's buffer: one largest record at first, doubled while reads
-/// fill it (bulk transfers), up to [`READ_MAX`]. An idle connection holds
-/// the first size.
+/// One largest record: the handshake's buffers.
 const READ_FIRST: usize = HEADER + MAX_CIPHERTEXT_12;
+/// The reader's buffer after the handshake: [`READ_START`] bytes at the
+/// first read, doubled whenever a read fills it (a record larger than
+/// what is free, or a bulk transfer), up to [`READ_MAX`]. An idle
+/// connection holds the first size: zeroed before the first read, a
+/// buffer of one largest record would cost each idle TLS tunnel 18 KiB
+/// of resident memory.
+const READ_START: usize = 1024;
 const READ_MAX: usize = 128 * 1024;
 /// Plaintext encrypted per `write` call: the records of one `writev`.
 const WRITE_CHUNK: usize = 256 * 1024;
@@ -416,9 +421,9 @@ impl Session {
         };
         let mut ciphertext = self.leftovers.ciphertext;
         let end = ciphertext.len();
-        if end == 0 {
-            ciphertext = Vec::new(); // allocated at the first read
-        }
+        // Allocated at the first read, or only as large as what is left:
+        // the handshake's buffer held one largest record.
+        ciphertext.shrink_to(if end == 0 { 0 } else { end.max(READ_START) });
         let reader = RecordReader {
             sock: SharedSocket(sock.clone()),
             keys: self.keys.clone(),
@@ -620,13 +625,16 @@ impl<S: Socket> RecordReader<S> {
     /// only when less than one record is buffered and no plaintext waits,
     /// so moving the partial record to the front loses nothing.
     fn fill(&mut self) -> io::Result<bool> {
-        if self.buf.len() < READ_FIRST {
-            self.buf.resize(READ_FIRST, 0);
-        }
-        if self.start > 0 && self.buf.len() - self.end < READ_FIRST / 2 {
+        if self.start > 0 && self.buf.len() - self.end < self.buf.len() / 2 {
             self.buf.copy_within(self.start..self.end, 0);
             self.end -= self.start;
             self.start = 0;
+        }
+        if self.end == self.buf.len() {
+            // Full (a partial record as long as the buffer), or not yet
+            // allocated. READ_MAX holds any record.
+            let grown = (2 * self.buf.len()).clamp(READ_START, READ_MAX);
+            self.buf.resize(grown, 0);
         }
         let room = self.buf.len() - self.end;
         let n = self.sock.read(&mut self.buf[self.end..])?;

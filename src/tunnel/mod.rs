@@ -18,16 +18,17 @@ pub mod server;
 pub mod test_client;
 pub mod test_server;
 
-/// A socket read buffer that starts at one page and doubles, up to its
-/// maximum, each time a read fills it: an idle tunnel holds 4 KiB rather
-/// than a full chunk, a busy one soon reads whole chunks.
+/// A socket read buffer that starts at 1 KiB and doubles, up to its
+/// maximum, each time a read fills it: an idle tunnel holds 1 KiB (zeroed,
+/// so resident) rather than a full chunk, a busy one reads whole chunks
+/// after seven reads.
 pub struct ReadBuf {
     buf: Vec<u8>,
     max: usize,
 }
 
 impl ReadBuf {
-    const FIRST: usize = 4096;
+    const FIRST: usize = 1024;
 
     pub fn new(max: usize) -> ReadBuf {
         ReadBuf {
@@ -82,12 +83,12 @@ mod tests {
             got.extend_from_slice(bytes);
         }
         assert_eq!(got, data);
-        assert_eq!(&sizes[..5], &[4096, 8192, 16384, 32768, 32768]);
+        assert_eq!(&sizes[..7], &[1024, 2048, 4096, 8192, 16384, 32768, 32768]);
         // A limit caps one read; a quiet source never grows it.
         let mut small = ReadBuf::new(32 * 1024);
         let mut src = &data[..];
         assert_eq!(small.read_from(&mut src, 10).unwrap().len(), 10);
         assert_eq!(small.read_from(&mut &b"abc"[..], 100).unwrap(), b"abc");
-        assert_eq!(small.buf.len(), 4096);
+        assert_eq!(small.buf.len(), 1024);
     }
 }
