@@ -977,8 +977,9 @@ mod tests {
         assert_eq!(read_exactly(&mut peer, 2), b"up");
     }
 
-    #[test]
-    fn a_tampered_record_is_an_error_not_data() {
+    /// Our server side over a socket pair, and a rustls client whose
+    /// records the test writes to the socket itself.
+    fn hand_driven_client() -> (Halves, rustls::ClientConnection, UnixStream) {
         let (ours, mut theirs) = UnixStream::pair().unwrap();
         ours.set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
@@ -992,7 +993,6 @@ mod tests {
             session.split(ours).unwrap()
         });
         let mut client = their_client(&rustls::version::TLS13);
-        // Drive their handshake by hand, then flip a bit in a record.
         while client.is_handshaking() {
             while client.wants_write() {
                 client.write_tls(&mut theirs).unwrap();
@@ -1005,7 +1005,12 @@ mod tests {
         while client.wants_write() {
             client.write_tls(&mut theirs).unwrap();
         }
-        let (mut reader, _writer) = side.join().unwrap();
+        (side.join().unwrap(), client, theirs)
+    }
+
+    #[test]
+    fn a_tampered_record_is_an_error_not_data() {
+        let ((mut reader, _writer), mut client, mut theirs) = hand_driven_client();
         client.writer().write_all(b"secret").unwrap();
         let mut record = Vec::new();
         client.write_tls(&mut record).unwrap();
@@ -1014,6 +1019,32 @@ mod tests {
         theirs.write_all(&record).unwrap();
         let err = reader.read(&mut [0; 16]).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
+    }
+
+    #[test]
+    fn records_larger_than_the_first_buffer_arriving_in_pieces_are_read_whole() {
+        let ((mut reader, _writer), mut client, mut theirs) = hand_driven_client();
+        // A small record, then two of the largest, sent a few bytes at a
+        // time: the reader's buffer starts at READ_START and must grow to
+        // hold a record that does not fit, or move a partial one forward.
+        let data = [pattern(10, 3), pattern(2 * MAX_PLAINTEXT, 5)].concat();
+        client.writer().write_all(&data).unwrap();
+        let mut records = Vec::new();
+        while client.wants_write() {
+            client.write_tls(&mut records).unwrap();
+        }
+        assert!(records.len() > 2 * MAX_PLAINTEXT && READ_START < MAX_PLAINTEXT);
+        let receiving = std::thread::spawn(move || {
+            let got = read_exactly(&mut reader, data.len());
+            (got == data, reader.buf.len())
+        });
+        for piece in records.chunks(333) {
+            theirs.write_all(piece).unwrap();
+            std::thread::yield_now();
+        }
+        let (same, size) = receiving.join().unwrap();
+        assert!(same, "the bytes differ");
+        assert!(size <= READ_MAX, "{size}");
     }
 
     #[test]
