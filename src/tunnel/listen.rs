@@ -1,7 +1,9 @@
-//! The server's listeners: TCP or Unix sockets, an accept thread each, one
-//! owned thread per connection, a shared cap on open connections, and the
-//! shutdown path (stop accepting; on [`Listeners::close_all`], shut every
-//! socket down so that blocked reads return).
+//! The server's listeners: TCP or Unix sockets, one owned thread per
+//! connection, a shared cap on open connections, and the shutdown path
+//! (stop accepting; on [`Listeners::close_all`], shut every socket down so
+//! that blocked reads return). A listener is held by one pooled thread at
+//! a time, its leader, which accepts a connection, hands the listener on
+//! and serves the connection itself ([`Leader`]).
 //!
 //! Over the cap, a connection gets its listener's [`Refuse`] answer (a 503,
 //! a GOAWAY) on a short-lived thread, at most [`REFUSERS`] at once, so that
@@ -215,40 +217,29 @@ impl Listeners {
         on_refused: Arc<dyn Fn() + Send + Sync>,
     ) -> io::Result<()> {
         listener.set_nonblocking()?;
-        let open = self.open.clone();
-        let shutdown = self.shutdown.clone();
-        let max = self.max_connections;
-        let thread_name = format!("accept-{name}");
-        let conn_name = name.to_string();
-        let worker = Worker::spawn(&thread_name, move || {
-            let fds = [listener.fd(), shutdown.as_raw_fd()];
-            let mut refusals = RefusalLog::default();
-            while !shutdown.is_triggered() {
-                match listener.accept() {
-                    Ok(conn) => {
-                        if open.count.load(Ordering::Acquire) >= max {
-                            refusals.note(&conn_name, max, &conn.peer());
-                            on_refused();
-                            match &refuse {
-                                Some(refuse) => start_refusal(&open, &conn_name, conn, refuse),
-                                None => conn.shutdown(),
-                            }
-                            continue;
-                        }
-                        start_connection(&open, &conn_name, conn, serve.clone());
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                        let _ = sys::poll_readable(&fds, None);
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        // EMFILE and friends: back off briefly rather than spin.
-                        log::error!("{conn_name}: accept: {e}");
-                        let _ = shutdown.wait_timeout(std::time::Duration::from_millis(100));
-                    }
+        let ended = Arc::new(Ended::default());
+        let leader = Box::new(Leader {
+            listener,
+            open: self.open.clone(),
+            shutdown: self.shutdown.clone(),
+            max: self.max_connections,
+            name: name.to_string(),
+            serve,
+            refuse,
+            on_refused,
+            refusals: RefusalLog::default(),
+            ended: ended.clone(),
+        });
+        // This thread only waits for the leaders to end (at shutdown), so
+        // that joining it means the listener is closed.
+        let worker = Worker::spawn(&format!("accept-{name}"), move || {
+            if let Err(leader) = leader.hand_on() {
+                log::error!("{}: no thread to accept on; accepting here", leader.name);
+                if let Some(accepted) = leader.lead() {
+                    accepted.refuse_now();
                 }
             }
-            drop(listener);
+            ended.wait();
         })?;
         self.acceptors.push(worker);
         Ok(())
@@ -336,21 +327,155 @@ fn start_refusal(open: &Arc<Open>, name: &str, conn: Conn, refuse: &Refuse) {
     }
 }
 
-fn start_connection(open: &Arc<Open>, name: &str, conn: Conn, serve: Serve) {
-    let id = open.next.fetch_add(1, Ordering::Relaxed);
-    lock(&open.closers).insert(id, conn.clone());
-    open.count.fetch_add(1, Ordering::AcqRel);
-    let owner = open.clone();
-    let spawned = open.workers.spawn(&format!("conn-{name}"), move || {
-        serve(conn);
-        lock(&owner.closers).remove(&id);
-        owner.count.fetch_sub(1, Ordering::AcqRel);
-    });
-    if let Err(e) = spawned {
-        log::error!("{name}: starting a connection thread: {e}");
-        if let Some(conn) = lock(&open.closers).remove(&id) {
+/// Set when a listener's last leader has ended (and closed the listener).
+#[derive(Default)]
+struct Ended {
+    done: Mutex<bool>,
+    signal: std::sync::Condvar,
+}
+
+impl Ended {
+    fn set(&self) {
+        *lock(&self.done) = true;
+        self.signal.notify_all();
+    }
+
+    fn wait(&self) {
+        let mut done = lock(&self.done);
+        while !*done {
+            done = self
+                .signal
+                .wait(done)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
+/// A listener and everything accepting on it needs, held by one thread at
+/// a time: the leader. The leader waits for a connection, hands the
+/// listener on to a pooled thread, and serves the connection itself, so a
+/// new connection costs one wake-up (the kernel's, of the leader) before
+/// it is served, not two (an accept thread's, then a connection thread's).
+/// The next leader is woken while this one already serves.
+struct Leader {
+    listener: Listener,
+    open: Arc<Open>,
+    shutdown: Shutdown,
+    max: usize,
+    name: String,
+    serve: Serve,
+    refuse: Option<Refuse>,
+    on_refused: Arc<dyn Fn() + Send + Sync>,
+    refusals: RefusalLog,
+    ended: Arc<Ended>,
+}
+
+impl Drop for Leader {
+    fn drop(&mut self) {
+        // The listener closes (and a socket file goes) with this value.
+        self.ended.set();
+    }
+}
+
+/// A connection that its leader accepted and registered.
+struct Accepted {
+    open: Arc<Open>,
+    id: u64,
+    conn: Conn,
+    serve: Serve,
+}
+
+impl Accepted {
+    fn run(self) {
+        (self.serve)(self.conn);
+        lock(&self.open.closers).remove(&self.id);
+        self.open.count.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Closes a connection that no thread can serve.
+    fn refuse_now(self) {
+        if let Some(conn) = lock(&self.open.closers).remove(&self.id) {
             conn.shutdown();
         }
-        open.count.fetch_sub(1, Ordering::AcqRel);
+        self.open.count.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Leader {
+    /// Makes a pooled thread the leader; the leader back when no thread
+    /// can be started.
+    fn hand_on(self: Box<Self>) -> Result<(), Box<Leader>> {
+        let open = self.open.clone();
+        let name = format!("conn-{}", self.name);
+        let slot = Arc::new(Mutex::new(Some(self)));
+        let theirs = slot.clone();
+        let spawned = open.workers.spawn(&name, move || {
+            let leader = lock(&theirs).take();
+            // The accepted connection is served after lead() returns, so
+            // that its frame is off the stack of the connection's thread.
+            if let Some(accepted) = leader.and_then(Leader::lead) {
+                accepted.run();
+            }
+        });
+        match spawned {
+            Ok(()) => Ok(()),
+            Err(e) => match lock(&slot).take() {
+                Some(leader) => {
+                    log::error!("{}: starting a connection thread: {e}", leader.name);
+                    Err(leader)
+                }
+                None => Ok(()),
+            },
+        }
+    }
+
+    /// Accepts until a connection is accepted, registered and the listener
+    /// handed on (the connection is returned, for this thread to serve), or
+    /// until shutdown (None; the listener closes). Connections over the
+    /// cap are refused here.
+    fn lead(mut self: Box<Self>) -> Option<Accepted> {
+        let fds = [self.listener.fd(), self.shutdown.as_raw_fd()];
+        while !self.shutdown.is_triggered() {
+            match self.listener.accept() {
+                Ok(conn) => {
+                    if self.open.count.load(Ordering::Acquire) >= self.max {
+                        self.refusals.note(&self.name, self.max, &conn.peer());
+                        (self.on_refused)();
+                        match &self.refuse {
+                            Some(refuse) => start_refusal(&self.open, &self.name, conn, refuse),
+                            None => conn.shutdown(),
+                        }
+                        continue;
+                    }
+                    let open = self.open.clone();
+                    let id = open.next.fetch_add(1, Ordering::Relaxed);
+                    lock(&open.closers).insert(id, conn.clone());
+                    open.count.fetch_add(1, Ordering::AcqRel);
+                    let accepted = Accepted {
+                        open,
+                        id,
+                        conn,
+                        serve: self.serve.clone(),
+                    };
+                    match self.hand_on() {
+                        Ok(()) => return Some(accepted),
+                        Err(leader) => {
+                            self = leader;
+                            accepted.refuse_now();
+                        }
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let _ = sys::poll_readable(&fds, None);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    // EMFILE and friends: back off briefly rather than spin.
+                    log::error!("{}: accept: {e}", self.name);
+                    let _ = self.shutdown.wait_timeout(Duration::from_millis(100));
+                }
+            }
+        }
+        None
     }
 }
