@@ -640,6 +640,22 @@ fn our_agent_for(work: &Workdir, port: u16, extra: &[&str]) -> Proc {
     our_agent(work, port, &args)
 }
 
+/// Runs `wait` (on a peer); if it fails, the failure also shows `other`'s
+/// log, the side that peer was waiting for.
+fn with_log_of<T>(other: &Proc, wait: impl FnOnce() -> T) -> T {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(wait)) {
+        Ok(value) => value,
+        Err(failure) => {
+            let why = failure
+                .downcast_ref::<String>()
+                .map(String::as_str)
+                .or_else(|| failure.downcast_ref::<&str>().copied())
+                .unwrap_or("(no message)");
+            panic!("{why}\n--- {} log:\n{}", other.name, other.log())
+        }
+    }
+}
+
 /// Index of the first line containing `needle`.
 fn line_of(log: &str, needle: &str) -> Option<usize> {
     log.lines().position(|l| l.contains(needle))
@@ -696,11 +712,13 @@ fn our_agent_keeps_one_stream_per_server_id(
     agent.wait_for("(2 of 2)");
     let health = agent.port("health port");
     // The first stream of each id was kept and serves dials (ids from 1).
-    server.wait_for(&format!("PROBE {} s1 connectID=1", kept[0]));
-    server.wait_for(&format!("PROBE {} s2 connectID=1", kept[1]));
-    for (n, id) in closed {
-        server.wait_for(&format!("END {n} {id}"));
-    }
+    with_log_of(&agent, || {
+        server.wait_for(&format!("PROBE {} s1 connectID=1", kept[0]));
+        server.wait_for(&format!("PROBE {} s2 connectID=1", kept[1]));
+        for (n, id) in closed {
+            server.wait_for(&format!("END {n} {id}"));
+        }
+    });
     poll("the agent's metrics", DEADLINE, || {
         let (_, m) = http_get(health, "/metrics");
         let want = [
