@@ -259,34 +259,45 @@ pub fn helpers() -> &'static WorkerSet {
     HELPERS.get_or_init(WorkerSet::new)
 }
 
-/// Set when a [`WorkerSet::beside`] helper is done (its closure ran, or
-/// was dropped without running).
+/// A one-way flag that threads can wait for: set once, waited on by any.
 #[derive(Default)]
-struct Done {
+pub(crate) struct Latch {
     done: Mutex<bool>,
     cv: Condvar,
 }
 
-/// Signals [`Done`] when dropped: lives inside the helper's closure.
-struct DoneOnDrop(Arc<Done>);
+impl Latch {
+    pub(crate) fn set(&self) {
+        *lock(&self.done) = true;
+        self.cv.notify_all();
+    }
+
+    pub(crate) fn wait(&self) {
+        let mut done = lock(&self.done);
+        while !*done {
+            done = self.cv.wait(done).unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
+/// Sets the [`Latch`] of a [`WorkerSet::beside`] helper when dropped
+/// (its closure ran, or was dropped without running): lives inside the
+/// helper's closure.
+struct DoneOnDrop(Arc<Latch>);
 
 impl Drop for DoneOnDrop {
     fn drop(&mut self) {
-        *lock(&self.0.done) = true;
-        self.0.cv.notify_all();
+        self.0.set();
     }
 }
 
 /// Waits for the helper when dropped, also when `main` panics: what the
 /// helper borrows outlives it.
-struct WaitOnDrop(Arc<Done>);
+struct WaitOnDrop(Arc<Latch>);
 
 impl Drop for WaitOnDrop {
     fn drop(&mut self) {
-        let mut done = lock(&self.0.done);
-        while !*done {
-            done = self.0.cv.wait(done).unwrap_or_else(PoisonError::into_inner);
-        }
+        self.0.wait();
     }
 }
 
@@ -303,7 +314,7 @@ impl WorkerSet {
         helper: impl FnOnce() + Send + 'a,
         main: impl FnOnce() -> R,
     ) -> io::Result<R> {
-        let done = Arc::new(Done::default());
+        let done = Arc::new(Latch::default());
         let signal = DoneOnDrop(done.clone());
         let job: Box<dyn FnOnce() + Send + 'a> = Box::new(move || {
             let _signal = signal;

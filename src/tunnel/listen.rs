@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use crate::shutdown::{Shutdown, Worker, WorkerSet};
+use crate::shutdown::{Latch, Shutdown, Worker, WorkerSet};
 use crate::sys;
 
 /// An accepted connection. Clones share the socket (one descriptor).
@@ -217,7 +217,7 @@ impl Listeners {
         on_refused: Arc<dyn Fn() + Send + Sync>,
     ) -> io::Result<()> {
         listener.set_nonblocking()?;
-        let ended = Arc::new(Ended::default());
+        let ended = Arc::new(Latch::default());
         let leader = Box::new(Leader {
             listener,
             open: self.open.clone(),
@@ -232,12 +232,16 @@ impl Listeners {
         });
         // This thread only waits for the leaders to end (at shutdown), so
         // that joining it means the listener is closed.
+        let shutdown = self.shutdown.clone();
         let worker = Worker::spawn(&format!("accept-{name}"), move || {
-            if let Err(leader) = leader.hand_on() {
-                log::error!("{}: no thread to accept on; accepting here", leader.name);
-                if let Some(accepted) = leader.lead() {
-                    accepted.refuse_now();
+            let mut leader = leader;
+            // No thread for the first leader: retry (connections wait in
+            // the listen backlog meanwhile), until shutdown.
+            while let Err(back) = leader.hand_on() {
+                if shutdown.wait_timeout(Duration::from_millis(100)) {
+                    return; // the leader drops here: the listener closes
                 }
+                leader = back;
             }
             ended.wait();
         })?;
@@ -327,30 +331,6 @@ fn start_refusal(open: &Arc<Open>, name: &str, conn: Conn, refuse: &Refuse) {
     }
 }
 
-/// Set when a listener's last leader has ended (and closed the listener).
-#[derive(Default)]
-struct Ended {
-    done: Mutex<bool>,
-    signal: std::sync::Condvar,
-}
-
-impl Ended {
-    fn set(&self) {
-        *lock(&self.done) = true;
-        self.signal.notify_all();
-    }
-
-    fn wait(&self) {
-        let mut done = lock(&self.done);
-        while !*done {
-            done = self
-                .signal
-                .wait(done)
-                .unwrap_or_else(PoisonError::into_inner);
-        }
-    }
-}
-
 /// A listener and everything accepting on it needs, held by one thread at
 /// a time: the leader. The leader waits for a connection, hands the
 /// listener on to a pooled thread, and serves the connection itself, so a
@@ -367,7 +347,8 @@ struct Leader {
     refuse: Option<Refuse>,
     on_refused: Arc<dyn Fn() + Send + Sync>,
     refusals: RefusalLog,
-    ended: Arc<Ended>,
+    /// Set when this leader ends (and the listener closes).
+    ended: Arc<Latch>,
 }
 
 impl Drop for Leader {
