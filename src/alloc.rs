@@ -20,7 +20,7 @@
 //! since Ice Lake, AMD since Zen 3), that is the slow way: a `perf` profile
 //! of the webhook on such a machine found 16% of its cycles in memcpy, most
 //! of them on `rep movsq`, for some 130 small copies per review, and a
-//! gRPC tunnel spent 16% of the machine in it. [`memcpy`] here is one
+//! gRPC tunnel spent 16% of the machine in it. The `memcpy` here is one
 //! `rep movsb`, which the CPU's microcode runs at its best width for every
 //! size; the static link takes it instead of musl's (the linker only pulls
 //! an archive member for a symbol still undefined). It is also

@@ -1,11 +1,26 @@
 //! A small, bounded HTTP/1.1 server on our own listener, over TLS or plain
 //! TCP, with handlers written against its own [`Request`] and [`Response`].
 //!
-//! Owns: the listening socket, the connection pool (one thread per
-//! connection, at most [`Limits::max_connections`], threads kept for reuse),
+//! Owns: the listening socket, the connections (at most
+//! [`Limits::max_connections`]) and the workers that serve them,
 //! request-head parsing (httparse), bodies by `Content-Length`, keep-alive,
 //! every limit and timeout, and writing [`Response`]s out.
 //! Must not: know any route; a role passes one [`Handler`].
+//!
+//! Threads: a connection holds no thread while it waits for its next
+//! request (or a new one for its first byte). It waits in one epoll set,
+//! one-shot, and a pool of workers (one per core, at least two) takes
+//! whichever connection has bytes to read, serves the requests that came
+//! with blocking reads and writes under the usual timeouts, and puts it
+//! back. Under load a worker finds the next connection ready and does not
+//! sleep; the webhook's 50 keep-alive connections run on two workers
+//! instead of 50 threads. A worker whose turn takes longer than
+//! `STUCK_AFTER` (20 ms: a client trickling its request, or not reading its
+//! answers) is stuck: the acceptor, which looks every `WATCH_TICK` (10 ms)
+//! while a turn runs, starts another, so a slow client holds up only its
+//! own connection; the extra workers end once idle. The acceptor also
+//! closes the connections that sent nothing for the idle timeout (or, new
+//! ones, the header timeout), to within an eighth of it.
 //!
 //! ```no_run
 //! # use std::sync::Arc;
@@ -38,13 +53,12 @@
 //! already under way is not interrupted; [`Limits::header_timeout`] bounds it.
 
 use std::borrow::Cow;
-use std::collections::VecDeque;
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown as SocketShutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::h2::records;
@@ -340,8 +354,26 @@ struct Shared {
     handler: Handler,
     observer: Option<Observer>,
     shutdown: Shutdown,
-    pool: Mutex<Pool>,
-    work: Condvar,
+    /// Every connection waiting for its next request (or a new one for its
+    /// first byte), one-shot, and the shutdown flag: a worker takes the
+    /// next connection with bytes to read.
+    epoll: sys::Epoll,
+    /// The connections in `epoll`, by token.
+    parked: Mutex<Slab>,
+    /// Each worker's turn clock: when its current turn began, in
+    /// [`Shared::clock`] nanoseconds, or 0 while it waits in `epoll`.
+    crew: Mutex<Vec<Arc<AtomicU64>>>,
+    /// `crew`'s length, and how many of them are stuck in a turn (longer
+    /// than [`STUCK_AFTER`]: a client trickling its request or not reading
+    /// its answers), as the acceptor last counted.
+    live: AtomicUsize,
+    stuck: AtomicUsize,
+    /// Workers free to take connections that the pool keeps: one per core,
+    /// at least two.
+    core: usize,
+    /// Connections accepted and not yet closed (the cap counts these).
+    open: AtomicUsize,
+    started: Instant,
     /// Threads answering TLS connections over the cap, and how many run.
     refusers: WorkerSet,
     refusing: AtomicUsize,
@@ -349,13 +381,89 @@ struct Shared {
     refusal_log: Mutex<(Option<Instant>, u64)>,
 }
 
-/// Accepted connections waiting for a thread, and the threads.
-struct Pool {
-    queue: VecDeque<(TcpStream, SocketAddr)>,
-    idle: usize,
-    busy: usize,
-    workers: Vec<Worker>,
-    closing: bool,
+impl Shared {
+    /// Nanoseconds since the server started, never 0.
+    fn clock(&self) -> u64 {
+        self.started.elapsed().as_nanos() as u64 + 1
+    }
+}
+
+/// The token of the shutdown flag in [`Shared::epoll`].
+const SHUTDOWN_TOKEN: u64 = u64::MAX;
+/// A turn running longer than this counts as stuck: the acceptor then
+/// starts another worker, so that the others' connections do not wait.
+const STUCK_AFTER: Duration = Duration::from_millis(20);
+/// How often the acceptor looks for stuck workers while any turn runs.
+const WATCH_TICK: Duration = Duration::from_millis(10);
+/// How long a worker beyond the pool's size waits for a connection before
+/// it ends.
+const SURPLUS_IDLE: Duration = Duration::from_secs(1);
+/// The read buffer of each worker.
+const SCRATCH: usize = 16 * 1024;
+
+/// A connection between requests, off any thread.
+struct Parked {
+    transport: Transport,
+    peer: SocketAddr,
+    buf: Vec<u8>,
+    read_timeout: Option<Duration>,
+    /// A new connection: when it was accepted (its first head is due within
+    /// the header timeout of that).
+    accepted: Option<Instant>,
+    /// When the acceptor closes it, if no request has begun by then.
+    deadline: Instant,
+    /// In the epoll set already (re-armed, not added).
+    registered: bool,
+}
+
+/// Parked connections by token: the slot's index and generation, so that
+/// an event for a connection closed meanwhile finds nothing.
+#[derive(Default)]
+struct Slab {
+    slots: Vec<(u32, Option<Parked>)>,
+    free: Vec<usize>,
+}
+
+impl Slab {
+    fn insert(&mut self, parked: Parked) -> u64 {
+        let index = self.free.pop().unwrap_or_else(|| {
+            self.slots.push((0, None));
+            self.slots.len() - 1
+        });
+        let slot = &mut self.slots[index];
+        slot.0 = slot.0.wrapping_add(1);
+        slot.1 = Some(parked);
+        ((index as u64) << 32) | u64::from(slot.0)
+    }
+
+    fn take(&mut self, token: u64) -> Option<Parked> {
+        let index = (token >> 32) as usize;
+        let slot = self.slots.get_mut(index)?;
+        if slot.0 != token as u32 {
+            return None;
+        }
+        let parked = slot.1.take()?;
+        self.free.push(index);
+        Some(parked)
+    }
+
+    fn take_any(&mut self) -> Option<Parked> {
+        let index = self.slots.iter().position(|slot| slot.1.is_some())?;
+        self.free.push(index);
+        self.slots[index].1.take()
+    }
+
+    /// Takes every connection `pick` chooses.
+    fn take_all(&mut self, pick: impl Fn(&Parked) -> bool) -> Vec<Parked> {
+        let mut taken = Vec::new();
+        for (index, slot) in self.slots.iter_mut().enumerate() {
+            if slot.1.as_ref().is_some_and(&pick) {
+                taken.extend(slot.1.take());
+                self.free.push(index);
+            }
+        }
+        taken
+    }
 }
 
 /// A running server. Dropping it (or [`Server::wait`]) blocks until the
@@ -363,6 +471,8 @@ struct Pool {
 pub struct Server {
     local_addr: SocketAddr,
     acceptor: Worker,
+    #[cfg(test)]
+    shared: Arc<Shared>,
 }
 
 impl Server {
@@ -390,40 +500,48 @@ impl Server {
         let listener = TcpListener::bind(addr).map_err(|err| Error::Bind { addr, err })?;
         let local_addr = listener.local_addr().map_err(Error::Listener)?;
         listener.set_nonblocking(true).map_err(Error::Listener)?;
+        let epoll = sys::Epoll::new().map_err(Error::Listener)?;
+        epoll
+            .add_level(shutdown.as_raw_fd(), SHUTDOWN_TOKEN)
+            .map_err(Error::Listener)?;
+        let core = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
         let shared = Arc::new(Shared {
             limits,
             tls,
             handler,
             observer,
             shutdown: shutdown.clone(),
-            pool: Mutex::new(Pool {
-                queue: VecDeque::new(),
-                idle: 0,
-                busy: 0,
-                workers: Vec::new(),
-                closing: false,
-            }),
-            work: Condvar::new(),
+            epoll,
+            parked: Mutex::new(Slab::default()),
+            crew: Mutex::new(Vec::new()),
+            live: AtomicUsize::new(0),
+            stuck: AtomicUsize::new(0),
+            core,
+            open: AtomicUsize::new(0),
+            started: Instant::now(),
             refusers: WorkerSet::new(),
             refusing: AtomicUsize::new(0),
             refusal_log: Mutex::new((None, 0)),
         });
+        #[cfg(test)]
+        let watched = shared.clone();
         let acceptor = Worker::spawn(&format!("http-accept-{}", local_addr.port()), move || {
-            accept_loop(&listener, &shared);
+            let workers = WorkerSet::new();
+            accept_loop(&listener, &shared, &workers);
             drop(listener);
-            let workers = {
-                let mut pool = lock(&shared.pool);
-                pool.closing = true;
-                std::mem::take(&mut pool.workers)
-            };
-            shared.work.notify_all();
-            drop(workers); // joins each
+            // Each worker sees the shutdown flag, answers the parked
+            // connections whose next request has begun, closes the others
+            // and ends; then what was parked meanwhile goes the same way.
+            workers.join_all();
+            drain(&shared, &mut vec![0; SCRATCH]);
             shared.refusers.join_all();
         })
         .map_err(Error::Spawn)?;
         Ok(Server {
             local_addr,
             acceptor,
+            #[cfg(test)]
+            shared: watched,
         })
     }
 
@@ -435,19 +553,30 @@ impl Server {
     pub fn wait(self) {
         self.acceptor.join();
     }
+
+    /// Worker threads, and connections open.
+    #[cfg(test)]
+    fn counts(&self) -> (usize, usize) {
+        let shared = &self.shared;
+        (
+            shared.live.load(Ordering::Acquire),
+            shared.open.load(Ordering::Acquire),
+        )
+    }
 }
 
-fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
+fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>, workers: &WorkerSet) {
     let fds = [listener.as_raw_fd(), shared.shutdown.as_raw_fd()];
     while !shared.shutdown.is_triggered() {
-        if let Err(err) = sys::poll_readable(&fds, None) {
+        let tick = watch(shared, workers);
+        if let Err(err) = sys::poll_readable(&fds, tick) {
             log::error!("waiting for connections: {err}");
             shared.shutdown.wait_timeout(Duration::from_millis(100));
             continue;
         }
         loop {
             match listener.accept() {
-                Ok((stream, peer)) => dispatch(shared, stream, peer),
+                Ok((stream, peer)) => admit(shared, stream, peer),
                 Err(err) if err.kind() == io::ErrorKind::WouldBlock => break,
                 Err(err) if err.kind() == io::ErrorKind::Interrupted => {}
                 Err(err) => {
@@ -461,24 +590,143 @@ fn accept_loop(listener: &TcpListener, shared: &Arc<Shared>) {
     }
 }
 
-fn dispatch(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
-    let mut pool = lock(&shared.pool);
-    if pool.busy + pool.queue.len() >= shared.limits.max_connections {
-        drop(pool);
+/// Parks a new connection until its first byte (or refuses it over the cap).
+fn admit(shared: &Arc<Shared>, stream: TcpStream, peer: SocketAddr) {
+    if shared.open.load(Ordering::Acquire) >= shared.limits.max_connections {
         refuse(shared, stream, peer);
         return;
     }
-    pool.queue.push_back((stream, peer));
-    if pool.queue.len() > pool.idle && pool.workers.len() < shared.limits.max_connections {
-        let worker_shared = shared.clone();
-        let name = format!("http-conn-{}", pool.workers.len());
-        match Worker::spawn(&name, move || work_loop(&worker_shared)) {
-            Ok(worker) => pool.workers.push(worker),
-            Err(err) => log::error!("starting a connection thread: {err}"),
+    let limits = &shared.limits;
+    let prepared = stream
+        .set_nonblocking(false)
+        .and_then(|()| stream.set_nodelay(true))
+        .and_then(|()| stream.set_write_timeout(Some(limits.write_timeout)))
+        // Every read sets its own deadline; this is the backstop.
+        .and_then(|()| stream.set_read_timeout(Some(limits.header_timeout)));
+    if let Err(err) = prepared {
+        log::debug!("connection from {peer}: {err}");
+        return;
+    }
+    shared.open.fetch_add(1, Ordering::AcqRel);
+    let transport = match &shared.tls {
+        None => Transport::Plain(stream),
+        Some(reloader) => Transport::Handshake(reloader.server_config(), Arc::new(stream)),
+    };
+    let now = Instant::now();
+    park(
+        shared,
+        Parked {
+            transport,
+            peer,
+            buf: Vec::new(),
+            read_timeout: None,
+            accepted: Some(now),
+            deadline: now + limits.header_timeout,
+            registered: false,
+        },
+    );
+}
+
+/// Puts a connection in the epoll set until its next bytes arrive.
+fn park(shared: &Shared, parked: Parked) {
+    let fd = parked.transport.socket().as_raw_fd();
+    let registered = parked.registered;
+    // In the slab before it is armed: its event may come at once.
+    let token = lock(&shared.parked).insert(Parked {
+        registered: true,
+        ..parked
+    });
+    let armed = if registered {
+        shared.epoll.rearm(fd, token)
+    } else {
+        shared.epoll.add_oneshot(fd, token)
+    };
+    if let Err(err) = armed {
+        log::warn!("waiting for a connection's next request: {err}");
+        if let Some(parked) = lock(&shared.parked).take(token) {
+            close_parked(shared, parked);
         }
     }
-    drop(pool);
-    shared.work.notify_one();
+}
+
+/// Closes a connection nobody serves, without waiting on its socket.
+fn close_parked(shared: &Shared, parked: Parked) {
+    // A close_notify that does not fit the send buffer is dropped, rather
+    // than holding up the acceptor for the write timeout.
+    let _ = parked.transport.socket().set_nonblocking(true);
+    parked.transport.close();
+    shared.open.fetch_sub(1, Ordering::AcqRel);
+}
+
+/// The acceptor's rounds: counts the stuck workers and starts more until
+/// [`Shared::core`] are free, and closes the parked connections past their
+/// deadline. Returns when to look again.
+fn watch(shared: &Arc<Shared>, workers: &WorkerSet) -> Option<Duration> {
+    let now = shared.clock();
+    let (mut busy, mut stuck) = (0, 0);
+    for turn in lock(&shared.crew).iter() {
+        let began = turn.load(Ordering::Acquire);
+        if began != 0 {
+            busy += 1;
+            if now.saturating_sub(began) > STUCK_AFTER.as_nanos() as u64 {
+                stuck += 1;
+            }
+        }
+    }
+    shared.stuck.store(stuck, Ordering::Release);
+    let most = shared.limits.max_connections + shared.core;
+    while shared.live.load(Ordering::Acquire) < (shared.core + stuck).min(most) {
+        if !spawn_worker(shared, workers) {
+            break;
+        }
+    }
+    let now = Instant::now();
+    let expired = lock(&shared.parked).take_all(|p| p.deadline <= now);
+    for parked in expired {
+        log::debug!("connection from {}: idle, closed", parked.peer);
+        close_parked(shared, parked);
+    }
+    if busy > 0 {
+        Some(WATCH_TICK)
+    } else if shared.open.load(Ordering::Acquire) > 0 {
+        // Deadlines are kept to within an eighth of their timeout.
+        let limits = &shared.limits;
+        let eighth = limits.header_timeout.min(limits.idle_timeout) / 8;
+        Some(eighth.clamp(Duration::from_millis(10), Duration::from_secs(1)))
+    } else {
+        None
+    }
+}
+
+fn spawn_worker(shared: &Arc<Shared>, workers: &WorkerSet) -> bool {
+    let turn = Arc::new(AtomicU64::new(0));
+    {
+        let mut crew = lock(&shared.crew);
+        crew.push(turn.clone());
+        shared.live.store(crew.len(), Ordering::Release);
+    }
+    let owner = shared.clone();
+    let mine = turn.clone();
+    match workers.spawn("http-conn", move || work_loop(&owner, &mine)) {
+        Ok(()) => true,
+        Err(err) => {
+            log::error!("starting a connection thread: {err}");
+            leave(shared, &turn, 0);
+            false
+        }
+    }
+}
+
+/// Takes a worker off the crew when more than `keep` are in it; false
+/// (and nothing changes) otherwise.
+fn leave(shared: &Shared, turn: &Arc<AtomicU64>, keep: usize) -> bool {
+    let mut crew = lock(&shared.crew);
+    if crew.len() <= keep {
+        return false;
+    }
+    crew.retain(|t| !Arc::ptr_eq(t, turn));
+    shared.live.store(crew.len(), Ordering::Release);
+    true
 }
 
 /// Logs the first refusal, then at most one line per
@@ -554,12 +802,13 @@ fn refuse_tls(shared: &Shared, stream: TcpStream, peer: SocketAddr) {
     let (Ok(()), Some(reloader)) = (prepared, &shared.tls) else {
         return;
     };
+    let mut scratch = vec![0; SCRATCH];
     let mut conn = Conn {
         shared,
         transport: Transport::Handshake(reloader.server_config(), Arc::new(stream)),
         peer,
         buf: Vec::new(),
-        scratch: vec![0; 16 * 1024].into_boxed_slice(),
+        scratch: &mut scratch,
         read_timeout: None,
     };
     let deadline = Instant::now() + shared.limits.header_timeout;
@@ -580,31 +829,109 @@ fn refuse_tls(shared: &Shared, stream: TcpStream, peer: SocketAddr) {
     conn.transport.close();
 }
 
-fn work_loop(shared: &Arc<Shared>) {
+/// A worker: takes the next connection with bytes to read, serves the
+/// requests that came, and parks it again. It waits only when no
+/// connection is ready, so that under load a request costs no thread
+/// wake-up; a worker whose turn blocks (a slow client) holds up only its
+/// own connection, as the acceptor starts another.
+fn work_loop(shared: &Shared, turn: &Arc<AtomicU64>) {
+    let mut scratch = vec![0; SCRATCH];
     loop {
-        let (stream, peer) = {
-            let mut pool = lock(&shared.pool);
-            loop {
-                if let Some(next) = pool.queue.pop_front() {
-                    pool.busy += 1;
-                    break next;
-                }
-                if pool.closing {
+        // Beyond the pool's size, a worker ends once idle for a while.
+        let surplus = shared.live.load(Ordering::Acquire) > shared.core;
+        let token = match shared.epoll.wait(surplus.then_some(SURPLUS_IDLE)) {
+            Ok(Some(token)) => token,
+            Ok(None) => {
+                let keep = shared.core + shared.stuck.load(Ordering::Acquire);
+                if surplus && leave(shared, turn, keep) {
                     return;
                 }
-                pool.idle += 1;
-                pool = shared
-                    .work
-                    .wait(pool)
-                    .unwrap_or_else(PoisonError::into_inner);
-                pool.idle -= 1;
+                continue;
+            }
+            Err(err) => {
+                log::error!("waiting for connections: {err}");
+                shared.shutdown.wait_timeout(Duration::from_millis(100));
+                continue;
             }
         };
-        if let Err(err) = serve(shared, stream, peer) {
-            log::debug!("connection from {peer}: {err}");
+        if token == SHUTDOWN_TOKEN {
+            drain(shared, &mut scratch);
+            leave(shared, turn, 0);
+            return;
         }
-        lock(&shared.pool).busy -= 1;
+        let Some(parked) = lock(&shared.parked).take(token) else {
+            continue; // closed meanwhile
+        };
+        turn.store(shared.clock(), Ordering::Release);
+        let next = serve_turn(shared, parked, &mut scratch);
+        turn.store(0, Ordering::Release);
+        if let Some(parked) = next {
+            park(shared, parked);
+        }
+        // More free workers than the pool keeps (a stuck one came back).
+        let keep = shared.core + shared.stuck.load(Ordering::Acquire);
+        if shared.live.load(Ordering::Acquire) > keep && leave(shared, turn, keep) {
+            return;
+        }
     }
+}
+
+/// At shutdown: answers the parked connections whose next request has
+/// begun to arrive (with `Connection: close`) and closes the others.
+fn drain(shared: &Shared, scratch: &mut [u8]) {
+    loop {
+        let Some(parked) = lock(&shared.parked).take_any() else {
+            return;
+        };
+        let fd = parked.transport.socket().as_raw_fd();
+        let begun = parked.transport.has_buffered()
+            || sys::poll_readable(&[fd], Some(Duration::ZERO)).is_ok_and(|r| r[0]);
+        if !begun {
+            close_parked(shared, parked);
+        } else if let Some(parked) = serve_turn(shared, parked, scratch) {
+            close_parked(shared, parked);
+        }
+    }
+}
+
+/// Serves a connection's requests for as long as they come without
+/// waiting; returns it to park when it waits for the next one.
+fn serve_turn(shared: &Shared, parked: Parked, scratch: &mut [u8]) -> Option<Parked> {
+    let Parked {
+        transport,
+        peer,
+        buf,
+        read_timeout,
+        accepted,
+        registered,
+        ..
+    } = parked;
+    let mut conn = Conn {
+        shared,
+        transport,
+        peer,
+        buf,
+        scratch,
+        read_timeout,
+    };
+    match conn.serve_requests(accepted) {
+        Ok(true) => {
+            return Some(Parked {
+                transport: conn.transport,
+                peer,
+                buf: conn.buf,
+                read_timeout: conn.read_timeout,
+                accepted: None,
+                deadline: Instant::now() + shared.limits.idle_timeout,
+                registered,
+            });
+        }
+        Ok(false) => {}
+        Err(err) => log::debug!("connection from {peer}: {err}"),
+    }
+    conn.transport.close();
+    shared.open.fetch_sub(1, Ordering::AcqRel);
+    None
 }
 
 /// The byte stream of one connection, TLS or not.
@@ -693,8 +1020,8 @@ struct Conn<'a> {
     peer: SocketAddr,
     /// Bytes read but not yet consumed (the next request's start).
     buf: Vec<u8>,
-    /// Where each read lands before it is appended to `buf`.
-    scratch: Box<[u8]>,
+    /// Where each read lands before it is appended to `buf` (the worker's).
+    scratch: &'a mut [u8],
     /// The read timeout [`Conn::read_more`] last set on the socket (None:
     /// unknown), so that a keep-alive request, whose deadline is about
     /// where the last one's was, costs no setsockopt.
@@ -705,29 +1032,6 @@ struct Conn<'a> {
 /// ends at most twice this past the next deadline: a read may then wait
 /// that much longer than the deadline, never less.
 const READ_TIMEOUT_SLACK: Duration = Duration::from_millis(20);
-
-fn serve(shared: &Shared, stream: TcpStream, peer: SocketAddr) -> io::Result<()> {
-    stream.set_nonblocking(false)?;
-    stream.set_nodelay(true)?;
-    stream.set_write_timeout(Some(shared.limits.write_timeout))?;
-    // Every read sets its own deadline; this is the backstop.
-    stream.set_read_timeout(Some(shared.limits.header_timeout))?;
-    let transport = match &shared.tls {
-        None => Transport::Plain(stream),
-        Some(reloader) => Transport::Handshake(reloader.server_config(), Arc::new(stream)),
-    };
-    let mut conn = Conn {
-        shared,
-        transport,
-        peer,
-        buf: Vec::with_capacity(4096),
-        scratch: vec![0; 16 * 1024].into_boxed_slice(),
-        read_timeout: None,
-    };
-    let result = conn.serve_requests();
-    conn.transport.close();
-    result
-}
 
 /// A parsed request head.
 struct Head {
@@ -765,47 +1069,50 @@ struct Reject {
 }
 
 impl Conn<'_> {
-    fn serve_requests(&mut self) -> io::Result<()> {
+    /// Serves requests for as long as they come without waiting: true when
+    /// the connection is to wait (parked) for its next request, false when
+    /// it is done. `accepted`: a new connection, accepted then.
+    fn serve_requests(&mut self, accepted: Option<Instant>) -> io::Result<bool> {
         let limits = &self.shared.limits;
-        let mut first = true;
+        let mut first = accepted.is_some();
+        let mut served = false;
         loop {
-            // Between requests: wait for the next one, or for shutdown.
-            let deadline = if first {
-                Instant::now() + limits.header_timeout
-            } else {
-                if self.buf.is_empty()
-                    && !self.transport.has_buffered()
-                    && !self.await_next_request()?
-                {
-                    return Ok(());
+            let deadline = match accepted {
+                Some(at) if first => at + limits.header_timeout,
+                _ => {
+                    // Between requests: nothing more has come, park.
+                    if served && self.buf.is_empty() && !self.transport.has_buffered() {
+                        return Ok(true);
+                    }
+                    Instant::now() + limits.header_timeout
                 }
-                Instant::now() + limits.header_timeout
             };
             let head = match self.read_head(deadline, std::mem::take(&mut first)) {
                 Ok(Ok(head)) => head,
-                Ok(Err(reject)) => return self.reject(reject, "-", "-"),
-                Err(ReadError::Closed) => return Ok(()),
+                Ok(Err(reject)) => return self.reject(reject, "-", "-").map(|()| false),
+                Err(ReadError::Closed) => return Ok(false),
                 Err(ReadError::TimedOut) => {
                     if self.buf.is_empty() {
-                        return Ok(()); // nothing asked, nothing to answer
+                        return Ok(false); // nothing asked, nothing to answer
                     }
-                    return self.reject(
-                        Reject {
-                            status: 408,
-                            reason: "request head timed out",
-                        },
-                        "-",
-                        "-",
-                    );
+                    let reject = Reject {
+                        status: 408,
+                        reason: "request head timed out",
+                    };
+                    return self.reject(reject, "-", "-").map(|()| false);
                 }
                 Err(ReadError::Io(err)) => return Err(err),
             };
             let started = Instant::now();
             let body = match self.read_body(&head) {
                 Ok(Ok(body)) => body,
-                Ok(Err(reject)) => return self.reject(reject, head.method(), head.path()),
+                Ok(Err(reject)) => {
+                    return self
+                        .reject(reject, head.method(), head.path())
+                        .map(|()| false);
+                }
                 Err(ReadError::Io(err)) => return Err(err),
-                Err(_) => return Ok(()),
+                Err(_) => return Ok(false),
             };
             let keep_alive = if head.minor_version >= 1 {
                 !head.has_token("connection", "close")
@@ -823,8 +1130,9 @@ impl Conn<'_> {
             let path = request.raw_url().split('?').next().unwrap_or("");
             self.observe(request.method(), path, status, started.elapsed());
             if !keep_alive {
-                return Ok(());
+                return Ok(false);
             }
+            served = true;
         }
     }
 
@@ -837,18 +1145,6 @@ impl Conn<'_> {
                 elapsed,
             });
         }
-    }
-
-    /// Waits (idle timeout) for bytes of the next request; false when the
-    /// connection should close instead.
-    fn await_next_request(&mut self) -> io::Result<bool> {
-        let fds = [
-            self.transport.socket().as_raw_fd(),
-            self.shared.shutdown.as_raw_fd(),
-        ];
-        let ready = sys::poll_readable(&fds, Some(self.shared.limits.idle_timeout))?;
-        // Bytes that already arrived are a request in flight: serve it.
-        Ok(ready[0])
     }
 
     /// Reads more bytes into `buf`, giving up at `deadline`.
@@ -1410,6 +1706,93 @@ mod tests {
             started.elapsed() < Duration::from_secs(30),
             "shutdown waited for the header timeout"
         );
+    }
+
+    fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting until {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn idle_keep_alive_connections_hold_no_thread_and_close_after_the_idle_timeout() {
+        let limits = Limits {
+            idle_timeout: Duration::from_millis(300),
+            ..Limits::default()
+        };
+        let server = start(limits);
+        let core = server.server.as_ref().unwrap().shared.core;
+        let mut idle: Vec<TcpStream> = (0..3 * core + 4)
+            .map(|_| {
+                let mut s = TcpStream::connect(server.addr()).unwrap();
+                let r = exchange(&mut s, b"GET /k HTTP/1.1\r\n\r\n");
+                assert!(r.ends_with("GET /k 0"), "{r}");
+                s
+            })
+            .collect();
+        let counts = || server.server.as_ref().unwrap().counts();
+        let (workers, open) = counts();
+        assert_eq!(open, idle.len(), "every connection is open");
+        assert!(
+            workers <= core,
+            "{workers} workers for {open} idle connections"
+        );
+        // Each is closed by the server once idle for the timeout.
+        for s in &mut idle {
+            s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            let mut byte = [0u8; 1];
+            assert_eq!(s.read(&mut byte).unwrap_or(0), 0, "closed by the server");
+        }
+        wait_until("no connection is open", || counts().1 == 0);
+        // A request on time keeps a connection: three in a row, each well
+        // within the idle timeout of the last.
+        let mut s = TcpStream::connect(server.addr()).unwrap();
+        for _ in 0..3 {
+            let r = exchange(&mut s, b"GET /again HTTP/1.1\r\n\r\n");
+            assert!(r.ends_with("GET /again 0"), "{r}");
+        }
+        server.stop();
+    }
+
+    #[test]
+    fn clients_stuck_mid_request_do_not_hold_up_the_others() {
+        let limits = Limits {
+            header_timeout: Duration::from_secs(60),
+            ..Limits::default()
+        };
+        let server = start(limits);
+        let core = server.server.as_ref().unwrap().shared.core;
+        // More clients than the pool keeps workers, each stopping halfway
+        // through its head: each holds a worker.
+        let stuck: Vec<TcpStream> = (0..core + 2)
+            .map(|_| {
+                let mut s = TcpStream::connect(server.addr()).unwrap();
+                s.write_all(b"GET /slow HTTP/1.1\r\nX-Half: ").unwrap();
+                s
+            })
+            .collect();
+        let counts = || server.server.as_ref().unwrap().counts();
+        wait_until("a worker per stuck client, and free ones", || {
+            counts().0 >= stuck.len() + core
+        });
+        let started = Instant::now();
+        let mut s = TcpStream::connect(server.addr()).unwrap();
+        let r = exchange(&mut s, b"GET /fast HTTP/1.1\r\n\r\n");
+        assert!(r.ends_with("GET /fast 0"), "{r}");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "waited for the stuck clients' header timeout"
+        );
+        // The stuck ones finish their heads and are answered too; then the
+        // pool shrinks back to its free workers.
+        for mut s in stuck {
+            let r = exchange(&mut s, b"1\r\n\r\n");
+            assert!(r.ends_with("GET /slow 0"), "{r}");
+        }
+        wait_until("the pool is back to its size", || counts().0 == core);
+        server.stop();
     }
 
     #[test]

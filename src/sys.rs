@@ -117,6 +117,78 @@ impl AsRawFd for EventFd {
     }
 }
 
+/// An epoll(7) instance whose waiters take one ready descriptor each.
+///
+/// Descriptors are added one-shot: after it reports one, a descriptor stays
+/// silent until [`Epoll::rearm`], so exactly one waiter takes it. Level
+/// triggered descriptors ([`Epoll::add_level`]) are reported to every
+/// waiter, one after the other (the kernel wakes the next waiter while a
+/// ready descriptor is left), which is what a shutdown flag wants.
+#[derive(Debug)]
+pub struct Epoll {
+    fd: OwnedFd,
+}
+
+impl Epoll {
+    pub fn new() -> io::Result<Epoll> {
+        // SAFETY: plain syscall with a constant flag.
+        let fd = check(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
+        // SAFETY: fd was just returned by epoll_create1 and is owned by nobody else.
+        Ok(Epoll {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    fn ctl(&self, op: libc::c_int, fd: RawFd, events: u32, token: u64) -> io::Result<()> {
+        let mut event = libc::epoll_event { events, u64: token };
+        // SAFETY: a valid epoll descriptor and a valid event the kernel copies.
+        check(unsafe { libc::epoll_ctl(self.fd.as_raw_fd(), op, fd, &mut event) }).map(|_| ())
+    }
+
+    /// Watches `fd` for input (or hang-up) once, reported as `token`.
+    pub fn add_oneshot(&self, fd: RawFd, token: u64) -> io::Result<()> {
+        let events = (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLONESHOT) as u32;
+        self.ctl(libc::EPOLL_CTL_ADD, fd, events, token)
+    }
+
+    /// Watches a one-shot descriptor again, now reported as `token`.
+    pub fn rearm(&self, fd: RawFd, token: u64) -> io::Result<()> {
+        let events = (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLONESHOT) as u32;
+        self.ctl(libc::EPOLL_CTL_MOD, fd, events, token)
+    }
+
+    /// Watches `fd` for input for as long as it is readable.
+    pub fn add_level(&self, fd: RawFd, token: u64) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_ADD, fd, libc::EPOLLIN as u32, token)
+    }
+
+    /// Waits up to `timeout` (`None`: no limit) for one ready descriptor's
+    /// token; None on timeout or EINTR.
+    pub fn wait(&self, timeout: Option<Duration>) -> io::Result<Option<u64>> {
+        let mut event = libc::epoll_event { events: 0, u64: 0 };
+        // SAFETY: room for exactly the one event the call may write.
+        let ret =
+            unsafe { libc::epoll_wait(self.fd.as_raw_fd(), &mut event, 1, poll_millis(timeout)) };
+        if ret < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                return Ok(None);
+            }
+            return Err(err);
+        }
+        Ok((ret == 1).then_some(event.u64))
+    }
+}
+
+/// A timeout in poll(2)'s milliseconds: -1 for none, rounded up so that a
+/// 0.4 ms remainder does not become a busy loop.
+fn poll_millis(timeout: Option<Duration>) -> libc::c_int {
+    match timeout {
+        None => -1,
+        Some(d) => d.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128) as libc::c_int,
+    }
+}
+
 /// Waits until one of `fds` is readable or `timeout` passes (`None`: no
 /// limit). Returns one flag per descriptor; all false on timeout. EINTR is
 /// reported as a timeout so callers simply loop.
@@ -129,11 +201,7 @@ pub fn poll_readable(fds: &[RawFd], timeout: Option<Duration>) -> io::Result<Vec
             revents: 0,
         })
         .collect();
-    let millis = match timeout {
-        None => -1,
-        // Round up so a 0.4 ms remainder does not become a busy loop.
-        Some(d) => d.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128) as libc::c_int,
-    };
+    let millis = poll_millis(timeout);
     // SAFETY: pollfds is a valid array of the given length.
     let ret = unsafe { libc::poll(pollfds.as_mut_ptr(), pollfds.len() as libc::nfds_t, millis) };
     if ret < 0 {
