@@ -1,6 +1,8 @@
 //! The HTTP CONNECT frontend (`--mode=http-connect`): one connection, one
 //! tunnel. Reads a bounded request head within the header timeout, dials
-//! through the hub, answers exactly `200 Connection Established` (or 405,
+//! through the hub, answers exactly `200 Connection Established` (written
+//! by the thread that delivers the DIAL_RSP for a plaintext client, see
+//! [`EarlyAnswer`]; or 405,
 //! 431, 502, 503, 504 with the reason), then copies bytes both ways: this
 //! thread reads the client, a scoped writer thread drains the tunnel's
 //! queue into the client.
@@ -15,7 +17,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::hub::{Hub, ToFrontend};
+use super::hub::{EarlyAnswer, Hub, ToFrontend};
 use crate::h2::transport::{TlsSetup, Transport};
 use crate::tls::Reloader;
 use crate::tunnel::ReadBuf;
@@ -233,6 +235,12 @@ fn dial(
     let peer = &client.peer;
     let (key, queue) = hub.add_frontend();
     hub.metrics.http_connections.add(&[], 1.0);
+    // A plaintext client's 200 is written by the thread that delivers the
+    // DIAL_RSP, a wake-up of this one sooner.
+    let early = (!client.secure).then(|| EarlyAnswer::new(client.control.clone(), ESTABLISHED));
+    if let Some(answer) = &early {
+        hub.answer_early(key, answer.clone());
+    }
     let random = (crate::sys::random_u64() >> 1) as i64;
     let dial = Message::DialReq {
         protocol: "tcp".into(),
@@ -245,7 +253,13 @@ fn dial(
         hub.metrics.http_connections.add(&[], -1.0);
         None
     };
-    let Some(answer) = wait_for_dial(&queue, &client.control, timeouts.dial) else {
+    let mut answer = wait_for_dial(&queue, &client.control, timeouts.dial);
+    if matches!(answer, Some(Pop::TimedOut)) && early.as_ref().is_some_and(|a| !a.cancel()) {
+        // The 200 went out as the wait ended here: its DIAL_RSP is being
+        // queued right behind it.
+        answer = Some(queue.pop_timeout(Some(Duration::from_secs(5))));
+    }
+    let Some(answer) = answer else {
         // The client hung up while its dial was pending: it has given up.
         // Removing the frontend cancels the dial at the agent (DIAL_CLS), or
         // closes the connection if the DIAL_RSP won the race (CLOSE_REQ).
@@ -288,11 +302,13 @@ fn dial(
         "CONNECT {} from {peer}: established as connection {connect_id}",
         request.address
     );
-    if client
-        .writer
-        .write_all(ESTABLISHED)
-        .and_then(|()| client.writer.flush())
-        .is_err()
+    let rest = early.as_ref().map_or(ESTABLISHED, |a| a.rest());
+    if !rest.is_empty()
+        && client
+            .writer
+            .write_all(rest)
+            .and_then(|()| client.writer.flush())
+            .is_err()
     {
         return gone(hub);
     }

@@ -9,13 +9,15 @@
 //! on its agent's queue, which back-pressures that frontend alone.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::metrics::ServerMetrics;
 use crate::grpc::ServerCall;
 use crate::tunnel::identifiers::{Identifiers, Strategy};
+use crate::tunnel::listen::Conn;
 use crate::tunnel::message::Message;
 use crate::tunnel::queue::{MIN_TUNNEL_QUEUE, Queue, Rejected, SLOW_GRACE};
 use crate::tunnel::router::{self, Action, AgentKey, DialFailure, FrontendKey, Router};
@@ -31,6 +33,76 @@ const AGENT_QUEUE_WAIT: Duration = Duration::from_secs(60);
 pub enum ToFrontend {
     Message(Message),
     DialFailed { random: i64, reason: DialFailure },
+}
+
+/// A plaintext CONNECT client's `200 Connection Established`, written by
+/// the thread that delivers the agent's DIAL_RSP (the agent connection's
+/// reader) without waiting: the client has its answer a thread wake-up
+/// before the frontend's own thread could write it. A TLS client's records
+/// are its own thread's to write, so only plaintext clients have one.
+pub struct EarlyAnswer {
+    conn: Conn,
+    bytes: &'static [u8],
+    /// [`PENDING`], then [`CLAIMED`] by the deliverer or [`CANCELLED`] by the
+    /// frontend, whichever comes first.
+    state: AtomicU8,
+    /// How much of `bytes` the deliverer wrote (set before the DIAL_RSP is
+    /// queued, so the frontend reads it after popping the DIAL_RSP).
+    sent: AtomicUsize,
+}
+
+const PENDING: u8 = 0;
+const CLAIMED: u8 = 1;
+const CANCELLED: u8 = 2;
+
+impl EarlyAnswer {
+    pub fn new(conn: Conn, bytes: &'static [u8]) -> Arc<EarlyAnswer> {
+        Arc::new(EarlyAnswer {
+            conn,
+            bytes,
+            state: AtomicU8::new(PENDING),
+            sent: AtomicUsize::new(0),
+        })
+    }
+
+    /// Writes what the client's socket takes now (all of it, on a fresh
+    /// connection), unless the frontend gave up on the dial first.
+    fn send(&self) {
+        if self
+            .state
+            .compare_exchange(PENDING, CLAIMED, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return;
+        }
+        let fd = match &self.conn {
+            Conn::Tcp(s) => s.as_raw_fd(),
+            Conn::Unix(s) => s.as_raw_fd(),
+        };
+        // A failed send leaves the whole answer to the frontend, whose own
+        // write then fails the same way.
+        let n = crate::sys::send_now(fd, self.bytes).unwrap_or(0);
+        self.sent.store(n, Ordering::Release);
+    }
+
+    /// The frontend gives up waiting (its dial timed out): false when the
+    /// answer is written already, and the DIAL_RSP is being queued.
+    pub fn cancel(&self) -> bool {
+        self.state
+            .compare_exchange(PENDING, CANCELLED, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    /// What the frontend still has to write of the answer, once it has the
+    /// DIAL_RSP.
+    pub fn rest(&self) -> &'static [u8] {
+        if self.state.load(Ordering::Acquire) == CLAIMED {
+            let sent = self.sent.load(Ordering::Acquire).min(self.bytes.len());
+            &self.bytes[sent..]
+        } else {
+            self.bytes
+        }
+    }
 }
 
 /// An agent stream's way out: its queue, drained by the stream's writer
@@ -70,6 +142,8 @@ struct State {
     router: Router,
     agents: HashMap<AgentKey, AgentLink>,
     frontends: HashMap<FrontendKey, Queue<ToFrontend>>,
+    /// The frontends whose DIAL_RSP the deliverer answers (see [`EarlyAnswer`]).
+    early: HashMap<FrontendKey, Arc<EarlyAnswer>>,
 }
 
 /// The server core. Shared by every listener and stream thread.
@@ -83,6 +157,8 @@ pub struct Hub {
 enum Delivery {
     Agent(AgentLink, Message),
     Frontend(FrontendKey, Queue<ToFrontend>, ToFrontend),
+    /// Goes just before its frontend's DIAL_RSP.
+    Answer(Arc<EarlyAnswer>),
 }
 
 /// What [`Hub::from_agent_nowait`] could not deliver without waiting (data
@@ -102,6 +178,7 @@ impl Hub {
                 router: Router::new(strategies, limits),
                 agents: HashMap::new(),
                 frontends: HashMap::new(),
+                early: HashMap::new(),
             }),
             next_key: AtomicU64::new(1),
             frontend_queue: frontend_queue.max(MIN_TUNNEL_QUEUE),
@@ -185,6 +262,15 @@ impl Hub {
         (key, queue)
     }
 
+    /// Has the DIAL_RSP that establishes `key`'s tunnel answered to its
+    /// client by whichever thread delivers it (see [`EarlyAnswer`]).
+    pub fn answer_early(&self, key: FrontendKey, answer: Arc<EarlyAnswer>) {
+        let mut state = self.lock();
+        if state.frontends.contains_key(&key) {
+            state.early.insert(key, answer);
+        }
+    }
+
     /// A frontend ended (or is being closed): its dials are cancelled and
     /// its tunnels closed at the agents; its queue closes.
     pub fn remove_frontend(&self, key: FrontendKey) {
@@ -202,6 +288,7 @@ impl Hub {
     fn drop_frontend(&self, key: FrontendKey, flush: bool, caller: Option<FrontendKey>) {
         let actions = {
             let mut state = self.lock();
+            state.early.remove(&key);
             if let Some(queue) = state.frontends.remove(&key) {
                 if flush {
                     queue.close();
@@ -274,7 +361,7 @@ impl Hub {
     fn decide(&self, actions: Vec<Action>) -> Vec<Delivery> {
         let mut deliveries = Vec::with_capacity(actions.len());
         {
-            let state = self.lock();
+            let mut state = self.lock();
             for action in actions {
                 match action {
                     Action::ToAgent(agent, message) => {
@@ -283,6 +370,11 @@ impl Hub {
                         }
                     }
                     Action::ToFrontend(frontend, message) => {
+                        if matches!(&message, Message::DialRsp { error, .. } if error.is_empty())
+                            && let Some(answer) = state.early.remove(&frontend)
+                        {
+                            deliveries.push(Delivery::Answer(answer));
+                        }
                         if let Some(q) = state.frontends.get(&frontend) {
                             deliveries.push(Delivery::Frontend(
                                 frontend,
@@ -373,6 +465,7 @@ impl Hub {
                 Delivery::Frontend(_, queue, item) => {
                     let _ = queue.push_control(item);
                 }
+                Delivery::Answer(answer) => answer.send(),
             }
         }
         for frontend in too_slow {
@@ -384,5 +477,45 @@ impl Hub {
             self.drop_frontend(frontend, false, None);
         }
         keep_going
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn an_early_answer_is_written_once_by_whoever_comes_first() {
+        let (ours, mut client) = UnixStream::pair().unwrap();
+        let answer = EarlyAnswer::new(Conn::Unix(Arc::new(ours)), b"HTTP/1.1 200 OK\r\n\r\n");
+        assert_eq!(
+            answer.rest(),
+            b"HTTP/1.1 200 OK\r\n\r\n",
+            "nothing sent yet"
+        );
+        answer.send();
+        assert_eq!(answer.rest(), b"", "the deliverer wrote it all");
+        assert!(
+            !answer.cancel(),
+            "too late to give up: the DIAL_RSP follows"
+        );
+        answer.send(); // a second delivery writes nothing more
+        drop(answer);
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"HTTP/1.1 200 OK\r\n\r\n");
+
+        // A frontend that gave up first: the deliverer writes nothing.
+        let (ours, mut client) = UnixStream::pair().unwrap();
+        let answer = EarlyAnswer::new(Conn::Unix(Arc::new(ours)), b"200");
+        assert!(answer.cancel());
+        answer.send();
+        assert_eq!(answer.rest(), b"200", "the frontend answers itself");
+        drop(answer);
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).unwrap();
+        assert!(got.is_empty(), "{got:?}");
     }
 }
