@@ -6,8 +6,9 @@
 //! and serves the connection itself ([`Leader`]).
 //!
 //! Over the cap, a connection gets its listener's [`Refuse`] answer (a 503,
-//! a GOAWAY) on a short-lived thread, at most [`REFUSERS`] at once, so that
-//! refusing stays cheaper than serving; beyond that it is closed at once.
+//! a GOAWAY) on a short-lived thread, at most [`REFUSERS`] at once (as many
+//! more wait for one), so that refusing stays cheaper than serving; beyond
+//! that it is closed at once.
 //! The refusals are logged at most every [`REFUSAL_LOG_INTERVAL`], with
 //! the limit and how many were refused.
 //!
@@ -161,8 +162,19 @@ struct Open {
     closers: Mutex<HashMap<u64, Conn>>,
     workers: WorkerSet,
     count: AtomicUsize,
-    refusing: AtomicUsize,
+    refusals: Mutex<Refusals>,
     next: AtomicU64,
+}
+
+/// Connections waiting for a refusal thread, and how many of those run.
+/// A refusal thread takes the next waiting connection before it ends, so
+/// that in a flood the same threads keep refusing: a thread that ended one
+/// refusal is not yet idle in the pool, and starting the next refusal on a
+/// thread of its own would have taken a new one.
+#[derive(Default)]
+struct Refusals {
+    waiting: std::collections::VecDeque<(u64, Conn, Refuse)>,
+    threads: usize,
 }
 
 /// All listeners of a process, sharing one connection cap.
@@ -184,7 +196,7 @@ impl Listeners {
                 closers: Mutex::new(HashMap::new()),
                 workers: WorkerSet::new(),
                 count: AtomicUsize::new(0),
-                refusing: AtomicUsize::new(0),
+                refusals: Mutex::new(Refusals::default()),
                 next: AtomicU64::new(0),
             }),
             max_connections,
@@ -304,30 +316,54 @@ impl RefusalLog {
     }
 }
 
-/// Runs `refuse` on a thread of its own when one of the [`REFUSERS`] is
-/// free; closes the connection at once otherwise.
+/// Has `refuse` answer `conn` on one of the [`REFUSERS`] threads (at most
+/// as many connections wait for one); closes it at once otherwise.
 fn start_refusal(open: &Arc<Open>, name: &str, conn: Conn, refuse: &Refuse) {
-    if open.refusing.fetch_add(1, Ordering::AcqRel) >= REFUSERS {
-        open.refusing.fetch_sub(1, Ordering::AcqRel);
+    let mut refusals = lock(&open.refusals);
+    if refusals.threads >= REFUSERS && refusals.waiting.len() >= REFUSERS {
+        drop(refusals);
         conn.shutdown();
         return;
     }
     let id = open.next.fetch_add(1, Ordering::Relaxed);
     lock(&open.closers).insert(id, conn.clone());
+    refusals.waiting.push_back((id, conn, refuse.clone()));
+    if refusals.threads >= REFUSERS {
+        return; // a running refusal thread takes it next
+    }
+    refusals.threads += 1;
+    drop(refusals);
     let owner = open.clone();
-    let refuse = refuse.clone();
     let spawned = open.workers.spawn(&format!("refuse-{name}"), move || {
-        refuse(conn);
-        if let Some(conn) = lock(&owner.closers).remove(&id) {
-            conn.shutdown();
+        loop {
+            let next = {
+                let mut refusals = lock(&owner.refusals);
+                let next = refusals.waiting.pop_front();
+                if next.is_none() {
+                    refusals.threads -= 1;
+                }
+                next
+            };
+            let Some((id, conn, refuse)) = next else {
+                return;
+            };
+            refuse(conn);
+            if let Some(conn) = lock(&owner.closers).remove(&id) {
+                conn.shutdown();
+            }
         }
-        owner.refusing.fetch_sub(1, Ordering::AcqRel);
     });
     if spawned.is_err() {
-        if let Some(conn) = lock(&open.closers).remove(&id) {
-            conn.shutdown();
+        let mut refusals = lock(&open.refusals);
+        refusals.threads -= 1;
+        if refusals.threads == 0 {
+            // Nobody will take them: close what waits.
+            for (id, _, _) in std::mem::take(&mut refusals.waiting) {
+                if let Some(conn) = lock(&open.closers).remove(&id) {
+                    conn.shutdown();
+                }
+            }
         }
-        open.refusing.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
