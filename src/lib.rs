@@ -13,8 +13,9 @@
 //!   (0 ok, 1 runtime error, 2 bad usage) through [`cli::main_with`].
 //! - [`cli`]: pflag-compatible parsing helpers, klog-compatible logging flags.
 //! - [`sys`]: the `unsafe` system calls: signal masks, signalfd, eventfd,
-//!   poll, non-blocking connect.
-//! - [`alloc`]: the global allocator (dlmalloc behind a futex lock).
+//!   poll, epoll, non-blocking connect.
+//! - [`alloc`]: the global allocator (dlmalloc behind a futex lock), and
+//!   the static builds' `memcpy` (one `rep movsb`).
 //! - [`shutdown`]: the shutdown flag, the signal watcher, join-on-drop workers.
 //! - [`sidecar`]: `apiserver-proxy-sidecar`. [`sidecar::plan`] decides (pure),
 //!   [`sidecar::netlink`] talks rtnetlink, [`sidecar::iptables`] runs the
@@ -22,8 +23,9 @@
 //! - [`tls`]: the only TLS module: rustls configs from PEM files (ring
 //!   provider), client-CA verification, certificate reload on file change.
 //! - [`http`]: the shared HTTP/1.1 server (TLS or plain TCP) with its own
-//!   request and response types, a bounded thread-per-connection pool,
-//!   limits and timeouts.
+//!   request and response types; connections wait between requests in one
+//!   epoll set, served by a pool of workers (one per core, more while
+//!   some are held up by slow clients); limits and timeouts.
 //! - [`metrics`]: hand-written Prometheus text exposition.
 //! - [`webhook`]: `apiserver-proxy-pod-webhook`. [`webhook::review`] turns an
 //!   AdmissionReview into its answer (pure), [`webhook::server`] routes and
