@@ -916,10 +916,15 @@ fn serve_turn(shared: &Shared, parked: Parked, scratch: &mut [u8]) -> Option<Par
     };
     match conn.serve_requests(accepted) {
         Ok(true) => {
+            let mut buf = conn.buf;
+            if buf.capacity() > SCRATCH {
+                // A large body's room is not kept while the connection idles.
+                buf = Vec::new();
+            }
             return Some(Parked {
                 transport: conn.transport,
                 peer,
-                buf: conn.buf,
+                buf,
                 read_timeout: conn.read_timeout,
                 accepted: None,
                 deadline: Instant::now() + shared.limits.idle_timeout,
