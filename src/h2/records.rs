@@ -1063,6 +1063,10 @@ mod tests {
             s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         }
         let ours = Arc::new(ours);
+        // Our end stays open until the peer has read: otherwise the peer's
+        // last handshake write can meet a closed socket (EPIPE) before it
+        // reads the alert waiting for it.
+        let open = ours.clone();
         let side = std::thread::spawn(move || {
             handshake(TlsSetup::Server(server), &mut SharedSocket(ours)).map(|_| ())
         });
@@ -1070,6 +1074,7 @@ mod tests {
         let _ = peer.write_all(b"hi");
         let mut buf = [0u8; 16];
         let read = peer.read(&mut buf);
+        drop(open);
         let ours = side.join().unwrap().unwrap_err();
         assert!(ours.to_string().contains("no certificate"), "{ours}");
         let theirs = read.unwrap_err();
