@@ -121,6 +121,8 @@ macro_rules! memcpy_asm {
             ".type apx_memcpy,@function",
             ".p2align 4",
             "apx_memcpy:",
+            // Unwind info for profilers (it never touches the stack).
+            ".cfi_startproc",
             // void *memcpy(void *dst (rdi), const void *src (rsi), size_t n (rdx)):
             // returns dst; the ABI guarantees the direction flag is clear.
             "mov rax, rdi",
@@ -156,6 +158,7 @@ macro_rules! memcpy_asm {
             "cmp rcx, 64",
             "jae 4b",
             "jmp 2b",
+            ".cfi_endproc",
             ".size apx_memcpy, .-apx_memcpy",
         );
     };

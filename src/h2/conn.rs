@@ -17,7 +17,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::io::{self, Read, Write};
+use std::io::{self, IoSlice, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -888,19 +888,22 @@ impl Stream {
                 s.send_blocked = false;
                 state.send_window -= n as i64;
                 let h = n.min(head.len());
-                frame::write_data_header(&mut state.out, self.id, n, end_stream && last);
-                state.out.extend_from_slice(&head[..h]);
-                state.out.extend_from_slice(&body[..n - h]);
-                (head, body) = (&head[h..], &body[n - h..]);
+                let header = frame::data_header(self.id, n, end_stream && last);
+                let parts = [&header[..], &head[..h], &body[..n - h]];
                 if last {
                     if end_stream {
                         self.end_local(&mut state);
                     }
-                    if !state.writing {
-                        drop(write_batch(shared, state));
+                    if state.writing {
+                        queue_parts(&mut state.out, &parts);
+                    } else {
+                        // Written from where it lies, behind what is queued.
+                        drop(write_batch_with(shared, state, &parts));
                     }
                     return Ok(());
                 }
+                queue_parts(&mut state.out, &parts);
+                (head, body) = (&head[h..], &body[n - h..]);
                 continue;
             }
             // Out of credit or room: write what is queued (ours among it)
@@ -936,11 +939,12 @@ impl Stream {
         }
         s.send_window -= n as i64;
         state.send_window -= n as i64;
-        frame::write_data_header(&mut state.out, self.id, n, false);
-        state.out.extend_from_slice(head);
-        state.out.extend_from_slice(body);
-        if !state.writing {
-            drop(write_batch(shared, state));
+        let header = frame::data_header(self.id, n, false);
+        let parts = [&header[..], head, body];
+        if state.writing {
+            queue_parts(&mut state.out, &parts);
+        } else {
+            drop(write_batch_with(shared, state, &parts));
         }
         Ok(true)
     }
@@ -1176,7 +1180,18 @@ fn write_loop(shared: &Shared) {
 /// Writes the queued output as one batch; called with `writing` clear and
 /// `out` not empty, returns with the lock held again. A failed write
 /// closes the connection.
-fn write_batch<'a>(shared: &'a Shared, mut state: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+fn write_batch<'a>(shared: &'a Shared, state: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
+    write_batch_with(shared, state, &[])
+}
+
+/// [`write_batch`], then `extra` (a sender's own frame: header, gRPC
+/// prefix, payload) in the same vectored write, without copying it into
+/// the queue first. Called with `writing` clear.
+fn write_batch_with<'a>(
+    shared: &'a Shared,
+    mut state: MutexGuard<'a, State>,
+    extra: &[&[u8]],
+) -> MutexGuard<'a, State> {
     state.writing = true;
     let mut batch = std::mem::take(&mut state.spare);
     std::mem::swap(&mut state.out, &mut batch);
@@ -1188,7 +1203,7 @@ fn write_batch<'a>(shared: &'a Shared, mut state: MutexGuard<'a, State>) -> Mute
         .unwrap_or_else(PoisonError::into_inner)
         .as_mut()
     {
-        Some(writer) => writer.write_all(&batch).and_then(|()| writer.flush()),
+        Some(writer) => write_all_parts(&mut **writer, &batch, extra).and_then(|()| writer.flush()),
         None => Err(io::Error::new(
             io::ErrorKind::BrokenPipe,
             "connection closed",
@@ -1215,6 +1230,45 @@ fn write_batch<'a>(shared: &'a Shared, mut state: MutexGuard<'a, State>) -> Mute
         state.kick(shared);
     }
     state
+}
+
+fn queue_parts(out: &mut Vec<u8>, parts: &[&[u8]]) {
+    for part in parts {
+        out.extend_from_slice(part);
+    }
+}
+
+/// Writes `first` then every slice of `rest`, as few vectored writes as
+/// the writer takes (one, for a socket with room).
+fn write_all_parts(w: &mut dyn Write, first: &[u8], rest: &[&[u8]]) -> io::Result<()> {
+    const MAX: usize = 4;
+    let mut slices = [IoSlice::new(&[]); MAX];
+    let mut count = 0;
+    for part in std::iter::once(first).chain(rest.iter().copied()) {
+        if part.is_empty() {
+            continue;
+        }
+        if count == MAX {
+            // More parts than slots: the first ones go now.
+            write_all_slices(w, &mut slices[..count])?;
+            count = 0;
+        }
+        slices[count] = IoSlice::new(part);
+        count += 1;
+    }
+    write_all_slices(w, &mut slices[..count])
+}
+
+fn write_all_slices(w: &mut dyn Write, mut left: &mut [IoSlice<'_>]) -> io::Result<()> {
+    while !left.is_empty() {
+        match w.write_vectored(left) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(n) => IoSlice::advance_slices(&mut left, n),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Server side, until the client's first SETTINGS frame: closes the
@@ -1420,8 +1474,23 @@ fn read_frames(shared: &Shared, reader: &mut dyn Read) -> Result<(), Fatal> {
     };
     let mut frames = frame::Decoder::new(shared.config.max_frame_size);
     const READ_SIZE: usize = 128 * 1024;
+    // Over TLS, reads cost no system call while decrypted records are
+    // buffered: they stop at each frame's end, and a large DATA payload
+    // is read from the decrypted record straight into the buffer it is
+    // delivered in, rather than into the frame buffer and out again.
+    const DIRECT_MIN: usize = 4096;
+    let exact = shared.secure;
+    let mut direct: Option<frame::DirectData> = None;
     loop {
-        let n = match reader.read(frames.spare(READ_SIZE)) {
+        if exact && direct.is_none() {
+            direct = frames.start_direct(DIRECT_MIN);
+        }
+        let read = match &mut direct {
+            Some(d) => reader.read(d.rest()),
+            None if exact => reader.read(frames.spare(frames.to_frame_end())),
+            None => reader.read(frames.spare(READ_SIZE)),
+        };
+        let n = match read {
             Ok(n) => n,
             Err(err) => {
                 if closed() {
@@ -1433,12 +1502,18 @@ fn read_frames(shared: &Shared, reader: &mut dyn Read) -> Result<(), Fatal> {
                 return Err(io_err(err));
             }
         };
-        frames.filled(n);
         if n == 0 {
             return Ok(());
         }
+        match &mut direct {
+            Some(d) => d.filled(n),
+            None => frames.filled(n),
+        }
         lock(shared).last_read = Instant::now();
         let handled = (|| -> Result<(), Fatal> {
+            if let Some(d) = direct.take_if(|d| d.is_complete()) {
+                handle_frame(shared, &mut r, d.into_frame()?)?;
+            }
             while let Some(frame) = frames.next_frame()? {
                 handle_frame(shared, &mut r, frame)?;
             }

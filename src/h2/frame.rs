@@ -174,11 +174,16 @@ impl FrameHeader {
     }
 
     pub fn write(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.encode());
+    }
+
+    pub fn encode(&self) -> [u8; HEADER_LEN] {
         let len = self.len.to_be_bytes();
-        out.extend_from_slice(&len[1..]);
-        out.push(self.kind);
-        out.push(self.flags);
-        out.extend_from_slice(&(self.stream & MAX_WINDOW).to_be_bytes());
+        let stream = (self.stream & MAX_WINDOW).to_be_bytes();
+        [
+            len[1], len[2], len[3], self.kind, self.flags, stream[0], stream[1], stream[2],
+            stream[3],
+        ]
     }
 }
 
@@ -464,6 +469,42 @@ pub fn decode(h: &FrameHeader, payload: &[u8], max_frame_size: u32) -> Result<Fr
     }
 }
 
+/// A DATA frame whose payload is read into its own buffer
+/// ([`Decoder::start_direct`]).
+pub struct DirectData {
+    header: FrameHeader,
+    payload: Vec<u8>,
+    filled: usize,
+}
+
+impl DirectData {
+    /// Where the next payload bytes go.
+    pub fn rest(&mut self) -> &mut [u8] {
+        &mut self.payload[self.filled..]
+    }
+
+    pub fn filled(&mut self, n: usize) {
+        self.filled = (self.filled + n).min(self.payload.len());
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.filled == self.payload.len()
+    }
+
+    /// The frame, once complete: as [`decode`] would give it.
+    pub fn into_frame(self) -> Result<Frame, Error> {
+        if self.header.stream == 0 {
+            return Err(conn_err(ErrorCode::PROTOCOL_ERROR, "DATA on stream 0"));
+        }
+        Ok(Frame::Data {
+            stream: self.header.stream,
+            end_stream: self.header.flags & flag::END_STREAM != 0,
+            data: self.payload,
+            flow_len: self.header.len,
+        })
+    }
+}
+
 /// Accumulates bytes from the socket and yields complete frames. The buffer
 /// never holds more than one partial frame of the size we announced plus
 /// one read's worth of bytes.
@@ -522,6 +563,47 @@ impl Decoder {
         self.end - self.start
     }
 
+    /// How many bytes complete the frame being buffered (its header first):
+    /// a reader that never reads past a frame asks for this many.
+    pub fn to_frame_end(&self) -> usize {
+        let avail = &self.buf[self.start..self.end];
+        match avail.first_chunk::<HEADER_LEN>() {
+            None => HEADER_LEN - avail.len(),
+            Some(head) => {
+                let total = HEADER_LEN + FrameHeader::parse(head).len as usize;
+                total.saturating_sub(avail.len()).max(1)
+            }
+        }
+    }
+
+    /// When the buffer holds the header of an unpadded DATA frame of at
+    /// least `min` payload bytes (within our frame size), and nothing past
+    /// that frame: takes the header and the payload bytes buffered so far
+    /// out of the buffer, for the caller to read the rest of the payload
+    /// straight into [`DirectData::rest`] (no copy through this buffer).
+    pub fn start_direct(&mut self, min: usize) -> Option<DirectData> {
+        let avail = &self.buf[self.start..self.end];
+        let header = FrameHeader::parse(avail.first_chunk::<HEADER_LEN>()?);
+        let len = header.len as usize;
+        let have = avail.len() - HEADER_LEN;
+        if header.kind != kind::DATA
+            || header.flags & flag::PADDED != 0
+            || len < min
+            || header.len > self.max_frame_size
+            || have >= len
+        {
+            return None;
+        }
+        let mut payload = vec![0; len];
+        payload[..have].copy_from_slice(&avail[HEADER_LEN..]);
+        self.start = self.end;
+        Some(DirectData {
+            header,
+            payload,
+            filled: have,
+        })
+    }
+
     /// The next complete frame, or `None` until more bytes arrive. The length
     /// is checked as soon as the header is in, so an oversized frame is
     /// refused before its payload is buffered.
@@ -566,8 +648,19 @@ pub fn write_data(out: &mut Vec<u8>, stream: u32, data: &[u8], end_stream: bool)
 
 /// The header of a DATA frame whose `len` payload bytes the caller appends.
 pub fn write_data_header(out: &mut Vec<u8>, stream: u32, len: usize, end_stream: bool) {
-    let flags = if end_stream { flag::END_STREAM } else { 0 };
-    header(out, len, kind::DATA, flags, stream);
+    out.extend_from_slice(&data_header(stream, len, end_stream));
+}
+
+/// The header of a DATA frame of `len` payload bytes, for a caller that
+/// writes the payload from where it lies.
+pub fn data_header(stream: u32, len: usize, end_stream: bool) -> [u8; HEADER_LEN] {
+    FrameHeader {
+        len: len as u32,
+        kind: kind::DATA,
+        flags: if end_stream { flag::END_STREAM } else { 0 },
+        stream,
+    }
+    .encode()
 }
 
 /// Writes a header block as HEADERS plus CONTINUATION frames of at most
@@ -914,6 +1007,76 @@ mod tests {
                 increment: 5
             }
         );
+    }
+
+    /// A reader that stops at frame ends (TLS) and takes large DATA
+    /// payloads straight: the same frames as the buffered path, in order.
+    #[test]
+    fn exact_reads_and_direct_payloads_give_the_same_frames() {
+        let big: Vec<u8> = (0..20_000u32).map(|i| i as u8).collect();
+        let mut padded = vec![3u8];
+        padded.extend_from_slice(&big[..9_000]);
+        padded.extend_from_slice(&[0; 3]);
+        let wire = [
+            raw(kind::SETTINGS, 0, 0, &[]),
+            raw(kind::DATA, flag::END_STREAM, 1, &big),
+            raw(kind::DATA, 0, 3, b"small"),
+            raw(kind::DATA, flag::PADDED, 5, &padded),
+            raw(kind::DATA, 0, 0, &big[..5_000]),
+        ]
+        .concat();
+        let mut buffered = Decoder::new(DEFAULT_MAX_FRAME_SIZE * 2);
+        buffered.push(&wire);
+        let mut expected = Vec::new();
+        while let Ok(Some(frame)) = buffered.next_frame() {
+            expected.push(frame);
+        }
+        assert!(buffered.next_frame().is_err(), "DATA on stream 0");
+        // Reads of at most 7 bytes, never past a frame's end.
+        let mut d = Decoder::new(DEFAULT_MAX_FRAME_SIZE * 2);
+        let (mut at, mut got, mut direct_frames) = (0, Vec::new(), 0);
+        let mut direct: Option<DirectData> = None;
+        let error = loop {
+            if direct.is_none() {
+                direct = d.start_direct(4096);
+            }
+            let n = match &mut direct {
+                Some(dd) => {
+                    let n = dd.rest().len().min(7);
+                    dd.rest()[..n].copy_from_slice(&wire[at..at + n]);
+                    dd.filled(n);
+                    n
+                }
+                None => {
+                    let n = d.to_frame_end().min(7);
+                    d.spare(n).copy_from_slice(&wire[at..at + n]);
+                    d.filled(n);
+                    n
+                }
+            };
+            at += n;
+            if let Some(dd) = direct.take_if(|dd| dd.is_complete()) {
+                direct_frames += 1;
+                match dd.into_frame() {
+                    Ok(frame) => got.push(frame),
+                    Err(e) => break e,
+                }
+            }
+            assert!(d.buffered() <= HEADER_LEN + 20_000);
+            while let Some(frame) = d.next_frame().unwrap() {
+                got.push(frame);
+            }
+        };
+        assert_eq!(got, expected);
+        assert_eq!(direct_frames, 2, "the 20,000- and 5,000-byte DATA frames");
+        assert!(matches!(
+            error,
+            Error::Connection {
+                code: ErrorCode::PROTOCOL_ERROR,
+                ..
+            }
+        ));
+        assert_eq!(at, wire.len());
     }
 
     #[test]

@@ -91,6 +91,9 @@ impl<S: Socket> Write for SharedSocket<S> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.0.write_shared(buf)
     }
+    fn write_vectored(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        self.0.write_vectored_shared(bufs)
+    }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
