@@ -430,13 +430,13 @@ impl Stream {
     fn read_destination(self: &Arc<Self>, connect_id: i64, socket: &TcpStream) {
         let mut buf = ReadBuf::new(CHUNK);
         let error = loop {
-            match buf.read_from(&mut &*socket, CHUNK) {
-                Ok([]) => break String::new(),
+            match buf.read_packet(&mut &*socket, CHUNK) {
+                Ok(bytes) if bytes.is_empty() => break String::new(),
                 Ok(bytes) => {
                     let data = Message::Data {
                         connect_id,
                         error: String::new(),
-                        data: bytes.to_vec().into(),
+                        data: bytes.into(),
                     };
                     match self.send(data) {
                         Ok(()) => {}

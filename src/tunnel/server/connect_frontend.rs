@@ -371,8 +371,8 @@ fn relay(hub: &Arc<Hub>, client: Client, tunnel: Tunnel, mut buf: ReadBuf, early
     };
     let read_from_client = || {
         loop {
-            match buf.read_from(&mut reader, CHUNK) {
-                Ok([]) => {
+            match buf.read_packet(&mut reader, CHUNK) {
+                Ok(bytes) if bytes.is_empty() => {
                     log::debug!("CONNECT {peer}: client closed connection {connect_id}");
                     break;
                 }
@@ -384,7 +384,7 @@ fn relay(hub: &Arc<Hub>, client: Client, tunnel: Tunnel, mut buf: ReadBuf, early
                     let data = Message::Data {
                         connect_id,
                         error: String::new(),
-                        data: bytes.to_vec().into(),
+                        data: bytes.into(),
                     };
                     if !hub.from_frontend(key, data) {
                         break;
