@@ -1140,11 +1140,16 @@ fn connect_connections_over_the_cap_get_503_naming_the_limit_and_service_resumes
             .starts_with("HTTP/1.1 503 ")
     });
     drop(held);
-    poll("a free slot", DEADLINE, || {
-        let (head, _) = proxy.connect(&format!("127.0.0.1:{echo}"));
-        head.starts_with("HTTP/1.1 200").then_some(())
+    // The tunnel that finds a free slot must carry bytes. (A second tunnel
+    // opened after it could find the other held slot not yet released.)
+    let mut sock = poll("a free slot", DEADLINE, || {
+        let (head, sock) = proxy.connect(&format!("127.0.0.1:{echo}"));
+        head.starts_with("HTTP/1.1 200").then_some(sock)
     });
-    proxy.connect_works(echo);
+    sock.write_all(b"ping").unwrap();
+    let mut back = [0u8; 4];
+    sock.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"ping");
 }
 
 #[test]

@@ -1474,15 +1474,19 @@ fn read_frames(shared: &Shared, reader: &mut dyn Read) -> Result<(), Fatal> {
     };
     let mut frames = frame::Decoder::new(shared.config.max_frame_size);
     const READ_SIZE: usize = 128 * 1024;
-    // Over TLS, reads cost no system call while decrypted records are
-    // buffered: they stop at each frame's end, and a large DATA payload
-    // is read from the decrypted record straight into the buffer it is
-    // delivered in, rather than into the frame buffer and out again.
+    // A DATA payload of DIRECT_MIN bytes or more that a read left
+    // incomplete is read on straight into the buffer it is delivered in,
+    // rather than into the frame buffer and out again. Over TLS, where a
+    // read costs no system call while decrypted records are buffered,
+    // reads also stop at each frame's end, so every such payload goes
+    // that way; a plain socket keeps reading READ_SIZE at a time (reads
+    // to frame ends cost it more in system calls than the copies saved:
+    // server CPU per GiB on the gRPC path 0.99-1.24 s against 1.18-1.57).
     const DIRECT_MIN: usize = 4096;
     let exact = shared.secure;
     let mut direct: Option<frame::DirectData> = None;
     loop {
-        if exact && direct.is_none() {
+        if direct.is_none() {
             direct = frames.start_direct(DIRECT_MIN);
         }
         let read = match &mut direct {

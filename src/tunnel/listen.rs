@@ -22,7 +22,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use crate::shutdown::{Latch, Shutdown, Worker, WorkerSet};
@@ -163,19 +163,27 @@ struct Open {
     workers: WorkerSet,
     count: AtomicUsize,
     refusals: Mutex<Refusals>,
+    /// Wakes a refusal thread lingering for the next connection to refuse.
+    refusal_cv: Condvar,
     next: AtomicU64,
 }
 
 /// Connections waiting for a refusal thread, and how many of those run.
-/// A refusal thread takes the next waiting connection before it ends, so
-/// that in a flood the same threads keep refusing: a thread that ended one
-/// refusal is not yet idle in the pool, and starting the next refusal on a
-/// thread of its own would have taken a new one.
+/// A refusal thread takes the next waiting connection before it ends, and
+/// lingers [`REFUSAL_LINGER`] for one when none waits, so that in a flood
+/// the same threads keep refusing: a thread that ended one refusal is not
+/// yet idle in the pool, and starting the next refusal on a thread of its
+/// own would have taken a new one.
 #[derive(Default)]
 struct Refusals {
     waiting: std::collections::VecDeque<(u64, Conn, Refuse)>,
     threads: usize,
+    /// Refusal threads waiting on `refusal_cv` (counted in `threads` too).
+    lingering: usize,
 }
+
+/// How long a refusal thread waits for the next connection to refuse.
+const REFUSAL_LINGER: Duration = Duration::from_millis(100);
 
 /// All listeners of a process, sharing one connection cap.
 pub struct Listeners {
@@ -197,6 +205,7 @@ impl Listeners {
                 workers: WorkerSet::new(),
                 count: AtomicUsize::new(0),
                 refusals: Mutex::new(Refusals::default()),
+                refusal_cv: Condvar::new(),
                 next: AtomicU64::new(0),
             }),
             max_connections,
@@ -328,6 +337,11 @@ fn start_refusal(open: &Arc<Open>, name: &str, conn: Conn, refuse: &Refuse) {
     let id = open.next.fetch_add(1, Ordering::Relaxed);
     lock(&open.closers).insert(id, conn.clone());
     refusals.waiting.push_back((id, conn, refuse.clone()));
+    if refusals.lingering > 0 {
+        drop(refusals);
+        open.refusal_cv.notify_one();
+        return;
+    }
     if refusals.threads >= REFUSERS {
         return; // a running refusal thread takes it next
     }
@@ -338,6 +352,15 @@ fn start_refusal(open: &Arc<Open>, name: &str, conn: Conn, refuse: &Refuse) {
         loop {
             let next = {
                 let mut refusals = lock(&owner.refusals);
+                if refusals.waiting.is_empty() {
+                    refusals.lingering += 1;
+                    refusals = owner
+                        .refusal_cv
+                        .wait_timeout_while(refusals, REFUSAL_LINGER, |r| r.waiting.is_empty())
+                        .unwrap_or_else(PoisonError::into_inner)
+                        .0;
+                    refusals.lingering -= 1;
+                }
                 let next = refusals.waiting.pop_front();
                 if next.is_none() {
                     refusals.threads -= 1;

@@ -130,7 +130,12 @@ mod tests {
             // Given away: a new zeroed buffer took the old one's place;
             // copied: the buffer still holds what was read.
             let given = buf.buf.iter().all(|&b| b == 0);
-            assert_eq!(given, packet.len() >= ReadBuf::GIVE_AWAY, "{}", packet.len());
+            assert_eq!(
+                given,
+                packet.len() >= ReadBuf::GIVE_AWAY,
+                "{}",
+                packet.len()
+            );
             assert!(packet.capacity() <= 32 * 1024);
             got.extend_from_slice(&packet);
         }
