@@ -98,7 +98,6 @@ impl Message {
     /// into a second buffer first.
     pub fn encode_parts(self) -> (Vec<u8>, Bytes) {
         use prost::Message as _;
-        use prost::encoding::{WireType, encode_key, encode_varint};
         let Message::Data {
             connect_id,
             error,
@@ -107,24 +106,32 @@ impl Message {
         else {
             return (Packet::from(self).encode_to_vec(), Bytes::new());
         };
-        let mut inner = proto::Data {
-            connect_id,
-            error,
-            data: Bytes::new(),
-        }
-        .encode_to_vec();
-        if !data.is_empty() {
-            encode_key(3, WireType::LengthDelimited, &mut inner);
-            encode_varint(data.len() as u64, &mut inner);
-        }
-        let mut head = Vec::with_capacity(inner.len() + 16);
-        encode_key(1, WireType::Varint, &mut head);
-        encode_varint(PacketType::Data as u64, &mut head);
-        encode_key(4, WireType::LengthDelimited, &mut head);
-        encode_varint((inner.len() + data.len()) as u64, &mut head);
-        head.extend_from_slice(&inner);
-        (head, data)
+        (data_head(connect_id, error, data.len()), data)
     }
+}
+
+/// The encoded DATA packet up to its payload: followed by the payload's
+/// `len` bytes, the whole packet (as [`Message::encode_parts`] splits it).
+pub fn data_head(connect_id: i64, error: String, len: usize) -> Vec<u8> {
+    use prost::Message as _;
+    use prost::encoding::{WireType, encode_key, encode_varint};
+    let mut inner = proto::Data {
+        connect_id,
+        error,
+        data: Bytes::new(),
+    }
+    .encode_to_vec();
+    if len > 0 {
+        encode_key(3, WireType::LengthDelimited, &mut inner);
+        encode_varint(len as u64, &mut inner);
+    }
+    let mut head = Vec::with_capacity(inner.len() + 16);
+    encode_key(1, WireType::Varint, &mut head);
+    encode_varint(PacketType::Data as u64, &mut head);
+    encode_key(4, WireType::LengthDelimited, &mut head);
+    encode_varint((inner.len() + len) as u64, &mut head);
+    head.extend_from_slice(&inner);
+    head
 }
 
 impl TryFrom<Packet> for Message {

@@ -48,29 +48,6 @@ impl ReadBuf {
         }
         Ok(&self.buf[..n])
     }
-
-    /// Reads once, as [`ReadBuf::read_from`], and hands the bytes over as
-    /// a packet's payload: a read of [`ReadBuf::GIVE_AWAY`] bytes or more
-    /// gives away the buffer itself (a new zeroed one of the same size takes
-    /// its place), so the payload is not copied; a smaller one is copied
-    /// out. Either way the payload holds at most this buffer's size, the
-    /// bound a queued packet already had.
-    pub fn read_packet(
-        &mut self,
-        r: &mut dyn std::io::Read,
-        limit: usize,
-    ) -> std::io::Result<Vec<u8>> {
-        let n = self.read_from(r, limit)?.len();
-        if n < Self::GIVE_AWAY {
-            return Ok(self.buf[..n].to_vec());
-        }
-        let size = self.buf.len();
-        let mut full = std::mem::replace(&mut self.buf, vec![0; size]);
-        full.truncate(n);
-        Ok(full)
-    }
-
-    const GIVE_AWAY: usize = 4096;
 }
 
 /// A tunnel role that could not start (a port taken, a certificate
@@ -113,33 +90,5 @@ mod tests {
         assert_eq!(small.read_from(&mut src, 10).unwrap().len(), 10);
         assert_eq!(small.read_from(&mut &b"abc"[..], 100).unwrap(), b"abc");
         assert_eq!(small.buf.len(), 1024);
-    }
-
-    #[test]
-    fn read_packet_gives_large_reads_away_and_copies_small_ones() {
-        // No zero byte in the data: a buffer left all zeros is a new one.
-        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 251 + 1) as u8).collect();
-        let mut src = &data[..];
-        let mut buf = ReadBuf::new(32 * 1024);
-        let mut got = Vec::new();
-        loop {
-            let packet = buf.read_packet(&mut src, usize::MAX).unwrap();
-            if packet.is_empty() {
-                break;
-            }
-            // Given away: a new zeroed buffer took the old one's place;
-            // copied: the buffer still holds what was read.
-            let given = buf.buf.iter().all(|&b| b == 0);
-            assert_eq!(
-                given,
-                packet.len() >= ReadBuf::GIVE_AWAY,
-                "{}",
-                packet.len()
-            );
-            assert!(packet.capacity() <= 32 * 1024);
-            got.extend_from_slice(&packet);
-        }
-        assert_eq!(got, data);
-        assert_eq!(buf.buf.len(), 32 * 1024, "the new buffer keeps the size");
     }
 }

@@ -186,6 +186,29 @@ impl<T> Queue<T> {
         None
     }
 
+    /// Runs `send` (which sends something that is not an item, such as
+    /// bytes borrowed from a read buffer) on the caller's thread when the
+    /// queue is empty and nothing is being sent, so that it goes out in
+    /// order; false (and `send` not run) otherwise.
+    pub fn run_if_idle(&self, send: impl FnOnce()) -> bool {
+        {
+            let mut state = self.lock();
+            if state.closed || state.busy || !state.items.is_empty() {
+                return false;
+            }
+            state.busy = true;
+        }
+        send();
+        let mut state = self.lock();
+        state.busy = false;
+        let wake = !state.items.is_empty() || state.closed;
+        drop(state);
+        if wake {
+            self.shared.readable.notify_one();
+        }
+        true
+    }
+
     /// As [`Queue::send_or`] for a `send` that takes whole items (it sends
     /// all of one, or closes the queue when sending fails), and one more
     /// case: a producer that finds items queued while nobody sends (the
@@ -385,6 +408,29 @@ mod tests {
         // Closed during the send: the remainder is dropped with the queue.
         assert_eq!(waiter.join().unwrap(), Vec::<i32>::new());
         assert_eq!(q.send_or(6, |_| None), Some(6), "closed");
+    }
+
+    #[test]
+    fn borrowed_sends_run_only_on_an_idle_queue() {
+        let q = Queue::new(8);
+        let ran = std::cell::Cell::new(0);
+        assert!(q.run_if_idle(|| ran.set(ran.get() + 1)), "idle");
+        // While it runs the queue is busy: items and other sends wait.
+        let q2 = q.clone();
+        assert!(q.run_if_idle(|| {
+            assert!(!q2.run_if_idle(|| panic!("ran during another send")));
+            assert_eq!(q2.send_or(1, |_| None), Some(1));
+            q2.try_push(1).unwrap();
+        }));
+        // An item queued (pushed during that send): it goes first.
+        assert!(!q.run_if_idle(|| panic!("ran ahead of a queued item")));
+        assert_eq!(q.pop_claim(None), Pop::Item(1));
+        assert!(!q.run_if_idle(|| panic!("ran while the consumer sends")));
+        q.release();
+        assert!(q.run_if_idle(|| ran.set(ran.get() + 1)));
+        q.close();
+        assert!(!q.run_if_idle(|| panic!("ran on a closed queue")));
+        assert_eq!(ran.get(), 2);
     }
 
     #[test]

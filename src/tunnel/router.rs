@@ -493,6 +493,13 @@ impl Router {
         self.frontends.entry(frontend).or_default()
     }
 
+    /// The agent that carries a frontend's connection, as a DATA message
+    /// from that frontend would be routed (None: it would be answered
+    /// with CLOSE_RSP).
+    pub fn agent_for_data(&self, frontend: FrontendKey, connect_id: i64) -> Option<AgentKey> {
+        self.connection_of(frontend, connect_id)
+    }
+
     fn connection_of(&self, frontend: FrontendKey, connect_id: i64) -> Option<AgentKey> {
         let state = self.frontends.get(&frontend)?;
         state

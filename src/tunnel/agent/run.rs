@@ -27,7 +27,7 @@ use crate::shutdown::{Shutdown, WorkerSet};
 use crate::sys::Connecting;
 use crate::tunnel::ReadBuf;
 use crate::tunnel::inbox::{self, Inbox};
-use crate::tunnel::message::{Bytes, Message};
+use crate::tunnel::message::{Bytes, Message, data_head};
 use crate::tunnel::proto::Packet;
 use crate::tunnel::queue::{MIN_TUNNEL_QUEUE, Pop, Queue, Rejected, SLOW_GRACE};
 
@@ -214,6 +214,26 @@ impl Stream {
         } else {
             self.outbox.push_control(message)
         }
+    }
+
+    /// DATA from a destination's read buffer: sent from there when the
+    /// outbox is idle (no copy of the payload before its TLS record),
+    /// otherwise copied and sent as [`Self::send`] sends every message.
+    fn send_data(&self, connect_id: i64, data: &[u8]) -> Result<(), Rejected<Message>> {
+        let sent = self.outbox.run_if_idle(|| {
+            let head = data_head(connect_id, String::new(), data.len());
+            if self.call.send_parts(&head, data).is_err() {
+                self.send_failed();
+            }
+        });
+        if sent {
+            return Ok(());
+        }
+        self.send(Message::Data {
+            connect_id,
+            error: String::new(),
+            data: data.to_vec().into(),
+        })
     }
 
     /// Sending on the call failed: nothing more goes out on it.
@@ -430,20 +450,13 @@ impl Stream {
     fn read_destination(self: &Arc<Self>, connect_id: i64, socket: &TcpStream) {
         let mut buf = ReadBuf::new(CHUNK);
         let error = loop {
-            match buf.read_packet(&mut &*socket, CHUNK) {
-                Ok(bytes) if bytes.is_empty() => break String::new(),
-                Ok(bytes) => {
-                    let data = Message::Data {
-                        connect_id,
-                        error: String::new(),
-                        data: bytes.into(),
-                    };
-                    match self.send(data) {
-                        Ok(()) => {}
-                        Err(Rejected::Closed(_)) => break "server stream closed".into(),
-                        Err(Rejected::Full(_)) => break "server stream stalled".into(),
-                    }
-                }
+            match buf.read_from(&mut &*socket, CHUNK) {
+                Ok([]) => break String::new(),
+                Ok(bytes) => match self.send_data(connect_id, bytes) {
+                    Ok(()) => {}
+                    Err(Rejected::Closed(_)) => break "server stream closed".into(),
+                    Err(Rejected::Full(_)) => break "server stream stalled".into(),
+                },
                 Err(e) => break e.to_string(),
             }
         };

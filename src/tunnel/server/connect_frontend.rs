@@ -371,8 +371,8 @@ fn relay(hub: &Arc<Hub>, client: Client, tunnel: Tunnel, mut buf: ReadBuf, early
     };
     let read_from_client = || {
         loop {
-            match buf.read_packet(&mut reader, CHUNK) {
-                Ok(bytes) if bytes.is_empty() => {
+            match buf.read_from(&mut reader, CHUNK) {
+                Ok([]) => {
                     log::debug!("CONNECT {peer}: client closed connection {connect_id}");
                     break;
                 }
@@ -380,13 +380,9 @@ fn relay(hub: &Arc<Hub>, client: Client, tunnel: Tunnel, mut buf: ReadBuf, early
                     log::debug!("CONNECT {peer}: reading connection {connect_id}: {e}");
                     break;
                 }
+                // Sent from the read buffer when the agent's stream is idle.
                 Ok(bytes) => {
-                    let data = Message::Data {
-                        connect_id,
-                        error: String::new(),
-                        data: bytes.into(),
-                    };
-                    if !hub.from_frontend(key, data) {
+                    if !hub.data_from_frontend(key, connect_id, bytes) {
                         break;
                     }
                 }

@@ -18,7 +18,7 @@ use super::metrics::ServerMetrics;
 use crate::grpc::ServerCall;
 use crate::tunnel::identifiers::{Identifiers, Strategy};
 use crate::tunnel::listen::Conn;
-use crate::tunnel::message::Message;
+use crate::tunnel::message::{Message, data_head};
 use crate::tunnel::queue::{MIN_TUNNEL_QUEUE, Queue, Rejected, SLOW_GRACE};
 use crate::tunnel::router::{self, Action, AgentKey, DialFailure, FrontendKey, Router};
 
@@ -116,6 +116,19 @@ struct AgentLink {
 }
 
 impl AgentLink {
+    /// Sends DATA from where it lies (a frontend's read buffer) when
+    /// nothing is queued or being sent on this agent's stream; false, with
+    /// nothing sent, otherwise.
+    fn try_send_data(&self, connect_id: i64, data: &[u8]) -> bool {
+        self.queue.run_if_idle(|| {
+            let head = data_head(connect_id, String::new(), data.len());
+            if let Err(status) = self.call.send_parts(&head, data) {
+                log::debug!("agent stream: send failed: {status:?}");
+                self.queue.close_and_clear();
+            }
+        })
+    }
+
     /// Sends from a thread that may wait (a frontend's reader). Data waits
     /// up to AGENT_QUEUE_WAIT for room in the queue; control messages pass
     /// the bound.
@@ -316,6 +329,30 @@ impl Hub {
                 })
         };
         self.execute(actions, Some(key))
+    }
+
+    /// DATA from a frontend's reader, borrowed from its read buffer: written
+    /// to the agent's stream from there when that stream is idle (no copy
+    /// of the payload before its TLS record), otherwise copied and routed
+    /// as [`Hub::from_frontend`] routes every message. Same result.
+    pub fn data_from_frontend(&self, key: FrontendKey, connect_id: i64, data: &[u8]) -> bool {
+        let link = {
+            let state = self.lock();
+            if !state.frontends.contains_key(&key) {
+                return false;
+            }
+            let agent = state.router.agent_for_data(key, connect_id);
+            agent.and_then(|agent| state.agents.get(&agent).cloned())
+        };
+        if link.is_some_and(|link| link.try_send_data(connect_id, data)) {
+            return true;
+        }
+        let message = Message::Data {
+            connect_id,
+            error: String::new(),
+            data: data.to_vec().into(),
+        };
+        self.from_frontend(key, message)
     }
 
     /// Fails dials past the backend dial timeout; returns when to call again.
