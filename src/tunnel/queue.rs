@@ -161,14 +161,39 @@ impl<T> Queue<T> {
     /// the consumer. Returns the item untouched when it must be queued as
     /// usual (others are queued or being sent, or the queue is closed).
     pub fn send_or(&self, item: T, send: impl FnOnce(T) -> Option<T>) -> Option<T> {
-        {
-            let mut state = self.lock();
-            if state.closed || state.busy || !state.items.is_empty() {
-                return Some(item);
-            }
-            state.busy = true;
+        if !self.claim_if_idle() {
+            return Some(item);
         }
         let rest = send(item);
+        self.end_claim(rest);
+        None
+    }
+
+    /// Runs `send` (which sends something that is not an item, such as
+    /// bytes borrowed from a read buffer) on the caller's thread when the
+    /// queue is empty and nothing is being sent, so that it goes out in
+    /// order; false (and `send` not run) otherwise.
+    pub fn run_if_idle(&self, send: impl FnOnce()) -> bool {
+        if !self.claim_if_idle() {
+            return false;
+        }
+        send();
+        self.end_claim(None);
+        true
+    }
+
+    /// Marks the queue busy when it is open, empty and nobody sends.
+    fn claim_if_idle(&self) -> bool {
+        let mut state = self.lock();
+        if state.closed || state.busy || !state.items.is_empty() {
+            return false;
+        }
+        state.busy = true;
+        true
+    }
+
+    /// Ends a claim: what the sender could not send goes to the front.
+    fn end_claim(&self, rest: Option<T>) {
         let mut state = self.lock();
         state.busy = false;
         if let Some(rest) = rest {
@@ -183,30 +208,6 @@ impl<T> Queue<T> {
         if wake {
             self.shared.readable.notify_one();
         }
-        None
-    }
-
-    /// Runs `send` (which sends something that is not an item, such as
-    /// bytes borrowed from a read buffer) on the caller's thread when the
-    /// queue is empty and nothing is being sent, so that it goes out in
-    /// order; false (and `send` not run) otherwise.
-    pub fn run_if_idle(&self, send: impl FnOnce()) -> bool {
-        {
-            let mut state = self.lock();
-            if state.closed || state.busy || !state.items.is_empty() {
-                return false;
-            }
-            state.busy = true;
-        }
-        send();
-        let mut state = self.lock();
-        state.busy = false;
-        let wake = !state.items.is_empty() || state.closed;
-        drop(state);
-        if wake {
-            self.shared.readable.notify_one();
-        }
-        true
     }
 
     /// As [`Queue::send_or`] for a `send` that takes whole items (it sends
