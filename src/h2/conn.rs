@@ -1181,7 +1181,7 @@ fn write_loop(shared: &Shared) {
 /// `out` not empty, returns with the lock held again. A failed write
 /// closes the connection.
 fn write_batch<'a>(shared: &'a Shared, state: MutexGuard<'a, State>) -> MutexGuard<'a, State> {
-    write_batch_with(shared, state, &[])
+    write_batch_with(shared, state, &[&[]; 3])
 }
 
 /// [`write_batch`], then `extra` (a sender's own frame: header, gRPC
@@ -1190,7 +1190,7 @@ fn write_batch<'a>(shared: &'a Shared, state: MutexGuard<'a, State>) -> MutexGua
 fn write_batch_with<'a>(
     shared: &'a Shared,
     mut state: MutexGuard<'a, State>,
-    extra: &[&[u8]],
+    extra: &[&[u8]; 3],
 ) -> MutexGuard<'a, State> {
     state.writing = true;
     let mut batch = std::mem::take(&mut state.spare);
@@ -1238,28 +1238,13 @@ fn queue_parts(out: &mut Vec<u8>, parts: &[&[u8]]) {
     }
 }
 
-/// Writes `first` then every slice of `rest`, as few vectored writes as
-/// the writer takes (one, for a socket with room).
-fn write_all_parts(w: &mut dyn Write, first: &[u8], rest: &[&[u8]]) -> io::Result<()> {
-    const MAX: usize = 4;
-    let mut slices = [IoSlice::new(&[]); MAX];
-    let mut count = 0;
-    for part in std::iter::once(first).chain(rest.iter().copied()) {
-        if part.is_empty() {
-            continue;
-        }
-        if count == MAX {
-            // More parts than slots: the first ones go now.
-            write_all_slices(w, &mut slices[..count])?;
-            count = 0;
-        }
-        slices[count] = IoSlice::new(part);
-        count += 1;
-    }
-    write_all_slices(w, &mut slices[..count])
-}
-
-fn write_all_slices(w: &mut dyn Write, mut left: &mut [IoSlice<'_>]) -> io::Result<()> {
+/// Writes `first` then the slices of `rest` (empty ones are passed over),
+/// as few vectored writes as the writer takes (one, for a socket with room).
+fn write_all_parts(w: &mut dyn Write, first: &[u8], rest: &[&[u8]; 3]) -> io::Result<()> {
+    let mut slices = [first, rest[0], rest[1], rest[2]].map(IoSlice::new);
+    let mut left = &mut slices[..];
+    // Drops leading empty slices, so that nothing left means done.
+    IoSlice::advance_slices(&mut left, 0);
     while !left.is_empty() {
         match w.write_vectored(left) {
             Ok(0) => return Err(io::ErrorKind::WriteZero.into()),

@@ -121,12 +121,17 @@ impl AgentLink {
     /// nothing sent, otherwise.
     fn try_send_data(&self, connect_id: i64, data: &[u8]) -> bool {
         self.queue.run_if_idle(|| {
-            let head = data_head(connect_id, String::new(), data.len());
-            if let Err(status) = self.call.send_parts(&head, data) {
-                log::debug!("agent stream: send failed: {status:?}");
-                self.queue.close_and_clear();
-            }
+            self.write(&data_head(connect_id, String::new(), data.len()), data);
         })
+    }
+
+    /// Writes one packet on the stream, with the queue claimed; a failure
+    /// closes the queue (the stream is gone).
+    fn write(&self, head: &[u8], data: &[u8]) {
+        if let Err(status) = self.call.send_parts(head, data) {
+            log::debug!("agent stream: send failed: {status:?}");
+            self.queue.close_and_clear();
+        }
     }
 
     /// Sends from a thread that may wait (a frontend's reader). Data waits
@@ -135,10 +140,7 @@ impl AgentLink {
     fn send(&self, message: Message) -> Result<(), Rejected<Message>> {
         let Some(message) = self.queue.send_or(message, |message| {
             let (head, data) = message.encode_parts();
-            if let Err(status) = self.call.send_parts(&head, &data) {
-                log::debug!("agent stream: send failed: {status:?}");
-                self.queue.close_and_clear();
-            }
+            self.write(&head, &data);
             None
         }) else {
             return Ok(());
