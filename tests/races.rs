@@ -1142,6 +1142,92 @@ fn a_connect_client_that_hangs_up_while_dialling_releases_everything() {
     back_to_baseline("server", pid, baseline);
 }
 
+fn data(connect_id: i64, bytes: &[u8]) -> Message {
+    Message::Data {
+        connect_id,
+        error: String::new(),
+        data: bytes.to_vec().into(),
+    }
+}
+
+/// Reads exactly `want` from a tunnel's client.
+fn expect_bytes(client: &mut UnixStream, want: &[u8], what: &str) {
+    let mut got = vec![0u8; want.len()];
+    client
+        .read_exact(&mut got)
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert_eq!(got, want, "{what}");
+}
+
+/// A CONNECT tunnel's writer thread starts only when something has to wait
+/// for it: data that comes while the client is being answered (right
+/// behind the DIAL_RSP) or that the client's socket cannot take, and the
+/// agent's close. Every byte arrives in order; an agent's CLOSE_RSP ends
+/// the client's connection whether a writer ran or not; and an idle
+/// tunnel that only ever had data its socket took at once holds one
+/// thread on the server (its reader), not two.
+#[test]
+fn a_connect_tunnel_starts_its_writer_only_when_something_waits() {
+    let server = Server::start("http-connect");
+    let pid = server.pid();
+    let mut agent = server.fake_agent("fake-agent");
+    let baseline = settled(pid);
+    const TUNNELS: i64 = 20;
+    let mut clients = Vec::new();
+    for i in 0..TUNNELS {
+        let connect_id = 500 + i;
+        let mut client = server.connect_request("10.0.0.1:22");
+        let random = agent.dial_request();
+        // Even tunnels: the destination speaks first, its greeting right
+        // behind the DIAL_RSP (queued: the client is still being answered).
+        if i % 2 == 0 {
+            agent.send(dial_ok(random, connect_id));
+            agent.send(data(connect_id, format!("greeting {i};").as_bytes()));
+            assert_eq!(
+                common::read_head(&mut client),
+                "HTTP/1.1 200 Connection Established\r\n\r\n"
+            );
+            expect_bytes(&mut client, format!("greeting {i};").as_bytes(), "greeting");
+        } else {
+            agent.send(dial_ok(random, connect_id));
+            assert_eq!(
+                common::read_head(&mut client),
+                "HTTP/1.1 200 Connection Established\r\n\r\n"
+            );
+        }
+        client.write_all(b"ping").unwrap();
+        agent.expect("the client's bytes", &data(connect_id, b"ping"));
+        // Both kinds: an answer the client's socket takes at once.
+        agent.send(data(connect_id, format!("pong {i}").as_bytes()));
+        expect_bytes(&mut client, format!("pong {i}").as_bytes(), "pong");
+        clients.push((connect_id, client));
+    }
+    // Odd tunnels never needed a writer: TUNNELS / 2 writers at most.
+    let open = settled(pid);
+    let per_tunnel = (open.0 - baseline.0) as f64 / TUNNELS as f64;
+    assert!(
+        per_tunnel <= 1.5 + 4.0 / TUNNELS as f64,
+        "{} threads for {TUNNELS} tunnels ({per_tunnel:.2} each): {:?}",
+        open.0 - baseline.0,
+        thread_names(pid)
+    );
+    // The agent closes every tunnel: each client reads to EOF (some with a
+    // writer running, some without).
+    for (connect_id, client) in &mut clients {
+        agent.send(close_rsp(*connect_id));
+        let mut rest = Vec::new();
+        client
+            .read_to_end(&mut rest)
+            .unwrap_or_else(|e| panic!("connection {connect_id}: {e}"));
+        assert!(rest.is_empty(), "{rest:?}");
+    }
+    drop(clients);
+    server.idle();
+    wait_metric(server.health_port, HTTP_CONNS, 0.0);
+    agent.kill();
+    back_to_baseline("server", pid, baseline);
+}
+
 /// The same over mTLS TCP: a TLS client that closes (close_notify, FIN)
 /// while its dial is pending cancels it at the agent.
 #[test]

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use super::hub::{EarlyAnswer, Hub, ToFrontend};
 use crate::h2::transport::{TlsSetup, Transport};
+use crate::shutdown::Latch;
 use crate::tls::Reloader;
 use crate::tunnel::ReadBuf;
 use crate::tunnel::connect::{self, ConnectRequest, ESTABLISHED};
@@ -320,16 +321,20 @@ fn dial(
 }
 
 /// Copies bytes both ways until either side ends: `early` (bytes the client
-/// sent after its head) first; this thread reads the client, a pooled one
-/// writes to it.
+/// sent after its head) first. This thread reads the client; what comes
+/// for it is written by the thread that delivers it when the socket takes
+/// it at once (plaintext clients), else by a pooled writer thread started
+/// when something first has to wait ([`ClientOut`]), or by this thread
+/// once the client is done sending.
 #[inline(never)]
 fn relay(hub: &Arc<Hub>, client: Client, tunnel: Tunnel, mut buf: ReadBuf, early: Vec<u8>) {
     let Client {
         mut reader,
-        mut writer,
+        writer,
         closer,
+        control,
         peer,
-        ..
+        secure,
     } = client;
     let Tunnel {
         key,
@@ -347,64 +352,128 @@ fn relay(hub: &Arc<Hub>, client: Client, tunnel: Tunnel, mut buf: ReadBuf, early
             },
         );
     }
-
-    let (queue, closer) = (&queue, &closer);
-    let write_to_client = move || {
-        loop {
-            match queue.pop_timeout(None) {
-                Pop::Item(ToFrontend::Message(Message::Data { data, .. })) => {
-                    if writer.write_all(&data).is_err() {
-                        break;
-                    }
-                }
-                Pop::Item(ToFrontend::Message(Message::CloseRsp { .. })) => break,
-                Pop::Item(_) => {}
-                Pop::Closed | Pop::TimedOut => break,
+    let out = Arc::new(ClientOut {
+        direct: (!secure).then(|| control.clone()),
+        queue,
+        writer: std::sync::Mutex::new(Some(writer)),
+        closer: Arc::from(closer),
+        done: Latch::default(),
+    });
+    hub.set_frontend_out(key, out.clone());
+    loop {
+        match buf.read_from(&mut reader, CHUNK) {
+            Ok([]) => {
+                log::debug!("CONNECT {peer}: client closed connection {connect_id}");
+                break;
             }
-        }
-        let _ = writer.flush();
-        queue.close_and_clear();
-        // close_notify first (TLS), then wake the reader below if it is
-        // still blocked on the client.
-        drop(writer);
-        closer();
-    };
-    let read_from_client = || {
-        loop {
-            match buf.read_from(&mut reader, CHUNK) {
-                Ok([]) => {
-                    log::debug!("CONNECT {peer}: client closed connection {connect_id}");
+            Err(e) => {
+                log::debug!("CONNECT {peer}: reading connection {connect_id}: {e}");
+                break;
+            }
+            // Sent from the read buffer when the agent's stream is idle.
+            Ok(bytes) => {
+                if !hub.data_from_frontend(key, connect_id, bytes) {
                     break;
-                }
-                Err(e) => {
-                    log::debug!("CONNECT {peer}: reading connection {connect_id}: {e}");
-                    break;
-                }
-                // Sent from the read buffer when the agent's stream is idle.
-                Ok(bytes) => {
-                    if !hub.data_from_frontend(key, connect_id, bytes) {
-                        break;
-                    }
                 }
             }
         }
-        // The client is done (or gone): close the tunnel at the agent. Data
-        // already queued for the client is still written.
-        hub.remove_frontend_flushing(key);
-    };
-    // The writer runs on a pooled thread beside this one (a wake-up, not a
-    // thread start, per tunnel).
-    if let Err(e) =
-        crate::shutdown::helpers().beside("conn-write", write_to_client, read_from_client)
-    {
-        log::error!("CONNECT {peer}: starting the writer thread: {e}");
-        hub.remove_frontend(key);
     }
+    // The client is done (or gone): close the tunnel at the agent. Data
+    // already queued for the client is still written: by this thread,
+    // unless a writer runs already.
+    hub.remove_frontend_flushing(key);
+    let writer = out.take_writer();
+    if let Some(writer) = writer {
+        out.write(writer);
+    }
+    out.done.wait();
     hub.metrics.http_connections.add(&[], -1.0);
     hub.metrics
         .connection_duration
         .observe(&[], established.elapsed().as_secs_f64());
-    closer();
+    (out.closer)();
+}
+
+/// A CONNECT client's writing side once its tunnel is up (see
+/// [`crate::tunnel::server::hub::FrontendOut`]).
+struct ClientOut {
+    /// The plaintext client's socket (held open for as long as a
+    /// delivering thread may write to it); None for TLS, whose records only
+    /// the writer writes.
+    direct: Option<Conn>,
+    queue: Queue<ToFrontend>,
+    /// The writer half, until a thread takes it to write: a pooled one
+    /// when something waits in the queue, or the reader when it is done.
+    writer: std::sync::Mutex<Option<Box<dyn Write + Send>>>,
+    closer: Arc<dyn Fn() + Send + Sync>,
+    /// Set when the writing has ended, or will not start (the reader waits
+    /// for it before the connection goes).
+    done: Latch,
+}
+
+impl ClientOut {
+    fn take_writer(&self) -> Option<Box<dyn Write + Send>> {
+        self.writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
+
+    /// Writes what the queue holds until it closes or the agent closes the
+    /// connection, in turn with the threads that write directly ([`Queue::
+    /// pop_claim`]); then ends the connection (close_notify first, then
+    /// the socket, which also wakes the reader if it is still blocked).
+    fn write(&self, mut writer: Box<dyn Write + Send>) {
+        loop {
+            let item = self.queue.pop_claim(None);
+            let go_on = match &item {
+                Pop::Item(ToFrontend::Message(Message::Data { data, .. })) => {
+                    writer.write_all(data).is_ok()
+                }
+                Pop::Item(ToFrontend::Message(Message::CloseRsp { .. })) => false,
+                Pop::Item(_) => true,
+                Pop::Closed | Pop::TimedOut => break,
+            };
+            self.queue.release();
+            if !go_on {
+                break;
+            }
+        }
+        let _ = writer.flush();
+        drop(writer);
+        self.end();
+    }
+
+    /// Closes the queue, waits out a direct write under way (none starts
+    /// on a closed queue), and ends the connection.
+    fn end(&self) {
+        self.queue.close_and_clear();
+        let _ = self.queue.pop_claim(None);
+        (self.closer)();
+        self.done.set();
+    }
+}
+
+impl super::hub::FrontendOut for ClientOut {
+    fn direct_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.direct.as_ref().map(|conn| match conn {
+            Conn::Tcp(s) => s.as_raw_fd(),
+            Conn::Unix(s) => s.as_raw_fd(),
+        })
+    }
+
+    fn wake(self: Arc<Self>) {
+        let Some(writer) = self.take_writer() else {
+            return; // being written already, or done
+        };
+        let out = self.clone();
+        let spawned = crate::shutdown::helpers().spawn("conn-write", move || out.write(writer));
+        if let Err(e) = spawned {
+            // Nobody can write: end the connection (its reader wakes).
+            log::error!("CONNECT: starting the writer thread: {e}");
+            self.end();
+        }
+    }
 }
 
 /// The first and the longest pause between two checks for a client that

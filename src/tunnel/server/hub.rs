@@ -9,9 +9,9 @@
 //! on its agent's queue, which back-pressures that frontend alone.
 
 use std::collections::HashMap;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::metrics::ServerMetrics;
@@ -33,6 +33,87 @@ const AGENT_QUEUE_WAIT: Duration = Duration::from_secs(60);
 pub enum ToFrontend {
     Message(Message),
     DialFailed { random: i64, reason: DialFailure },
+}
+
+/// A frontend's writing side as the threads that deliver to it see it,
+/// once its tunnel is established ([`Hub::set_frontend_out`]): its writer
+/// thread starts only when something must wait in its queue, so an idle
+/// tunnel holds one thread (its reader), and data for a plaintext client
+/// goes from the delivering thread straight to the client's socket.
+pub trait FrontendOut: Send + Sync {
+    /// The client's plaintext socket, written to without waiting (and only
+    /// when nothing is queued or being written); None: every item queues.
+    fn direct_fd(&self) -> Option<RawFd>;
+    /// Something was queued, or the queue closed: a writer must run.
+    fn wake(self: Arc<Self>);
+}
+
+/// A frontend as the hub holds it: its queue, and its writing side once
+/// the tunnel is established (set once; shared by every clone, so a
+/// delivery decided before it was set still wakes the writer).
+#[derive(Clone)]
+struct FrontendLink {
+    queue: Queue<ToFrontend>,
+    out: Arc<OnceLock<Arc<dyn FrontendOut>>>,
+}
+
+impl FrontendLink {
+    fn wake(&self) {
+        if let Some(out) = self.out.get() {
+            out.clone().wake();
+        }
+    }
+
+    /// Data for the client: written to its socket at once when it takes it
+    /// all and nothing is queued or being written, queued otherwise (the
+    /// part the socket did not take goes first). Err(item) when the queue
+    /// is full; data for a closed queue is dropped.
+    fn offer(&self, item: ToFrontend) -> Result<(), ToFrontend> {
+        let direct = self.out.get().and_then(|out| out.direct_fd());
+        let item = match direct {
+            Some(fd) => match self.queue.send_or(item, |item| write_now(fd, item)) {
+                None => {
+                    if !self.queue.is_empty() {
+                        self.wake();
+                    }
+                    return Ok(());
+                }
+                Some(item) => item,
+            },
+            None => item,
+        };
+        match self.queue.try_push(item) {
+            Ok(()) => {
+                self.wake();
+                Ok(())
+            }
+            Err(Rejected::Full(item)) => Err(item),
+            Err(Rejected::Closed(_)) => Ok(()),
+        }
+    }
+}
+
+/// Writes DATA to a plaintext client without waiting; returns what its
+/// socket did not take. A failed write drops the data: the client is gone,
+/// and its reader sees that too and ends the tunnel.
+fn write_now(fd: RawFd, item: ToFrontend) -> Option<ToFrontend> {
+    let ToFrontend::Message(Message::Data {
+        connect_id,
+        error,
+        data,
+    }) = item
+    else {
+        return Some(item);
+    };
+    match crate::sys::send_now(fd, &data) {
+        Ok(n) if n == data.len() => None,
+        Ok(n) => Some(ToFrontend::Message(Message::Data {
+            connect_id,
+            error,
+            data: data.slice(n..),
+        })),
+        Err(_) => None,
+    }
 }
 
 /// A plaintext CONNECT client's `200 Connection Established`, written by
@@ -156,7 +237,7 @@ impl AgentLink {
 struct State {
     router: Router,
     agents: HashMap<AgentKey, AgentLink>,
-    frontends: HashMap<FrontendKey, Queue<ToFrontend>>,
+    frontends: HashMap<FrontendKey, FrontendLink>,
     /// The frontends whose DIAL_RSP the deliverer answers (see [`EarlyAnswer`]).
     early: HashMap<FrontendKey, Arc<EarlyAnswer>>,
 }
@@ -171,7 +252,7 @@ pub struct Hub {
 
 enum Delivery {
     Agent(AgentLink, Message),
-    Frontend(FrontendKey, Queue<ToFrontend>, ToFrontend),
+    Frontend(FrontendKey, FrontendLink, ToFrontend),
     /// Goes just before its frontend's DIAL_RSP.
     Answer(Arc<EarlyAnswer>),
 }
@@ -273,8 +354,27 @@ impl Hub {
         let queue = Queue::new(self.frontend_queue);
         let mut state = self.lock();
         state.router.add_frontend(key);
-        state.frontends.insert(key, queue.clone());
+        let link = FrontendLink {
+            queue: queue.clone(),
+            out: Arc::new(OnceLock::new()),
+        };
+        state.frontends.insert(key, link);
         (key, queue)
+    }
+
+    /// The frontend's tunnel is established: from now on `out` starts its
+    /// writer when something waits, and plaintext data may go straight to
+    /// its client (see [`FrontendOut`]). What was queued meanwhile (data
+    /// right behind the DIAL_RSP) wakes it at once.
+    pub fn set_frontend_out(&self, key: FrontendKey, out: Arc<dyn FrontendOut>) {
+        let link = self.lock().frontends.get(&key).cloned();
+        let Some(link) = link else {
+            // Closed meanwhile: its writer must see that.
+            return out.wake();
+        };
+        if link.out.set(out).is_ok() && !link.queue.is_empty() {
+            link.wake();
+        }
     }
 
     /// Has the DIAL_RSP that establishes `key`'s tunnel answered to its
@@ -301,18 +401,26 @@ impl Hub {
     /// `caller`: the frontend whose own thread calls (it may wait), or None
     /// from a thread that must not (an agent stream's reader).
     fn drop_frontend(&self, key: FrontendKey, flush: bool, caller: Option<FrontendKey>) {
-        let actions = {
+        let (removed, actions) = {
             let mut state = self.lock();
             state.early.remove(&key);
-            if let Some(queue) = state.frontends.remove(&key) {
+            let removed = state.frontends.remove(&key);
+            if let Some(link) = &removed {
                 if flush {
-                    queue.close();
+                    link.queue.close();
                 } else {
-                    queue.close_and_clear();
+                    link.queue.close_and_clear();
                 }
             }
-            state.router.remove_frontend(key)
+            (removed, state.router.remove_frontend(key))
         };
+        // The frontend's own reader writes what is left itself; for any
+        // other caller, its writer must run to see the close.
+        if let Some(link) = removed
+            && caller != Some(key)
+        {
+            link.wake();
+        }
         self.execute(actions, caller);
     }
 
@@ -414,10 +522,10 @@ impl Hub {
                         {
                             deliveries.push(Delivery::Answer(answer));
                         }
-                        if let Some(q) = state.frontends.get(&frontend) {
+                        if let Some(link) = state.frontends.get(&frontend) {
                             deliveries.push(Delivery::Frontend(
                                 frontend,
-                                q.clone(),
+                                link.clone(),
                                 ToFrontend::Message(message),
                             ));
                         }
@@ -429,10 +537,10 @@ impl Hub {
                     } => {
                         log::debug!("dial {random} failed: {reason}");
                         self.metrics.dial_failures.inc(&[reason.label()]);
-                        if let Some(q) = state.frontends.get(&frontend) {
+                        if let Some(link) = state.frontends.get(&frontend) {
                             deliveries.push(Delivery::Frontend(
                                 frontend,
-                                q.clone(),
+                                link.clone(),
                                 ToFrontend::DialFailed { random, reason },
                             ));
                         }
@@ -469,12 +577,12 @@ impl Hub {
                     Some(deferred),
                     Delivery::Frontend(
                         frontend,
-                        queue,
+                        link,
                         item @ ToFrontend::Message(Message::Data { .. }),
                     ),
                 ) => {
-                    if let Err(Rejected::Full(item)) = queue.try_push(item) {
-                        deferred.push(Delivery::Frontend(frontend, queue, item));
+                    if let Err(item) = link.offer(item) {
+                        deferred.push(Delivery::Frontend(frontend, link, item));
                     }
                     continue;
                 }
@@ -492,17 +600,21 @@ impl Hub {
                 }
                 Delivery::Frontend(
                     frontend,
-                    queue,
+                    link,
                     item @ ToFrontend::Message(Message::Data { .. }),
                 ) => {
-                    if let Err(Rejected::Full(item)) = queue.try_push(item) {
-                        if let Err(Rejected::Full(_)) = queue.push_timeout(item, SLOW_GRACE) {
-                            too_slow.push(frontend);
+                    if let Err(item) = link.offer(item) {
+                        match link.queue.push_timeout(item, SLOW_GRACE) {
+                            Ok(()) => link.wake(),
+                            Err(Rejected::Full(_)) => too_slow.push(frontend),
+                            Err(Rejected::Closed(_)) => {}
                         }
                     }
                 }
-                Delivery::Frontend(_, queue, item) => {
-                    let _ = queue.push_control(item);
+                Delivery::Frontend(_, link, item) => {
+                    if link.queue.push_control(item).is_ok() {
+                        link.wake();
+                    }
                 }
                 Delivery::Answer(answer) => answer.send(),
             }
