@@ -189,6 +189,51 @@ fn poll_millis(timeout: Option<Duration>) -> libc::c_int {
     }
 }
 
+/// Reads as a blocking read with the socket's receive timeout would, but
+/// sleeps in poll(POLLIN) when nothing is there. A thread blocked in a
+/// socket read sleeps on the socket's one wait queue and is woken by every
+/// wake-up on it, also those for room to write (a Unix socket's writer
+/// wakes it each time its peer reads, a TCP socket's each time it frees
+/// room that a writer ran out of); poll only wakes it for what it waits
+/// for. `read_timeout` is asked only before a sleep.
+pub fn read_polled(
+    fd: RawFd,
+    buf: &mut [u8],
+    read_timeout: impl Fn() -> io::Result<Option<Duration>>,
+) -> io::Result<usize> {
+    loop {
+        // SAFETY: writes at most buf.len() bytes into buf.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let err = io::Error::last_os_error();
+        match err.kind() {
+            io::ErrorKind::Interrupted => continue,
+            io::ErrorKind::WouldBlock => {}
+            _ => return Err(err),
+        }
+        let millis = poll_millis(read_timeout()?);
+        let mut pollfd = libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let ret = unsafe { libc::poll(&mut pollfd, 1, millis) };
+        if ret == 0 {
+            // As a blocking read reports its receive timeout.
+            return Err(io::ErrorKind::WouldBlock.into());
+        }
+        if ret < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() != io::ErrorKind::Interrupted {
+                return Err(err);
+            }
+        }
+    }
+}
+
 /// Waits until one of `fds` is readable or `timeout` passes (`None`: no
 /// limit). Returns one flag per descriptor; all false on timeout. EINTR is
 /// reported as a timeout so callers simply loop.
@@ -479,6 +524,84 @@ pub fn random_uuid() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The voluntary context switches of the calling thread so far.
+    fn my_switches() -> u64 {
+        let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+        let line = status
+            .lines()
+            .find(|l| l.starts_with("voluntary_ctxt_switches:"))
+            .unwrap();
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    }
+
+    /// How often a thread reading an idle Unix socket (with `read`) went
+    /// to sleep while the same socket's writer sent 64 MiB that its peer
+    /// read; then one byte ends its wait.
+    fn switches_while_blocked(read: fn(&UnixStream, &mut [u8]) -> io::Result<usize>) -> u64 {
+        use std::io::{Read, Write};
+        use std::os::unix::net::UnixStream;
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let ours = std::sync::Arc::new(ours);
+        let reader_side = ours.clone();
+        let reader = std::thread::spawn(move || {
+            let before = my_switches();
+            let mut buf = [0u8; 16];
+            let n = read(&reader_side, &mut buf).unwrap();
+            assert_eq!(&buf[..n], b"x");
+            my_switches() - before
+        });
+        let mut peer = theirs.try_clone().unwrap();
+        let drain = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut left = 64usize << 20;
+            while left > 0 {
+                left -= peer.read(&mut buf).unwrap();
+            }
+            peer
+        });
+        let chunk = vec![7u8; 16 * 1024];
+        for _ in 0..(64 << 20) / chunk.len() {
+            (&*ours).write_all(&chunk).unwrap();
+        }
+        let mut peer = drain.join().unwrap();
+        peer.write_all(b"x").unwrap();
+        reader.join().unwrap()
+    }
+
+    use std::os::unix::net::UnixStream;
+
+    #[test]
+    fn a_polled_read_sleeps_through_room_to_write_and_reads_what_comes() {
+        fn polled(s: &UnixStream, buf: &mut [u8]) -> io::Result<usize> {
+            read_polled(s.as_raw_fd(), buf, || s.read_timeout())
+        }
+        fn blocking(s: &UnixStream, buf: &mut [u8]) -> io::Result<usize> {
+            std::io::Read::read(&mut &*s, buf)
+        }
+        let polled_switches = switches_while_blocked(polled);
+        let blocking_switches = switches_while_blocked(blocking);
+        eprintln!("asleep in a read: {blocking_switches} wake-ups; in poll: {polled_switches}");
+        assert!(
+            polled_switches < 20,
+            "woken {polled_switches} times (a blocking read: {blocking_switches})"
+        );
+
+        // Data, the end of the stream, and the receive timeout, as a
+        // blocking read reports them.
+        let (ours, mut theirs) = UnixStream::pair().unwrap();
+        std::io::Write::write_all(&mut theirs, b"abc").unwrap();
+        let mut buf = [0u8; 8];
+        assert_eq!(polled(&ours, &mut buf).unwrap(), 3);
+        ours.set_read_timeout(Some(Duration::from_millis(30)))
+            .unwrap();
+        let started = std::time::Instant::now();
+        let err = polled(&ours, &mut buf).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::WouldBlock, "{err}");
+        assert!(started.elapsed() >= Duration::from_millis(30));
+        drop(theirs);
+        assert_eq!(polled(&ours, &mut buf).unwrap(), 0, "end of stream");
+    }
 
     #[test]
     fn uuids_look_like_uuids_and_differ() {

@@ -12,6 +12,7 @@
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::net::{Shutdown as SocketShutdown, TcpStream};
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,7 +33,7 @@ pub trait Socket: Send + Sync + 'static {
 
 impl Socket for TcpStream {
     fn read_shared(&self, buf: &mut [u8]) -> io::Result<usize> {
-        (&*self).read(buf)
+        crate::sys::read_polled(self.as_raw_fd(), buf, || self.read_timeout())
     }
     fn write_shared(&self, buf: &[u8]) -> io::Result<usize> {
         (&*self).write(buf)
@@ -57,7 +58,7 @@ impl Socket for TcpStream {
 
 impl Socket for UnixStream {
     fn read_shared(&self, buf: &mut [u8]) -> io::Result<usize> {
-        (&*self).read(buf)
+        crate::sys::read_polled(self.as_raw_fd(), buf, || self.read_timeout())
     }
     fn write_shared(&self, buf: &[u8]) -> io::Result<usize> {
         (&*self).write(buf)

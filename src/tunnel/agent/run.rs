@@ -450,7 +450,7 @@ impl Stream {
     fn read_destination(self: &Arc<Self>, connect_id: i64, socket: &TcpStream) {
         let mut buf = ReadBuf::new(CHUNK);
         let error = loop {
-            match buf.read_from(&mut &*socket, CHUNK) {
+            match buf.read_from(&mut SharedRead(socket), CHUNK) {
                 Ok([]) => break String::new(),
                 Ok(bytes) => match self.send_data(connect_id, bytes) {
                     Ok(()) => {}
@@ -492,6 +492,17 @@ impl Stream {
             log::error!("starting a destination writer: {e}");
             failed.close();
         }
+    }
+}
+
+/// A destination's socket as its reader reads it: asleep in poll, so that
+/// the stream's reader writing to the same socket does not wake it (see
+/// [`crate::sys::read_polled`]).
+struct SharedRead<'a>(&'a TcpStream);
+
+impl std::io::Read for SharedRead<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        crate::h2::transport::Socket::read_shared(self.0, buf)
     }
 }
 
