@@ -414,10 +414,17 @@ fn grpc_send(args: &Args) -> Result<(), String> {
     };
     let start = Instant::now();
     send(Packet::data(id, head(bytes, 0).to_vec()))?;
+    // Encoded once and sent again and again, as the direct sender writes
+    // one buffer of zeros: what is timed is the proxy, not this encoder.
+    let full = Packet::data(id, vec![0u8; GRPC_CHUNK]).encode_to_vec();
     let mut left = bytes;
     while left > 0 {
         let n = GRPC_CHUNK.min(left as usize);
-        send(Packet::data(id, vec![0u8; n]))?;
+        if n == GRPC_CHUNK {
+            call.send(&full).map_err(|s| format!("{s:?}"))?;
+        } else {
+            send(Packet::data(id, vec![0u8; n]))?;
+        }
         left -= n as u64;
     }
     loop {
