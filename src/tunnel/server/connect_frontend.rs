@@ -1,11 +1,12 @@
 //! The HTTP CONNECT frontend (`--mode=http-connect`): one connection, one
 //! tunnel. Reads a bounded request head within the header timeout, dials
 //! through the hub, answers exactly `200 Connection Established` (written
-//! by the thread that delivers the DIAL_RSP for a plaintext client, see
-//! [`EarlyAnswer`]; or 405,
+//! by the thread that delivers the DIAL_RSP, see [`EarlyAnswer`]; or 405,
 //! 431, 502, 503, 504 with the reason), then copies bytes both ways: this
-//! thread reads the client, a scoped writer thread drains the tunnel's
-//! queue into the client.
+//! thread reads the client; what comes for it goes from the delivering
+//! thread straight into a plaintext client's socket when it takes it at
+//! once, else through the tunnel's queue, drained by a pooled writer thread
+//! started when something first waits there ([`ClientOut`]).
 //!
 //! Owns: the connection's socket and its two halves. Must not: decide
 //! routing; the hub does.
@@ -236,12 +237,16 @@ fn dial(
     let peer = &client.peer;
     let (key, queue) = hub.add_frontend();
     hub.metrics.http_connections.add(&[], 1.0);
-    // A plaintext client's 200 is written by the thread that delivers the
-    // DIAL_RSP, a wake-up of this one sooner.
-    let early = (!client.secure).then(|| EarlyAnswer::new(client.control.clone(), ESTABLISHED));
-    if let Some(answer) = &early {
-        hub.answer_early(key, answer.clone());
-    }
+    // The 200 is written by the thread that delivers the DIAL_RSP, a
+    // wake-up of this one sooner; a TLS client's writer is lent to it for
+    // the dial.
+    let early = if client.secure {
+        let writer = std::mem::replace(&mut client.writer, Box::new(std::io::sink()));
+        EarlyAnswer::tls(writer, ESTABLISHED)
+    } else {
+        EarlyAnswer::new(client.control.clone(), ESTABLISHED)
+    };
+    hub.answer_early(key, early.clone());
     let random = (crate::sys::random_u64() >> 1) as i64;
     let dial = Message::DialReq {
         protocol: "tcp".into(),
@@ -255,10 +260,13 @@ fn dial(
         None
     };
     let mut answer = wait_for_dial(&queue, &client.control, timeouts.dial);
-    if matches!(answer, Some(Pop::TimedOut)) && early.as_ref().is_some_and(|a| !a.cancel()) {
+    if matches!(answer, Some(Pop::TimedOut)) && !early.cancel() {
         // The 200 went out as the wait ended here: its DIAL_RSP is being
         // queued right behind it.
         answer = Some(queue.pop_timeout(Some(Duration::from_secs(5))));
+    }
+    if let Some(writer) = early.take_writer() {
+        client.writer = writer;
     }
     let Some(answer) = answer else {
         // The client hung up while its dial was pending: it has given up.
@@ -303,7 +311,7 @@ fn dial(
         "CONNECT {} from {peer}: established as connection {connect_id}",
         request.address
     );
-    let rest = early.as_ref().map_or(ESTABLISHED, |a| a.rest());
+    let rest = early.rest();
     if !rest.is_empty()
         && client
             .writer

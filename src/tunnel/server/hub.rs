@@ -116,13 +116,12 @@ fn write_now(fd: RawFd, item: ToFrontend) -> Option<ToFrontend> {
     }
 }
 
-/// A plaintext CONNECT client's `200 Connection Established`, written by
-/// the thread that delivers the agent's DIAL_RSP (the agent connection's
-/// reader) without waiting: the client has its answer a thread wake-up
-/// before the frontend's own thread could write it. A TLS client's records
-/// are its own thread's to write, so only plaintext clients have one.
+/// A CONNECT client's `200 Connection Established`, written by the thread
+/// that delivers the agent's DIAL_RSP (the agent connection's reader): the
+/// client has its answer a thread wake-up before the frontend's own thread
+/// could write it.
 pub struct EarlyAnswer {
-    conn: Conn,
+    way: AnswerWay,
     bytes: &'static [u8],
     /// [`PENDING`], then [`CLAIMED`] by the deliverer or [`CANCELLED`] by the
     /// frontend, whichever comes first.
@@ -132,14 +131,35 @@ pub struct EarlyAnswer {
     sent: AtomicUsize,
 }
 
+/// How the deliverer writes an [`EarlyAnswer`].
+enum AnswerWay {
+    /// A plaintext client's socket: what it takes now, without waiting.
+    Socket(Conn),
+    /// A TLS client's writer half, which its frontend lends for the dial
+    /// and takes back after it ([`EarlyAnswer::take_writer`]). Its record
+    /// goes into the socket of a connection that has sent nothing since the
+    /// handshake, so the write does not wait either.
+    Tls(Mutex<Option<Box<dyn std::io::Write + Send>>>),
+}
+
 const PENDING: u8 = 0;
 const CLAIMED: u8 = 1;
 const CANCELLED: u8 = 2;
 
 impl EarlyAnswer {
     pub fn new(conn: Conn, bytes: &'static [u8]) -> Arc<EarlyAnswer> {
+        Self::with(AnswerWay::Socket(conn), bytes)
+    }
+
+    /// The answer of a TLS client, written with its `writer` (see
+    /// [`AnswerWay::Tls`]).
+    pub fn tls(writer: Box<dyn std::io::Write + Send>, bytes: &'static [u8]) -> Arc<EarlyAnswer> {
+        Self::with(AnswerWay::Tls(Mutex::new(Some(writer))), bytes)
+    }
+
+    fn with(way: AnswerWay, bytes: &'static [u8]) -> Arc<EarlyAnswer> {
         Arc::new(EarlyAnswer {
-            conn,
+            way,
             bytes,
             state: AtomicU8::new(PENDING),
             sent: AtomicUsize::new(0),
@@ -156,14 +176,37 @@ impl EarlyAnswer {
         {
             return;
         }
-        let fd = match &self.conn {
-            Conn::Tcp(s) => s.as_raw_fd(),
-            Conn::Unix(s) => s.as_raw_fd(),
+        let n = match &self.way {
+            AnswerWay::Socket(conn) => {
+                let fd = match conn {
+                    Conn::Tcp(s) => s.as_raw_fd(),
+                    Conn::Unix(s) => s.as_raw_fd(),
+                };
+                // A failed send leaves the whole answer to the frontend,
+                // whose own write then fails the same way.
+                crate::sys::send_now(fd, self.bytes).unwrap_or(0)
+            }
+            AnswerWay::Tls(writer) => {
+                let mut writer = writer.lock().unwrap_or_else(PoisonError::into_inner);
+                if let Some(w) = writer.as_mut() {
+                    // A record cut off by an error cannot be completed:
+                    // the connection is broken either way, and the
+                    // frontend's next write or read finds that.
+                    let _ = w.write_all(self.bytes).and_then(|()| w.flush());
+                }
+                self.bytes.len()
+            }
         };
-        // A failed send leaves the whole answer to the frontend, whose own
-        // write then fails the same way.
-        let n = crate::sys::send_now(fd, self.bytes).unwrap_or(0);
         self.sent.store(n, Ordering::Release);
+    }
+
+    /// The TLS writer lent for the dial, back to the frontend (after the
+    /// deliverer's write, if it is writing); None for a plaintext client.
+    pub fn take_writer(&self) -> Option<Box<dyn std::io::Write + Send>> {
+        match &self.way {
+            AnswerWay::Socket(_) => None,
+            AnswerWay::Tls(writer) => writer.lock().unwrap_or_else(PoisonError::into_inner).take(),
+        }
     }
 
     /// The frontend gives up waiting (its dial timed out): false when the
@@ -636,6 +679,41 @@ mod tests {
     use super::*;
     use std::io::Read;
     use std::os::unix::net::UnixStream;
+
+    /// A writer whose bytes the test keeps.
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_tls_clients_early_answer_goes_through_its_lent_writer_once() {
+        let written = Shared::default();
+        let answer = EarlyAnswer::tls(Box::new(written.clone()), b"200 OK");
+        answer.send();
+        answer.send();
+        assert_eq!(*written.0.lock().unwrap(), b"200 OK", "once");
+        assert_eq!(answer.rest(), b"", "nothing left for the frontend");
+        assert!(answer.take_writer().is_some(), "the writer comes back");
+        assert!(answer.take_writer().is_none());
+
+        // The frontend gave up first: nothing written, all of it its own.
+        let written = Shared::default();
+        let answer = EarlyAnswer::tls(Box::new(written.clone()), b"200 OK");
+        assert!(answer.cancel());
+        answer.send();
+        assert!(written.0.lock().unwrap().is_empty());
+        assert_eq!(answer.rest(), b"200 OK");
+        assert!(answer.take_writer().is_some());
+    }
 
     #[test]
     fn an_early_answer_is_written_once_by_whoever_comes_first() {
