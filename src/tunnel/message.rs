@@ -41,6 +41,15 @@ pub enum Message {
 }
 
 impl Message {
+    /// The payload bytes of DATA, 0 for the other kinds (what a queue's
+    /// byte bound counts).
+    pub fn data_len(&self) -> usize {
+        match self {
+            Message::Data { data, .. } => data.len(),
+            _ => 0,
+        }
+    }
+
     /// The packet type's name as upstream logs it.
     pub fn kind(&self) -> &'static str {
         match self {

@@ -29,12 +29,15 @@ use crate::tunnel::ReadBuf;
 use crate::tunnel::inbox::{self, Inbox};
 use crate::tunnel::message::{Bytes, Message, data_head};
 use crate::tunnel::proto::Packet;
-use crate::tunnel::queue::{MIN_TUNNEL_QUEUE, Pop, Queue, Rejected, SLOW_GRACE};
+use crate::tunnel::queue::{
+    MIN_TUNNEL_QUEUE, Pop, Queue, Rejected, SLOW_GRACE, STREAM_QUEUE_BYTES,
+};
 
 const AGENT_PATH: &str = "/AgentService/Connect";
 /// Bytes read from a destination per DATA packet.
 const CHUNK: usize = 64 * 1024 - 64;
-/// Packets queued towards one server stream before destination readers wait.
+/// Packets queued towards one server stream before destination readers wait
+/// (and at most [`STREAM_QUEUE_BYTES`] of payload).
 const OUTBOX: usize = 256;
 /// A destination reader waits this long for room before it gives up.
 const OUTBOX_WAIT: Duration = Duration::from_secs(60);
@@ -836,7 +839,8 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), Error> {
                             "connected to server {server_id} ({} of {count})",
                             servers.streams.len() + 1
                         );
-                        let outbox = Queue::new(OUTBOX);
+                        let outbox =
+                            Queue::with_bytes(OUTBOX, STREAM_QUEUE_BYTES, Message::data_len);
                         servers.streams.insert(server_id.clone(), outbox.clone());
                         shared
                             .metrics

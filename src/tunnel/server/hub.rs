@@ -19,10 +19,11 @@ use crate::grpc::ServerCall;
 use crate::tunnel::identifiers::{Identifiers, Strategy};
 use crate::tunnel::listen::Conn;
 use crate::tunnel::message::{Message, data_head};
-use crate::tunnel::queue::{MIN_TUNNEL_QUEUE, Queue, Rejected, SLOW_GRACE};
+use crate::tunnel::queue::{MIN_TUNNEL_QUEUE, Queue, Rejected, SLOW_GRACE, STREAM_QUEUE_BYTES};
 use crate::tunnel::router::{self, Action, AgentKey, DialFailure, FrontendKey, Router};
 
-/// Packets queued for one agent stream before frontend readers wait.
+/// Packets queued for one agent stream before frontend readers wait (and
+/// at most [`STREAM_QUEUE_BYTES`] of payload).
 const AGENT_QUEUE: usize = 256;
 /// How long a frontend reader waits for room in its agent's queue before
 /// it gives its tunnel up.
@@ -342,7 +343,7 @@ impl Hub {
         call: Arc<ServerCall>,
     ) -> (AgentKey, Queue<Message>) {
         let key = self.key();
-        let queue = Queue::new(AGENT_QUEUE);
+        let queue = Queue::with_bytes(AGENT_QUEUE, STREAM_QUEUE_BYTES, Message::data_len);
         {
             let mut state = self.lock();
             state.router.add_agent(key, id, identifiers);
