@@ -201,9 +201,42 @@ pub fn read_polled(
     buf: &mut [u8],
     read_timeout: impl Fn() -> io::Result<Option<Duration>>,
 ) -> io::Result<usize> {
+    // SAFETY: the kernel writes at most buf.len() bytes at buf.
+    unsafe { recv_polled(fd, buf.as_mut_ptr(), buf.len(), read_timeout) }
+}
+
+/// [`read_polled`] of at most `max` bytes onto the end of `buf`, into its
+/// spare capacity (not zeroed first).
+pub fn read_polled_append(
+    fd: RawFd,
+    buf: &mut Vec<u8>,
+    max: usize,
+    read_timeout: impl Fn() -> io::Result<Option<Duration>>,
+) -> io::Result<usize> {
+    buf.reserve(max);
+    let spare = buf.spare_capacity_mut();
+    let max = max.min(spare.len());
+    // SAFETY: the kernel writes at most `max` bytes into the spare
+    // capacity, and only the bytes it reports written are then counted
+    // as initialized.
+    unsafe {
+        let n = recv_polled(fd, spare.as_mut_ptr().cast(), max, read_timeout)?;
+        buf.set_len(buf.len() + n);
+        Ok(n)
+    }
+}
+
+/// # Safety
+/// `ptr` must be valid for writes of `len` bytes.
+unsafe fn recv_polled(
+    fd: RawFd,
+    ptr: *mut u8,
+    len: usize,
+    read_timeout: impl Fn() -> io::Result<Option<Duration>>,
+) -> io::Result<usize> {
     loop {
-        // SAFETY: writes at most buf.len() bytes into buf.
-        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        // SAFETY: the caller's promise: ptr is writable for len bytes.
+        let n = unsafe { libc::recv(fd, ptr.cast(), len, libc::MSG_DONTWAIT) };
         if n >= 0 {
             return Ok(n as usize);
         }
@@ -599,8 +632,19 @@ mod tests {
         let err = polled(&ours, &mut buf).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::WouldBlock, "{err}");
         assert!(started.elapsed() >= Duration::from_millis(30));
+        // Appending: onto what is there, at most `max`, into capacity that
+        // was never zeroed.
+        std::io::Write::write_all(&mut theirs, b"defgh").unwrap();
+        let mut got = Vec::with_capacity(2);
+        got.extend_from_slice(b"ab");
+        let n = read_polled_append(ours.as_raw_fd(), &mut got, 3, || ours.read_timeout()).unwrap();
+        assert_eq!((n, &got[..]), (3, &b"abdef"[..]));
+        let n = read_polled_append(ours.as_raw_fd(), &mut got, 10, || ours.read_timeout()).unwrap();
+        assert_eq!((n, &got[..]), (2, &b"abdefgh"[..]));
         drop(theirs);
         assert_eq!(polled(&ours, &mut buf).unwrap(), 0, "end of stream");
+        let n = read_polled_append(ours.as_raw_fd(), &mut got, 10, || ours.read_timeout()).unwrap();
+        assert_eq!((n, got.len()), (0, 7), "end of stream");
     }
 
     #[test]

@@ -17,7 +17,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
-use std::io::{self, IoSlice, Read, Write};
+use std::io::{self, IoSlice, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
@@ -1356,7 +1356,7 @@ fn deliver_taps(pending: &mut Vec<(SharedTap, Tapped)>) {
     }
 }
 
-fn read_loop(shared: &Shared, mut reader: Box<dyn Read + Send>) {
+fn read_loop(shared: &Shared, mut reader: Box<dyn super::transport::ReadHalf>) {
     let result = read_frames(shared, &mut *reader);
     let mut state = lock(shared);
     let err = match result {
@@ -1409,7 +1409,7 @@ fn is_timeout(err: &io::Error) -> bool {
     )
 }
 
-fn read_frames(shared: &Shared, reader: &mut dyn Read) -> Result<(), Fatal> {
+fn read_frames(shared: &Shared, reader: &mut dyn super::transport::ReadHalf) -> Result<(), Fatal> {
     let io_err = |err: io::Error| {
         Fatal::Io(Error::Io {
             peer: shared.peer.clone(),
@@ -1475,7 +1475,10 @@ fn read_frames(shared: &Shared, reader: &mut dyn Read) -> Result<(), Fatal> {
             direct = frames.start_direct(DIRECT_MIN);
         }
         let read = match &mut direct {
-            Some(d) => reader.read(d.rest()),
+            Some(d) => {
+                let missing = d.missing();
+                reader.read_append(d.payload(), missing)
+            }
             None if exact => reader.read(frames.spare(frames.to_frame_end())),
             None => reader.read(frames.spare(READ_SIZE)),
         };
@@ -1494,9 +1497,8 @@ fn read_frames(shared: &Shared, reader: &mut dyn Read) -> Result<(), Fatal> {
         if n == 0 {
             return Ok(());
         }
-        match &mut direct {
-            Some(d) => d.filled(n),
-            None => frames.filled(n),
+        if direct.is_none() {
+            frames.filled(n);
         }
         lock(shared).last_read = Instant::now();
         let handled = (|| -> Result<(), Fatal> {
@@ -2022,6 +2024,7 @@ fn headers_complete(shared: &Shared, r: &mut Reader, p: PendingBlock) -> Result<
 mod tests {
     use super::*;
     use crate::h2::frame::{flag, kind};
+    use std::io::Read;
     use std::os::unix::net::UnixStream;
 
     /// A hand-driven peer: writes raw frames, reads frames back.

@@ -470,25 +470,27 @@ pub fn decode(h: &FrameHeader, payload: &[u8], max_frame_size: u32) -> Result<Fr
 }
 
 /// A DATA frame whose payload is read into its own buffer
-/// ([`Decoder::start_direct`]).
+/// ([`Decoder::start_direct`]): the bytes so far, with room for the rest
+/// (allocated, not zeroed: reads append to it).
 pub struct DirectData {
     header: FrameHeader,
     payload: Vec<u8>,
-    filled: usize,
 }
 
 impl DirectData {
-    /// Where the next payload bytes go.
-    pub fn rest(&mut self) -> &mut [u8] {
-        &mut self.payload[self.filled..]
+    /// The payload so far, for a reader to append at most
+    /// [`DirectData::missing`] bytes to.
+    pub fn payload(&mut self) -> &mut Vec<u8> {
+        &mut self.payload
     }
 
-    pub fn filled(&mut self, n: usize) {
-        self.filled = (self.filled + n).min(self.payload.len());
+    /// Payload bytes still to come.
+    pub fn missing(&self) -> usize {
+        (self.header.len as usize).saturating_sub(self.payload.len())
     }
 
     pub fn is_complete(&self) -> bool {
-        self.filled == self.payload.len()
+        self.missing() == 0
     }
 
     /// The frame, once complete: as [`decode`] would give it.
@@ -594,14 +596,10 @@ impl Decoder {
         {
             return None;
         }
-        let mut payload = vec![0; len];
-        payload[..have].copy_from_slice(&avail[HEADER_LEN..]);
+        let mut payload = Vec::with_capacity(len);
+        payload.extend_from_slice(&avail[HEADER_LEN..]);
         self.start = self.end;
-        Some(DirectData {
-            header,
-            payload,
-            filled: have,
-        })
+        Some(DirectData { header, payload })
     }
 
     /// The next complete frame, or `None` until more bytes arrive. The length
@@ -1042,9 +1040,8 @@ mod tests {
             }
             let n = match &mut direct {
                 Some(dd) => {
-                    let n = dd.rest().len().min(7);
-                    dd.rest()[..n].copy_from_slice(&wire[at..at + n]);
-                    dd.filled(n);
+                    let n = dd.missing().min(7);
+                    dd.payload().extend_from_slice(&wire[at..at + n]);
                     n
                 }
                 None => {

@@ -653,10 +653,29 @@ impl<S: Socket> RecordReader<S> {
 impl<S: Socket> Read for RecordReader<S> {
     fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
         let mut n = 0;
-        while n < out.len() {
+        self.read_pieces(out.len(), &mut |piece| {
+            out[n..n + piece.len()].copy_from_slice(piece);
+            n += piece.len();
+        })
+    }
+}
+
+impl<S: Socket> super::transport::ReadHalf for RecordReader<S> {
+    fn read_append(&mut self, buf: &mut Vec<u8>, max: usize) -> io::Result<usize> {
+        buf.reserve(max);
+        self.read_pieces(max, &mut |piece| buf.extend_from_slice(piece))
+    }
+}
+
+impl<S: Socket> RecordReader<S> {
+    /// Reads as [`Read::read`] does, at most `max` bytes, handing them to
+    /// `put` in the pieces they lie in.
+    fn read_pieces(&mut self, max: usize, put: &mut dyn FnMut(&[u8])) -> io::Result<usize> {
+        let mut n = 0;
+        while n < max {
             if self.early_at < self.early.len() {
-                let take = (out.len() - n).min(self.early.len() - self.early_at);
-                out[n..n + take].copy_from_slice(&self.early[self.early_at..self.early_at + take]);
+                let take = (max - n).min(self.early.len() - self.early_at);
+                put(&self.early[self.early_at..self.early_at + take]);
                 self.early_at += take;
                 n += take;
                 if self.early_at == self.early.len() {
@@ -667,8 +686,8 @@ impl<S: Socket> Read for RecordReader<S> {
             }
             let (from, to) = self.plain;
             if from < to {
-                let take = (out.len() - n).min(to - from);
-                out[n..n + take].copy_from_slice(&self.buf[from..from + take]);
+                let take = (max - n).min(to - from);
+                put(&self.buf[from..from + take]);
                 self.plain.0 += take;
                 n += take;
                 continue;
@@ -902,6 +921,32 @@ mod tests {
             session.split(ours).unwrap()
         });
         (side, theirs)
+    }
+
+    #[test]
+    fn appending_reads_give_the_bytes_plain_reads_give() {
+        use crate::h2::transport::ReadHalf;
+        let (side, sock) = pair(TlsSetup::Server(our_server()));
+        let mut peer = rustls::StreamOwned::new(their_client(&rustls::version::TLS13), sock);
+        let up = pattern(200_000, 3);
+        peer.write_all(&up[..100]).unwrap();
+        let (mut reader, _writer) = side.join().unwrap();
+        let sending = std::thread::spawn(move || {
+            peer.write_all(&up[100..]).unwrap();
+            peer.flush().unwrap();
+            (peer, up)
+        });
+        // Onto what is there, at most `max` at a time, across records.
+        let mut got = b"head".to_vec();
+        while got.len() < 4 + 200_000 {
+            let before = got.len();
+            let n = reader.read_append(&mut got, 50_000).unwrap();
+            assert!(n > 0 && n <= 50_000, "{n}");
+            assert_eq!(got.len(), before + n);
+        }
+        let (_peer, up) = sending.join().unwrap();
+        assert_eq!(&got[..4], b"head");
+        assert!(got[4..] == up[..], "appended bytes differ");
     }
 
     #[test]

@@ -20,10 +20,26 @@ use std::time::{Duration, Instant};
 use super::records;
 pub use super::records::TlsSetup;
 
+/// A connection's reading half.
+pub trait ReadHalf: Read + Send {
+    /// Reads as [`Read::read`] does, at most `max` bytes, onto the end of
+    /// `buf` (its spare capacity, which need not be zeroed first: a buffer
+    /// allocated for a payload is filled, not cleared and then filled).
+    fn read_append(&mut self, buf: &mut Vec<u8>, max: usize) -> io::Result<usize> {
+        let at = buf.len();
+        buf.resize(at + max, 0);
+        let read = self.read(&mut buf[at..]);
+        buf.truncate(at + *read.as_ref().unwrap_or(&0));
+        read
+    }
+}
+
 /// A blocking socket that one reader and one writer use at once through
 /// shared references (as `&TcpStream` allows), without a second descriptor.
 pub trait Socket: Send + Sync + 'static {
     fn read_shared(&self, buf: &mut [u8]) -> io::Result<usize>;
+    /// [`ReadHalf::read_append`] on the socket.
+    fn read_append_shared(&self, buf: &mut Vec<u8>, max: usize) -> io::Result<usize>;
     fn write_shared(&self, buf: &[u8]) -> io::Result<usize>;
     fn write_vectored_shared(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize>;
     fn shutdown_both(&self);
@@ -34,6 +50,9 @@ pub trait Socket: Send + Sync + 'static {
 impl Socket for TcpStream {
     fn read_shared(&self, buf: &mut [u8]) -> io::Result<usize> {
         crate::sys::read_polled(self.as_raw_fd(), buf, || self.read_timeout())
+    }
+    fn read_append_shared(&self, buf: &mut Vec<u8>, max: usize) -> io::Result<usize> {
+        crate::sys::read_polled_append(self.as_raw_fd(), buf, max, || self.read_timeout())
     }
     fn write_shared(&self, buf: &[u8]) -> io::Result<usize> {
         (&*self).write(buf)
@@ -60,6 +79,9 @@ impl Socket for UnixStream {
     fn read_shared(&self, buf: &mut [u8]) -> io::Result<usize> {
         crate::sys::read_polled(self.as_raw_fd(), buf, || self.read_timeout())
     }
+    fn read_append_shared(&self, buf: &mut Vec<u8>, max: usize) -> io::Result<usize> {
+        crate::sys::read_polled_append(self.as_raw_fd(), buf, max, || self.read_timeout())
+    }
     fn write_shared(&self, buf: &[u8]) -> io::Result<usize> {
         (&*self).write(buf)
     }
@@ -85,6 +107,12 @@ pub struct SharedSocket<S>(pub Arc<S>);
 impl<S: Socket> Read for SharedSocket<S> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.0.read_shared(buf)
+    }
+}
+
+impl<S: Socket> ReadHalf for SharedSocket<S> {
+    fn read_append(&mut self, buf: &mut Vec<u8>, max: usize) -> io::Result<usize> {
+        self.0.read_append_shared(buf, max)
     }
 }
 
@@ -125,7 +153,7 @@ impl std::error::Error for Error {}
 
 /// The two halves and the closer of one connection's byte stream.
 pub struct Transport {
-    pub(crate) reader: Box<dyn Read + Send>,
+    pub(crate) reader: Box<dyn ReadHalf>,
     pub(crate) writer: Box<dyn Write + Send>,
     pub(crate) closer: Box<dyn Fn() + Send + Sync>,
     pub(crate) peer: String,

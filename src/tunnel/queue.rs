@@ -416,7 +416,11 @@ mod tests {
         );
         assert_eq!(q.push_control(vec![9; 50]), Ok(()), "control passes");
         assert_eq!(q.pop_timeout(None), Pop::Item(vec![1; 6]));
-        assert_eq!(q.try_push(vec![3]), Err(Rejected::Full(vec![3])), "56 queued");
+        assert_eq!(
+            q.try_push(vec![3]),
+            Err(Rejected::Full(vec![3])),
+            "56 queued"
+        );
         assert_eq!(q.pop_timeout(None), Pop::Item(vec![2; 6]));
         assert_eq!(q.pop_timeout(None), Pop::Item(vec![9; 50]));
         assert_eq!(q.try_push(vec![3]), Ok(()), "room again");
