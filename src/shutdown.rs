@@ -251,9 +251,10 @@ impl WorkerSet {
     }
 }
 
-/// The process's pool for [`WorkerSet::beside`] helpers that have no set
-/// of their own (a tunnel's second direction). Its threads are joined by
-/// the calls that use them; idle ones end after [`WorkerSet::IDLE`].
+/// The process's pool for helpers that have no set of their own: a tunnel's
+/// second direction ([`WorkerSet::beside`]), a CONNECT tunnel's writer. The
+/// calls that use them wait for their jobs (the writer's, its tunnel's
+/// reader); idle threads end after [`WorkerSet::IDLE`].
 pub fn helpers() -> &'static WorkerSet {
     static HELPERS: std::sync::OnceLock<WorkerSet> = std::sync::OnceLock::new();
     HELPERS.get_or_init(WorkerSet::new)
