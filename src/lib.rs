@@ -35,7 +35,8 @@
 //!   [`tunnel::message`] (the protocol's vocabulary), [`tunnel::router`] (the
 //!   server's routing state machine), [`tunnel::agent::table`] (the agent's
 //!   connection table), [`tunnel::connect`] (the HTTP CONNECT parser). I/O:
-//!   [`tunnel::server`] (hub, gRPC services, CONNECT frontend),
+//!   [`tunnel::server`] (hub, gRPC services, CONNECT frontend and the
+//!   agent streams' pumps that read its plaintext clients),
 //!   [`tunnel::agent`] (streams, dials, pumps), [`tunnel::listen`] (sockets
 //!   and connection threads), [`tunnel::queue`] (bounded per-tunnel queues),
 //!   and the test tools [`tunnel::test_client`] and [`tunnel::test_server`].

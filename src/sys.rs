@@ -162,6 +162,38 @@ impl Epoll {
         self.ctl(libc::EPOLL_CTL_ADD, fd, libc::EPOLLIN as u32, token)
     }
 
+    /// Stops watching `fd`.
+    pub fn del(&self, fd: RawFd) -> io::Result<()> {
+        self.ctl(libc::EPOLL_CTL_DEL, fd, 0, 0)
+    }
+
+    /// Waits up to `timeout` (`None`: no limit) for ready descriptors;
+    /// their tokens replace what `tokens` held (at most its capacity, at
+    /// least one; none on timeout or EINTR).
+    pub fn wait_many(&self, tokens: &mut Vec<u64>, timeout: Option<Duration>) -> io::Result<()> {
+        let max = tokens.capacity().clamp(1, 256);
+        let mut events = [libc::epoll_event { events: 0, u64: 0 }; 256];
+        tokens.clear();
+        // SAFETY: room for `max` events, at most 256.
+        let ret = unsafe {
+            libc::epoll_wait(
+                self.fd.as_raw_fd(),
+                events.as_mut_ptr(),
+                max as libc::c_int,
+                poll_millis(timeout),
+            )
+        };
+        if ret < 0 {
+            let err = io::Error::last_os_error();
+            if err.kind() == io::ErrorKind::Interrupted {
+                return Ok(());
+            }
+            return Err(err);
+        }
+        tokens.extend(events[..ret as usize].iter().map(|e| e.u64));
+        Ok(())
+    }
+
     /// Waits up to `timeout` (`None`: no limit) for one ready descriptor's
     /// token; None on timeout or EINTR.
     pub fn wait(&self, timeout: Option<Duration>) -> io::Result<Option<u64>> {
@@ -263,6 +295,24 @@ unsafe fn recv_polled(
             if err.kind() != io::ErrorKind::Interrupted {
                 return Err(err);
             }
+        }
+    }
+}
+
+/// Reads what a socket has without waiting: Some(0) at its end, None when
+/// nothing is there.
+pub fn recv_now(fd: RawFd, buf: &mut [u8]) -> io::Result<Option<usize>> {
+    loop {
+        // SAFETY: writes at most buf.len() bytes into buf.
+        let n = unsafe { libc::recv(fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        if n >= 0 {
+            return Ok(Some(n as usize));
+        }
+        let err = io::Error::last_os_error();
+        match err.kind() {
+            io::ErrorKind::Interrupted => continue,
+            io::ErrorKind::WouldBlock => return Ok(None),
+            _ => return Err(err),
         }
     }
 }

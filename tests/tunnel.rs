@@ -846,6 +846,74 @@ fn resources(pid: u32) -> (usize, usize) {
     (threads, fds)
 }
 
+/// How many of a process's threads have this name.
+fn threads_named(pid: u32, name: &str) -> usize {
+    fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.filter_map(|t| fs::read_to_string(t.ok()?.path().join("comm")).ok())
+                .filter(|n| n.trim() == name)
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+#[test]
+fn one_pump_thread_reads_every_plaintext_client_of_an_agent_stream() {
+    let echo = echo_server();
+    let mut tunnel = Tunnel::start("http-connect", "uds", &[], true);
+    let server = tunnel.server.child.pid();
+    assert_eq!(
+        threads_named(server, "conn-pump"),
+        0,
+        "started on first use"
+    );
+    let mut socks: Vec<_> = (0..12)
+        .map(|_| {
+            let (sock, head) = tunnel.connect_uds(&format!("127.0.0.1:{echo}"));
+            assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+            sock
+        })
+        .collect();
+    // Every tunnel at once, both ways, in order (the bulk test moves 10 MiB
+    // over 100 of them).
+    let round = |socks: &mut Vec<UnixStream>, seed: u64| {
+        std::thread::scope(|scope| {
+            for (i, sock) in socks.iter_mut().enumerate() {
+                scope.spawn(move || {
+                    let mut data = vec![0u8; 300_000];
+                    pattern_at(seed + i as u64, 0, &mut data);
+                    let mut writer = sock.try_clone().unwrap();
+                    let sent = data.clone();
+                    let sending = std::thread::spawn(move || writer.write_all(&sent).unwrap());
+                    let mut back = vec![0u8; data.len()];
+                    sock.read_exact(&mut back).unwrap();
+                    sending.join().unwrap();
+                    assert!(back == data, "tunnel {i}: bytes differ");
+                });
+            }
+        });
+    };
+    round(&mut socks, 1);
+    assert_eq!(
+        threads_named(server, "conn-pump"),
+        1,
+        "one per agent stream"
+    );
+    // A client that closes ends its tunnel; the others go on.
+    drop(socks.pop());
+    round(&mut socks, 50);
+    // The stream's end stops its pump, which lets its clients go.
+    tunnel.agent.as_mut().unwrap().child.signal("KILL");
+    for sock in &mut socks {
+        sock.set_read_timeout(Some(DEADLINE)).unwrap();
+        let mut rest = Vec::new();
+        let _ = sock.read_to_end(&mut rest);
+    }
+    poll("the pump gone with its stream", DEADLINE, || {
+        (threads_named(server, "conn-pump") == 0).then_some(())
+    });
+}
+
 #[test]
 fn no_thread_or_descriptor_outlives_its_tunnel() {
     let echo = echo_server();
@@ -1120,7 +1188,15 @@ fn killing_an_agent_mid_transfer_closes_its_tunnels_and_the_other_agent_serves()
     let echo = echo_server();
     let mut tunnel = Tunnel::start("http-connect", "uds", &[], true);
     let server_pid = tunnel.server.child.pid();
-    // The baseline with one agent connected: what is left at the end.
+    // The baseline with one agent connected that has carried a tunnel
+    // (its stream's pump reads plaintext clients while the stream lives):
+    // what is left at the end, when the spare is that agent.
+    {
+        let (mut sock, head) = tunnel.connect_uds(&format!("127.0.0.1:{echo}"));
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+        sock.write_all(b"x").unwrap();
+        sock.read_exact(&mut [0u8; 1]).unwrap();
+    }
     let baseline = {
         let mut last = None;
         poll("the server to settle", DEADLINE, || {

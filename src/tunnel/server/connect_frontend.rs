@@ -2,11 +2,13 @@
 //! tunnel. Reads a bounded request head within the header timeout, dials
 //! through the hub, answers exactly `200 Connection Established` (written
 //! by the thread that delivers the DIAL_RSP, see [`EarlyAnswer`]; or 405,
-//! 431, 502, 503, 504 with the reason), then copies bytes both ways: this
-//! thread reads the client; what comes for it goes from the delivering
-//! thread straight into a plaintext client's socket when it takes it at
-//! once, else through the tunnel's queue, drained by a pooled writer thread
-//! started when something first waits there ([`ClientOut`]).
+//! 431, 502, 503, 504 with the reason), then copies bytes both ways: a
+//! plaintext client is read by its agent stream's pump ([`super::pump`]),
+//! a TLS client by this thread; what comes for the client goes from the
+//! delivering thread straight into a plaintext client's socket when it
+//! takes it at once, else through the tunnel's queue, drained by a pooled
+//! writer thread started when something first waits there ([`ClientOut`]).
+//! This thread stays for the tunnel's life and ends it.
 //!
 //! Owns: the connection's socket and its two halves. Must not: decide
 //! routing; the hub does.
@@ -329,7 +331,8 @@ fn dial(
 }
 
 /// Copies bytes both ways until either side ends: `early` (bytes the client
-/// sent after its head) first. This thread reads the client; what comes
+/// sent after its head) first. The agent stream's pump reads a plaintext
+/// client (this thread waits for it to be done), this thread a TLS one; what comes
 /// for it is written by the thread that delivers it when the socket takes
 /// it at once (plaintext clients), else by a pooled writer thread started
 /// when something first has to wait ([`ClientOut`]), or by this thread
@@ -368,7 +371,18 @@ fn relay(hub: &Arc<Hub>, client: Client, tunnel: Tunnel, mut buf: ReadBuf, early
         done: Latch::default(),
     });
     hub.set_frontend_out(key, out.clone());
-    loop {
+    // A plaintext client is read by its agent stream's pump; this thread
+    // waits for the pump to be done with it.
+    let pumped = match secure {
+        false => hub
+            .pump_for(key, connect_id)
+            .and_then(|pump| pump.add(control.clone(), key, connect_id).ok()),
+        true => None,
+    };
+    if let Some(entry) = &pumped {
+        entry.ended.wait();
+    }
+    while pumped.is_none() {
         match buf.read_from(&mut reader, CHUNK) {
             Ok([]) => {
                 log::debug!("CONNECT {peer}: client closed connection {connect_id}");
