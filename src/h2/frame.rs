@@ -582,7 +582,7 @@ impl Decoder {
     /// least `min` payload bytes (within our frame size), and nothing past
     /// that frame: takes the header and the payload bytes buffered so far
     /// out of the buffer, for the caller to read the rest of the payload
-    /// straight into [`DirectData::rest`] (no copy through this buffer).
+    /// straight onto [`DirectData::payload`] (no copy through this buffer).
     pub fn start_direct(&mut self, min: usize) -> Option<DirectData> {
         let avail = &self.buf[self.start..self.end];
         let header = FrameHeader::parse(avail.first_chunk::<HEADER_LEN>()?);
