@@ -12,6 +12,7 @@ pub mod inbox;
 pub mod listen;
 pub mod message;
 pub mod proto;
+pub mod pump;
 pub mod queue;
 pub mod router;
 pub mod server;

@@ -29,6 +29,7 @@ use crate::tunnel::ReadBuf;
 use crate::tunnel::inbox::{self, Inbox};
 use crate::tunnel::message::{Bytes, Message, data_head};
 use crate::tunnel::proto::Packet;
+use crate::tunnel::pump::{Pump, Reading};
 use crate::tunnel::queue::{
     MIN_TUNNEL_QUEUE, Pop, Queue, Rejected, SLOW_GRACE, STREAM_QUEUE_BYTES,
 };
@@ -178,6 +179,40 @@ struct Stream {
     /// dial and destination threads when nobody else is (send_through).
     call: Arc<ClientCall>,
     threads: WorkerSet,
+    /// The reader of this stream's destinations, stopped with the stream
+    /// ([`crate::tunnel::pump`]).
+    pump: Pump,
+}
+
+/// A destination as its stream's pump reads it.
+struct DestReading {
+    stream: Arc<Stream>,
+    connect_id: i64,
+    socket: Arc<TcpStream>,
+    /// Why [`Reading::data`] refused more, for the close it reports.
+    refused: Mutex<Option<&'static str>>,
+}
+
+impl Reading for DestReading {
+    fn fd(&self) -> std::os::fd::RawFd {
+        self.socket.as_raw_fd()
+    }
+
+    fn data(&self, bytes: &[u8]) -> bool {
+        let why = match self.stream.send_data(self.connect_id, bytes) {
+            Ok(()) => return true,
+            Err(Rejected::Closed(_)) => "server stream closed",
+            Err(Rejected::Full(_)) => "server stream stalled",
+        };
+        *lock(&self.refused) = Some(why);
+        false
+    }
+
+    fn ended(&self, why: &str) {
+        let why = lock(&self.refused).take().unwrap_or(why);
+        let actions = lock(&self.stream.table).destination_closed(self.connect_id, why);
+        self.stream.execute(actions, Caller::MayWait);
+    }
 }
 
 /// What the connection's reader could not carry out without waiting.
@@ -355,6 +390,9 @@ impl Stream {
                         return;
                     };
                     log::debug!("connection {connect_id} to {address} established");
+                    if self.pump_destination(connect_id, &socket) {
+                        return;
+                    }
                     let stream = self.clone();
                     let reader = socket.clone();
                     let spawned = self.threads.spawn("dest-read", move || {
@@ -389,8 +427,11 @@ impl Stream {
                 return;
             };
             log::debug!("connection {connect_id} to {address} established");
-            // This thread goes on as the destination's reader.
-            stream.read_destination(connect_id, &socket);
+            // The stream's pump reads the destination; if it cannot, this
+            // thread goes on as its reader.
+            if !stream.pump_destination(connect_id, &socket) {
+                stream.read_destination(connect_id, &socket);
+            }
         });
         if let Err(e) = spawned {
             log::error!("starting a dial thread: {e}");
@@ -446,6 +487,25 @@ impl Stream {
         let (id, actions) = lock(&self.table).dialled(random, outcome);
         self.execute(actions, caller);
         id.zip(socket)
+    }
+
+    /// Has the stream's pump read the destination; false when it cannot
+    /// (the stream has ended, or no pump thread starts): the caller reads
+    /// it with a thread then.
+    fn pump_destination(self: &Arc<Self>, connect_id: i64, socket: &Arc<TcpStream>) -> bool {
+        let reading = Arc::new(DestReading {
+            stream: self.clone(),
+            connect_id,
+            socket: socket.clone(),
+            refused: Mutex::new(None),
+        });
+        match self.pump.add(reading) {
+            Ok(()) => true,
+            Err(e) => {
+                log::debug!("connection {connect_id}: read by a thread: {e}");
+                false
+            }
+        }
     }
 
     /// Destination -> server until the destination ends or the stream
@@ -638,6 +698,7 @@ fn serve_stream(
         outbox,
         call: call.clone(),
         threads: WorkerSet::new(),
+        pump: Pump::new("dest-pump"),
     });
     // Disconnected when the reader below is done: the writer's cue that
     // the call has ended.
@@ -722,6 +783,7 @@ fn serve_stream(
     });
     drop(client);
     ended();
+    stream.pump.stop();
     stream.threads.join_all();
 }
 

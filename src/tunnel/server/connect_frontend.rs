@@ -3,7 +3,8 @@
 //! through the hub, answers exactly `200 Connection Established` (written
 //! by the thread that delivers the DIAL_RSP, see [`EarlyAnswer`]; or 405,
 //! 431, 502, 503, 504 with the reason), then copies bytes both ways: a
-//! plaintext client is read by its agent stream's pump ([`super::pump`]),
+//! plaintext client is read by its agent stream's pump
+//! ([`crate::tunnel::pump`]),
 //! a TLS client by this thread; what comes for the client goes from the
 //! delivering thread straight into a plaintext client's socket when it
 //! takes it at once, else through the tunnel's queue, drained by a pooled
@@ -374,13 +375,20 @@ fn relay(hub: &Arc<Hub>, client: Client, tunnel: Tunnel, mut buf: ReadBuf, early
     // A plaintext client is read by its agent stream's pump; this thread
     // waits for the pump to be done with it.
     let pumped = match secure {
-        false => hub
-            .pump_for(key, connect_id)
-            .and_then(|pump| pump.add(control.clone(), key, connect_id).ok()),
+        false => hub.pump_for(key, connect_id).and_then(|pump| {
+            let reading = Arc::new(ClientReading {
+                conn: control.clone(),
+                hub: hub.clone(),
+                key,
+                connect_id,
+                ended: Latch::default(),
+            });
+            pump.add(reading.clone()).ok().map(|()| reading)
+        }),
         true => None,
     };
-    if let Some(entry) = &pumped {
-        entry.ended.wait();
+    if let Some(reading) = &pumped {
+        reading.ended.wait();
     }
     while pumped.is_none() {
         match buf.read_from(&mut reader, CHUNK) {
@@ -414,6 +422,37 @@ fn relay(hub: &Arc<Hub>, client: Client, tunnel: Tunnel, mut buf: ReadBuf, early
         .connection_duration
         .observe(&[], established.elapsed().as_secs_f64());
     (out.closer)();
+}
+
+/// A plaintext client as its agent stream's pump reads it.
+struct ClientReading {
+    conn: Conn,
+    hub: Arc<Hub>,
+    key: FrontendKey,
+    connect_id: i64,
+    /// Set when the pump is done with the client.
+    ended: Latch,
+}
+
+impl crate::tunnel::pump::Reading for ClientReading {
+    fn fd(&self) -> std::os::fd::RawFd {
+        match &self.conn {
+            Conn::Tcp(s) => s.as_raw_fd(),
+            Conn::Unix(s) => s.as_raw_fd(),
+        }
+    }
+
+    fn data(&self, bytes: &[u8]) -> bool {
+        self.hub
+            .data_from_frontend(self.key, self.connect_id, bytes)
+    }
+
+    fn ended(&self, why: &str) {
+        if !why.is_empty() {
+            log::debug!("CONNECT: reading connection {}: {why}", self.connect_id);
+        }
+        self.ended.set();
+    }
 }
 
 /// A CONNECT client's writing side once its tunnel is up (see

@@ -15,11 +15,11 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use super::metrics::ServerMetrics;
-use super::pump::Pump;
 use crate::grpc::ServerCall;
 use crate::tunnel::identifiers::{Identifiers, Strategy};
 use crate::tunnel::listen::Conn;
 use crate::tunnel::message::{Message, data_head};
+use crate::tunnel::pump::Pump;
 use crate::tunnel::queue::{MIN_TUNNEL_QUEUE, Queue, Rejected, SLOW_GRACE, STREAM_QUEUE_BYTES};
 use crate::tunnel::router::{self, Action, AgentKey, DialFailure, FrontendKey, Router};
 
@@ -239,9 +239,9 @@ impl EarlyAnswer {
 struct AgentLink {
     queue: Queue<Message>,
     call: Arc<ServerCall>,
-    /// The reader of this stream's plaintext CONNECT clients, started with
-    /// the first of them ([`Hub::pump_for`]), stopped with the stream.
-    pump: Arc<Mutex<Option<Arc<Pump>>>>,
+    /// The reader of this stream's plaintext CONNECT clients
+    /// ([`Hub::pump_for`]), stopped with the stream.
+    pump: Arc<Pump>,
 }
 
 impl AgentLink {
@@ -280,10 +280,6 @@ impl AgentLink {
             self.queue.push_control(message)
         }
     }
-}
-
-fn lock_pump(pump: &Mutex<Option<Arc<Pump>>>) -> MutexGuard<'_, Option<Arc<Pump>>> {
-    pump.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 struct State {
@@ -358,7 +354,7 @@ impl Hub {
             let link = AgentLink {
                 queue: queue.clone(),
                 call,
-                pump: Arc::new(Mutex::new(None)),
+                pump: Arc::new(Pump::new("conn-pump")),
             };
             state.agents.insert(key, link);
             self.update_gauges(&state);
@@ -378,31 +374,18 @@ impl Hub {
         };
         // Its pump lets its clients go (their threads end their tunnels);
         // outside the hub's lock, which the pump's thread may be taking.
-        let pump = link.and_then(|link| lock_pump(&link.pump).take());
-        if let Some(pump) = pump {
-            pump.stop();
+        if let Some(link) = link {
+            link.pump.stop();
         }
         self.execute(actions, None);
     }
 
     /// The pump of the agent stream that carries `key`'s tunnel (see
-    /// [`super::pump`]), started on first use; None when that stream is
-    /// gone or no pump can start (the frontend reads its client itself).
-    pub fn pump_for(self: &Arc<Self>, key: FrontendKey, connect_id: i64) -> Option<Arc<Pump>> {
-        let link = {
-            let state = self.lock();
-            let agent = state.router.agent_for_data(key, connect_id)?;
-            state.agents.get(&agent)?.clone()
-        };
-        let mut pump = lock_pump(&link.pump);
-        // A stream being removed closed its queue before taking its pump.
-        if pump.is_none() && !link.queue.is_closed() {
-            match Pump::start(self.clone(), "conn-pump") {
-                Ok(started) => *pump = Some(Arc::new(started)),
-                Err(e) => log::error!("starting an agent stream's pump: {e}"),
-            }
-        }
-        pump.clone()
+    /// [`crate::tunnel::pump`]); None when that stream is gone.
+    pub fn pump_for(&self, key: FrontendKey, connect_id: i64) -> Option<Arc<Pump>> {
+        let state = self.lock();
+        let agent = state.router.agent_for_data(key, connect_id)?;
+        Some(state.agents.get(&agent)?.pump.clone())
     }
 
     pub fn from_agent(&self, key: AgentKey, message: Message) {

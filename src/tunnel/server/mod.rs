@@ -7,7 +7,6 @@
 pub mod connect_frontend;
 pub mod hub;
 pub mod metrics;
-pub mod pump;
 pub mod refusal;
 pub mod run;
 pub mod streams;
