@@ -35,6 +35,15 @@ pub enum Conn {
     Unix(Arc<UnixStream>),
 }
 
+impl AsRawFd for Conn {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        match self {
+            Conn::Tcp(s) => s.as_raw_fd(),
+            Conn::Unix(s) => s.as_raw_fd(),
+        }
+    }
+}
+
 impl Conn {
     fn shutdown(&self) {
         let _ = match self {

@@ -436,10 +436,7 @@ struct ClientReading {
 
 impl crate::tunnel::pump::Reading for ClientReading {
     fn fd(&self) -> std::os::fd::RawFd {
-        match &self.conn {
-            Conn::Tcp(s) => s.as_raw_fd(),
-            Conn::Unix(s) => s.as_raw_fd(),
-        }
+        self.conn.as_raw_fd()
     }
 
     fn data(&self, bytes: &[u8]) -> bool {
@@ -517,10 +514,7 @@ impl ClientOut {
 
 impl super::hub::FrontendOut for ClientOut {
     fn direct_fd(&self) -> Option<std::os::fd::RawFd> {
-        self.direct.as_ref().map(|conn| match conn {
-            Conn::Tcp(s) => s.as_raw_fd(),
-            Conn::Unix(s) => s.as_raw_fd(),
-        })
+        self.direct.as_ref().map(|conn| conn.as_raw_fd())
     }
 
     fn wake(self: Arc<Self>) {
@@ -549,10 +543,7 @@ fn wait_for_dial(
     control: &Conn,
     limit: Duration,
 ) -> Option<Pop<ToFrontend>> {
-    let fd = match control {
-        Conn::Tcp(s) => s.as_raw_fd(),
-        Conn::Unix(s) => s.as_raw_fd(),
-    };
+    let fd = control.as_raw_fd();
     let deadline = Instant::now() + limit;
     let mut pause = HANGUP_CHECK.0;
     loop {

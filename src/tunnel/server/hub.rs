@@ -180,10 +180,7 @@ impl EarlyAnswer {
         }
         let n = match &self.way {
             AnswerWay::Socket(conn) => {
-                let fd = match conn {
-                    Conn::Tcp(s) => s.as_raw_fd(),
-                    Conn::Unix(s) => s.as_raw_fd(),
-                };
+                let fd = conn.as_raw_fd();
                 // A failed send leaves the whole answer to the frontend,
                 // whose own write then fails the same way.
                 crate::sys::send_now(fd, self.bytes).unwrap_or(0)
