@@ -962,6 +962,89 @@ fn no_thread_or_descriptor_outlives_its_tunnel() {
     );
 }
 
+/// Every thread of a process by name, with counts (for failure messages).
+fn thread_census(pid: u32) -> std::collections::BTreeMap<String, usize> {
+    let mut names = std::collections::BTreeMap::new();
+    for task in fs::read_dir(format!("/proc/{pid}/task"))
+        .into_iter()
+        .flatten()
+    {
+        if let Some(name) = task
+            .ok()
+            .and_then(|t| fs::read_to_string(t.path().join("comm")).ok())
+        {
+            *names.entry(name.trim().to_string()).or_insert(0) += 1;
+        }
+    }
+    names
+}
+
+/// An idle CONNECT tunnel holds one thread in proxy-server (its
+/// frontend's) and none in proxy-agent (the stream's pump reads its
+/// destination). The frontend's writer thread must not start for a tunnel
+/// that never had anything to write: the agent stream's reader that
+/// delivered the DIAL_RSP wakes the tunnel's writing side, and when the
+/// frontend thread has taken the DIAL_RSP and set that side up by then,
+/// the wake finds nothing queued (on two cores, that race started a writer
+/// for about one tunnel in fifteen).
+#[test]
+fn an_idle_tunnel_holds_one_server_thread_and_no_agent_thread() {
+    // A destination that accepts and stays silent.
+    let quiet = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = quiet.local_addr().unwrap().port();
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let holder = held.clone();
+    std::thread::spawn(move || {
+        for conn in quiet.incoming().map_while(Result::ok) {
+            holder.lock().unwrap().push(conn);
+        }
+    });
+    let tunnel = Tunnel::start("http-connect", "uds", &[], true);
+    let server = tunnel.server.child.pid();
+    let agent = tunnel.agent.as_ref().unwrap().child.pid();
+    // Warm up, then settle (the same counts twice in a row).
+    drop(tunnel.connect_uds(&format!("127.0.0.1:{port}")));
+    let settled = |pid: u32| {
+        let mut last = None;
+        poll("the process to settle", DEADLINE, || {
+            let now = resources(pid);
+            let same = last == Some(now);
+            last = Some(now);
+            same.then_some(now)
+        })
+    };
+    let (server_before, agent_before) = (settled(server), settled(agent));
+    const TUNNELS: usize = 300;
+    let socks: Vec<_> = (0..TUNNELS)
+        .map(|_| {
+            let (sock, head) = tunnel.connect_uds(&format!("127.0.0.1:{port}"));
+            assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+            sock
+        })
+        .collect();
+    // One thread per tunnel at the server, plus the agent stream's pump
+    // (which may have ended after the warm-up); the agent's pump at most.
+    let within = || {
+        resources(server).0 <= server_before.0 + TUNNELS + 1
+            && resources(agent).0 <= agent_before.0 + 1
+    };
+    let limit = Instant::now() + Duration::from_secs(10);
+    while !within() && Instant::now() < limit {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        within(),
+        "{TUNNELS} idle tunnels: server {} -> {} threads {:?}; agent {} -> {} threads {:?}",
+        server_before.0,
+        resources(server).0,
+        thread_census(server),
+        agent_before.0,
+        resources(agent).0,
+        thread_census(agent)
+    );
+    drop(socks);
+}
+
 #[test]
 fn a_client_that_stops_reading_does_not_stall_the_others() {
     // A destination that sends as fast as it can until the peer goes.

@@ -518,6 +518,12 @@ impl super::hub::FrontendOut for ClientOut {
     }
 
     fn wake(self: Arc<Self>) {
+        // The frontend's own thread may have taken what woke this (a
+        // DIAL_RSP it was waiting for, queued as the tunnel's writing side
+        // was being set): nothing to write, no writer to start.
+        if self.queue.is_empty() && !self.queue.is_closed() {
+            return;
+        }
         let Some(writer) = self.take_writer() else {
             return; // being written already, or done
         };
