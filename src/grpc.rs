@@ -942,6 +942,26 @@ impl ServerCall {
             .map_err(|e| Status::from_h2(&e))
     }
 
+    /// [`ServerCall::send_parts`] for a caller that must not wait: sends
+    /// only if nobody else is sending and the message goes out at once
+    /// (see [`h2::Stream::try_send_data_parts`]); `Ok(false)` when it
+    /// would have waited, and nothing was sent.
+    pub fn try_send_parts(&self, head: &[u8], body: &[u8]) -> Result<bool, Status> {
+        let mut send = match self.send.try_lock() {
+            Ok(guard) => guard,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(false),
+        };
+        if send.finished {
+            return Err(Status::new(Code::INTERNAL, "call already finished"));
+        }
+        self.ensure_headers(&mut send)?;
+        let head = prefixed(head, body.len());
+        self.stream
+            .try_send_data_parts(&head, body)
+            .map_err(|e| Status::from_h2(&e))
+    }
+
     pub fn send_msg<M: prost::Message>(&self, msg: &M) -> Result<(), Status> {
         self.send(&msg.encode_to_vec())
     }

@@ -13,6 +13,7 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use apiserver_proxy::tunnel::message::Message;
 use common::{ChildGuard, poll, unique};
 
 const SERVER: &str = env!("CARGO_BIN_EXE_proxy-server");
@@ -610,14 +611,14 @@ fn everything_sent_before_the_client_closes_arrives() {
     }
 }
 
-#[test]
-fn a_destination_that_reads_late_gets_every_byte_in_order() {
-    // The destination reads nothing until the client has sent more than the
-    // socket buffers and windows on the way hold, so the agent must queue
-    // (its destination writer thread starts only then), then reads all;
-    // the client closes right after its last byte, with data still queued.
-    const TOTAL: usize = 24 * 1024 * 1024;
-    const GO_AFTER: usize = 12 * 1024 * 1024;
+/// A destination that reads nothing until `go` (or the deadline), then
+/// reads to the end, checking every byte against `pattern_at(7, ..)`; it
+/// reports how many bytes it got, or where they went wrong.
+fn late_reader() -> (
+    u16,
+    std::sync::mpsc::Sender<()>,
+    std::sync::mpsc::Receiver<Result<usize, String>>,
+) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
@@ -641,24 +642,74 @@ fn a_destination_that_reads_late_gets_every_byte_in_order() {
         };
         let _ = done_tx.send(verdict);
     });
-    let tunnel = Tunnel::start("http-connect", "uds", &[], true);
-    let (mut sock, head) = tunnel.connect_uds(&format!("127.0.0.1:{port}"));
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    (port, go_tx, done_rx)
+}
+
+/// Sends `total` pattern bytes in 64 KiB pieces, telling the destination
+/// to start reading once `go_after` are sent.
+fn send_pattern(
+    total: usize,
+    go_after: usize,
+    go: std::sync::mpsc::Sender<()>,
+    mut send: impl FnMut(&[u8]),
+) {
     let mut chunk = vec![0u8; 64 * 1024];
-    let (mut sent, mut go) = (0usize, Some(go_tx));
-    while sent < TOTAL {
-        let n = chunk.len().min(TOTAL - sent);
+    let (mut sent, mut go) = (0usize, Some(go));
+    while sent < total {
+        let n = chunk.len().min(total - sent);
         pattern_at(7, sent, &mut chunk[..n]);
-        sock.write_all(&chunk[..n]).unwrap();
+        send(&chunk[..n]);
         sent += n;
-        if sent >= GO_AFTER {
+        if sent >= go_after {
             if let Some(go) = go.take() {
                 go.send(()).unwrap();
             }
         }
     }
+}
+
+#[test]
+fn a_destination_that_reads_late_gets_every_byte_in_order() {
+    // The destination reads nothing until the client has sent more than the
+    // socket buffers and windows on the way hold, so the agent must queue
+    // (its destination writer thread starts only then), then reads all;
+    // the client closes right after its last byte, with data still queued.
+    const TOTAL: usize = 24 * 1024 * 1024;
+    const GO_AFTER: usize = 12 * 1024 * 1024;
+    let (port, go, done) = late_reader();
+    let tunnel = Tunnel::start("http-connect", "uds", &[], true);
+    let (mut sock, head) = tunnel.connect_uds(&format!("127.0.0.1:{port}"));
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    send_pattern(TOTAL, GO_AFTER, go, |chunk| sock.write_all(chunk).unwrap());
     sock.shutdown(std::net::Shutdown::Write).unwrap();
-    let got = done_rx
+    let got = done
+        .recv_timeout(DEADLINE)
+        .expect("the destination saw the close");
+    assert_eq!(got, Ok(TOTAL));
+}
+
+#[test]
+fn a_destination_that_reads_late_gets_every_byte_in_order_through_grpc() {
+    // As above through the gRPC frontend. 20 MiB is more than the agent's
+    // side holds (its stream's window, its queue, the socket buffers), so
+    // the server's queue towards the agent fills and the frontend
+    // connection's reader hands the stream's packets to the call's thread,
+    // which waits for room (checked once by making that hand-over abort
+    // the server); the CLOSE_REQ right after the last byte comes after all
+    // of it.
+    const TOTAL: usize = 32 * 1024 * 1024;
+    const GO_AFTER: usize = 20 * 1024 * 1024;
+    let (port, go, done) = late_reader();
+    let tunnel = Tunnel::start("grpc", "uds", &[], true);
+    let grpc = GrpcTunnel::dial(
+        tunnel.uds.as_ref().unwrap(),
+        &format!("127.0.0.1:{port}"),
+        1,
+    )
+    .unwrap();
+    send_pattern(TOTAL, GO_AFTER, go, |chunk| grpc.send(chunk));
+    grpc.close();
+    let got = done
         .recv_timeout(DEADLINE)
         .expect("the destination saw the close");
     assert_eq!(got, Ok(TOTAL));
@@ -1195,12 +1246,6 @@ fn a_hundred_tunnels_move_10_mib_each_way_through_http_connect() {
 
 #[test]
 fn a_hundred_tunnels_move_10_mib_each_way_through_grpc() {
-    use apiserver_proxy::grpc;
-    use apiserver_proxy::h2::{Config, Connection, Transport};
-    use apiserver_proxy::tunnel::message::Message;
-    use apiserver_proxy::tunnel::proto::Packet;
-    use prost::Message as _;
-
     let echo = echo_server();
     let tunnel = Tunnel::start_with(
         &bulk_binary("proxy-server", SERVER),
@@ -1215,55 +1260,94 @@ fn a_hundred_tunnels_move_10_mib_each_way_through_grpc() {
         for seed in 0..BULK_TUNNELS as u64 {
             let uds = uds.clone();
             scope.spawn(move || {
-                // One connection per tunnel, as kube-apiserver does.
-                let sock = UnixStream::connect(&uds).unwrap();
-                let transport = Transport::plain(sock, Some(DEADLINE), Some(DEADLINE)).unwrap();
-                let conn = Connection::client(transport, Config::default()).unwrap();
-                let client = grpc::Client::new(conn, "localhost");
-                let call = client.call("/ProxyService/Proxy", &[]).unwrap();
-                let send = |m: Message| call.send(&Packet::from(m).encode_to_vec()).unwrap();
-                let recv = || -> Option<Message> {
-                    let bytes = call.recv().ok()??;
-                    Message::try_from(Packet::decode(bytes.as_slice()).ok()?).ok()
-                };
-                send(Message::DialReq {
-                    protocol: "tcp".into(),
-                    address: format!("127.0.0.1:{echo}"),
-                    random: seed as i64 + 1,
-                });
-                let connect_id = match recv() {
-                    Some(Message::DialRsp {
-                        error, connect_id, ..
-                    }) if error.is_empty() => connect_id,
-                    other => panic!("tunnel {seed}: {other:?}"),
-                };
-                echo_and_check(
-                    seed,
-                    |data| {
-                        send(Message::Data {
-                            connect_id,
-                            error: String::new(),
-                            data: data.to_vec().into(),
-                        })
-                    },
-                    |got| match recv() {
-                        Some(Message::Data { data, .. }) => {
-                            got.extend_from_slice(&data);
-                            true
-                        }
-                        _ => false,
-                    },
-                );
-                send(Message::CloseReq { connect_id });
-                loop {
-                    match recv() {
-                        Some(Message::CloseRsp { .. }) | None => break,
-                        Some(_) => {}
-                    }
-                }
+                let grpc = GrpcTunnel::dial(&uds, &format!("127.0.0.1:{echo}"), seed as i64 + 1)
+                    .unwrap_or_else(|e| panic!("tunnel {seed}: {e}"));
+                echo_and_check(seed, |data| grpc.send(data), |got| grpc.recv_into(got));
+                grpc.close();
             });
         }
     });
+}
+
+/// A tunnel through the gRPC frontend, as kube-apiserver opens one: its
+/// own HTTP/2 connection to the server's Unix socket, one Proxy call.
+struct GrpcTunnel {
+    /// Holds the connection open.
+    _client: apiserver_proxy::grpc::Client,
+    call: apiserver_proxy::grpc::ClientCall,
+    connect_id: i64,
+}
+
+impl GrpcTunnel {
+    fn dial(uds: &std::path::Path, address: &str, random: i64) -> Result<GrpcTunnel, String> {
+        use apiserver_proxy::grpc;
+        use apiserver_proxy::h2::{Config, Connection, Transport};
+        let sock = UnixStream::connect(uds).map_err(|e| e.to_string())?;
+        let transport =
+            Transport::plain(sock, Some(DEADLINE), Some(DEADLINE)).map_err(|e| e.to_string())?;
+        let conn = Connection::client(transport, Config::default()).map_err(|e| e.to_string())?;
+        let client = grpc::Client::new(conn, "localhost");
+        let call = client
+            .call("/ProxyService/Proxy", &[])
+            .map_err(|e| format!("{e:?}"))?;
+        let mut tunnel = GrpcTunnel {
+            _client: client,
+            call,
+            connect_id: 0,
+        };
+        tunnel.send_message(Message::DialReq {
+            protocol: "tcp".into(),
+            address: address.into(),
+            random,
+        });
+        match tunnel.recv() {
+            Some(Message::DialRsp {
+                error, connect_id, ..
+            }) if error.is_empty() => tunnel.connect_id = connect_id,
+            other => return Err(format!("dial answered {other:?}")),
+        }
+        Ok(tunnel)
+    }
+
+    fn send_message(&self, message: Message) {
+        use prost::Message as _;
+        let packet = apiserver_proxy::tunnel::proto::Packet::from(message);
+        self.call.send(&packet.encode_to_vec()).unwrap();
+    }
+
+    fn send(&self, data: &[u8]) {
+        self.send_message(Message::Data {
+            connect_id: self.connect_id,
+            error: String::new(),
+            data: data.to_vec().into(),
+        })
+    }
+
+    fn recv(&self) -> Option<Message> {
+        use prost::Message as _;
+        let bytes = self.call.recv().ok()??;
+        let packet = apiserver_proxy::tunnel::proto::Packet::decode(bytes.as_slice()).ok()?;
+        Message::try_from(packet).ok()
+    }
+
+    /// Appends the next DATA packet's bytes; false at anything else.
+    fn recv_into(&self, got: &mut Vec<u8>) -> bool {
+        match self.recv() {
+            Some(Message::Data { data, .. }) => {
+                got.extend_from_slice(&data);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// CLOSE_REQ, then reads until the CLOSE_RSP (or the end).
+    fn close(self) {
+        self.send_message(Message::CloseReq {
+            connect_id: self.connect_id,
+        });
+        while !matches!(self.recv(), Some(Message::CloseRsp { .. }) | None) {}
+    }
 }
 
 #[test]

@@ -29,6 +29,9 @@ struct State<T> {
     /// queue behind it.
     busy: bool,
     end: Option<Result<(), Status>>,
+    /// The stream's thread stopped draining ([`Inbox::close`]): what the
+    /// reader offers from now on is dropped, and it never waits.
+    closed: bool,
 }
 
 impl<T> Inbox<T> {
@@ -38,6 +41,7 @@ impl<T> Inbox<T> {
                 backlog: VecDeque::new(),
                 busy: false,
                 end: None,
+                closed: false,
             }),
             ready: Condvar::new(),
             bound: bound.max(1),
@@ -59,6 +63,9 @@ impl<T> Inbox<T> {
     /// queued; queues what is left for [`Inbox::drain`].
     pub fn offer(&self, item: T, now: impl FnOnce(T) -> Option<T>) {
         let mut state = self.lock();
+        if state.closed {
+            return;
+        }
         let left = if state.backlog.is_empty() && !state.busy {
             drop(state);
             let Some(left) = now(item) else {
@@ -67,11 +74,14 @@ impl<T> Inbox<T> {
             state = self.lock();
             left
         } else {
-            while state.backlog.len() >= self.bound {
+            while state.backlog.len() >= self.bound && !state.closed {
                 state = self.wait(state);
             }
             item
         };
+        if state.closed {
+            return;
+        }
         state.backlog.push_back(left);
         drop(state);
         self.ready.notify_all();
@@ -87,19 +97,37 @@ impl<T> Inbox<T> {
     /// (which may wait), until the end has come and nothing is left;
     /// returns the end.
     pub fn drain(&self, mut later: impl FnMut(T)) -> Result<(), Status> {
+        let end = self.drain_until(|item| {
+            later(item);
+            true
+        });
+        end.unwrap_or(Ok(()))
+    }
+
+    /// [`Inbox::drain`], until `later` returns false: then the inbox
+    /// closes (what is queued and what comes later is dropped, and a
+    /// reader waiting for room goes on) and None is returned.
+    pub fn drain_until(&self, mut later: impl FnMut(T) -> bool) -> Option<Result<(), Status>> {
         let mut state = self.lock();
         loop {
             if let Some(item) = state.backlog.pop_front() {
                 state.busy = true;
                 drop(state);
                 self.ready.notify_all(); // room for a waiting reader
-                later(item);
+                let go_on = later(item);
                 state = self.lock();
                 state.busy = false;
+                if !go_on {
+                    state.closed = true;
+                    state.backlog.clear();
+                    drop(state);
+                    self.ready.notify_all();
+                    return None;
+                }
                 continue;
             }
             if let Some(end) = state.end.take() {
-                return end;
+                return Some(end);
             }
             state = self.wait(state);
         }
@@ -142,6 +170,31 @@ mod tests {
         assert!(end.is_ok());
         assert!(!blocked.load(Ordering::Relaxed));
         assert_eq!(*delivered.lock().unwrap(), vec![1, 2, 3, 4, 5, 6]);
+    }
+
+    #[test]
+    fn a_drain_that_stops_lets_a_waiting_reader_go_and_drops_the_rest() {
+        let inbox = Arc::new(Inbox::new(1));
+        // Queued behind the first, which the drain stops at; the reader
+        // waits for room with the third.
+        let reader = {
+            let inbox = inbox.clone();
+            std::thread::spawn(move || {
+                for i in 1..=3 {
+                    inbox.offer(i, Some);
+                }
+                inbox.offer(4, |_| panic!("offered after the close"));
+                inbox.end(Ok(()));
+            })
+        };
+        let mut seen = Vec::new();
+        let end = inbox.drain_until(|i| {
+            seen.push(i);
+            false
+        });
+        reader.join().unwrap();
+        assert!(end.is_none());
+        assert_eq!(seen, [1]);
     }
 
     #[test]

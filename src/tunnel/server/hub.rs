@@ -48,6 +48,15 @@ pub trait FrontendOut: Send + Sync {
     fn direct_fd(&self) -> Option<RawFd>;
     /// Something was queued, or the queue closed: a writer must run.
     fn wake(self: Arc<Self>);
+    /// Sends `item` on the delivering thread without waiting, called only
+    /// when nothing is queued or being written; returns what did not go.
+    /// By default DATA to [`FrontendOut::direct_fd`], and nothing else.
+    fn send_now(&self, item: ToFrontend) -> Option<ToFrontend> {
+        match self.direct_fd() {
+            Some(fd) => write_now(fd, item),
+            None => Some(item),
+        }
+    }
 }
 
 /// A frontend as the hub holds it: its queue, and its writing side once
@@ -71,18 +80,8 @@ impl FrontendLink {
     /// part the socket did not take goes first). Err(item) when the queue
     /// is full; data for a closed queue is dropped.
     fn offer(&self, item: ToFrontend) -> Result<(), ToFrontend> {
-        let direct = self.out.get().and_then(|out| out.direct_fd());
-        let item = match direct {
-            Some(fd) => match self.queue.send_or(item, |item| write_now(fd, item)) {
-                None => {
-                    if !self.queue.is_empty() {
-                        self.wake();
-                    }
-                    return Ok(());
-                }
-                Some(item) => item,
-            },
-            None => item,
+        let Some(item) = self.send_now(item) else {
+            return Ok(());
         };
         match self.queue.try_push(item) {
             Ok(()) => {
@@ -92,6 +91,25 @@ impl FrontendLink {
             Err(Rejected::Full(item)) => Err(item),
             Err(Rejected::Closed(_)) => Ok(()),
         }
+    }
+
+    /// Sends `item` on this thread through the frontend's
+    /// [`FrontendOut::send_now`] when nothing is queued or being written
+    /// (what that leaves goes to the front of the queue); returns it
+    /// untouched when it must be queued (no writing side yet, or others
+    /// ahead of it).
+    fn send_now(&self, item: ToFrontend) -> Option<ToFrontend> {
+        let Some(out) = self.out.get() else {
+            return Some(item);
+        };
+        if let Some(item) = self.queue.send_or(item, |item| out.send_now(item)) {
+            return Some(item);
+        }
+        // What did not go is at the front of the queue: its writer's.
+        if !self.queue.is_empty() {
+            self.wake();
+        }
+        None
     }
 }
 
@@ -260,6 +278,36 @@ impl AgentLink {
         }
     }
 
+    /// Sends from a thread that must not wait (a frontend connection's
+    /// reader): on this thread when nothing is queued or being sent and the
+    /// stream's windows take it at once, else queued for the stream's
+    /// writer. Err(message) when that is data and the queue is full.
+    fn offer(&self, message: Message) -> Result<(), Message> {
+        let Some(message) = self.queue.send_or(message, |message| {
+            let (head, data) = message.clone().encode_parts();
+            match self.call.try_send_parts(&head, &data) {
+                Ok(true) => None,
+                Ok(false) => Some(message),
+                Err(status) => {
+                    log::debug!("agent stream: send failed: {status:?}");
+                    self.queue.close_and_clear();
+                    None
+                }
+            }
+        }) else {
+            return Ok(());
+        };
+        let queued = if matches!(message, Message::Data { .. }) {
+            self.queue.try_push(message)
+        } else {
+            self.queue.push_control(message)
+        };
+        match queued {
+            Err(Rejected::Full(message)) => Err(message),
+            _ => Ok(()),
+        }
+    }
+
     /// Sends from a thread that may wait (a frontend's reader). Data waits
     /// up to AGENT_QUEUE_WAIT for room in the queue; control messages pass
     /// the bound.
@@ -305,7 +353,15 @@ enum Delivery {
 /// What [`Hub::from_agent_nowait`] could not deliver without waiting (data
 /// for a frontend whose queue is full), and every frontend delivery after
 /// it, in order: for a thread that may wait to finish ([`Hub::finish`]).
+/// The same for [`Hub::from_frontend_nowait`] (data for an agent stream
+/// whose queue is full, and every delivery after it;
+/// [`Hub::finish_from_frontend`]).
 pub struct Deferred(Vec<Delivery>);
+
+/// The frontend is no longer registered (closed as too slow, or the
+/// server is shutting down): it must stop.
+#[derive(Debug)]
+pub struct FrontendGone;
 
 impl Hub {
     pub fn new(
@@ -501,6 +557,40 @@ impl Hub {
         self.execute(actions, Some(key))
     }
 
+    /// [`Hub::from_frontend`] for a caller that must not wait at all (the
+    /// reader of a frontend's HTTP/2 connection, which hands on a gRPC
+    /// stream's packets as they arrive): what would wait (data for an agent
+    /// stream whose queue is full, and everything after it) comes back, to
+    /// be handed to [`Hub::finish_from_frontend`] on a thread that may,
+    /// before anything else from that frontend.
+    pub fn from_frontend_nowait(
+        &self,
+        key: FrontendKey,
+        message: Message,
+    ) -> Result<Option<Deferred>, FrontendGone> {
+        let actions = {
+            let mut state = self.lock();
+            if !state.frontends.contains_key(&key) {
+                return Err(FrontendGone);
+            }
+            state
+                .router
+                .from_frontend(key, message, Instant::now(), &mut |n| {
+                    (crate::sys::random_u64() % n.max(1) as u64) as usize
+                })
+        };
+        let deliveries = self.decide(actions);
+        let mut deferred = Vec::new();
+        self.deliver(deliveries, Some(key), Some(&mut deferred));
+        Ok((!deferred.is_empty()).then_some(Deferred(deferred)))
+    }
+
+    /// Makes the deliveries [`Hub::from_frontend_nowait`] left, waiting as
+    /// [`Hub::from_frontend`] does; false when the frontend must give up.
+    pub fn finish_from_frontend(&self, key: FrontendKey, deferred: Deferred) -> bool {
+        self.deliver(deferred.0, Some(key), None)
+    }
+
     /// DATA from a frontend's reader, borrowed from its read buffer: written
     /// to the agent's stream from there when that stream is idle (no copy
     /// of the payload before its TLS record), otherwise copied and routed
@@ -618,7 +708,9 @@ impl Hub {
     }
 
     /// Queues `deliveries`. With `defer`, nothing waits: data for a full
-    /// frontend queue, and every frontend delivery after it, go there.
+    /// frontend queue, and every frontend delivery after it, go there; when
+    /// a frontend calls (`blocking_for`), also data for a full agent
+    /// stream queue, and every delivery after it.
     fn deliver(
         &self,
         deliveries: Vec<Delivery>,
@@ -631,6 +723,18 @@ impl Hub {
             let delivery = match (defer.as_deref_mut(), delivery) {
                 (Some(deferred), delivery @ Delivery::Frontend(..)) if !deferred.is_empty() => {
                     deferred.push(delivery);
+                    continue;
+                }
+                (Some(deferred), delivery @ Delivery::Agent(..))
+                    if blocking_for.is_some() && !deferred.is_empty() =>
+                {
+                    deferred.push(delivery);
+                    continue;
+                }
+                (Some(deferred), Delivery::Agent(link, message)) if blocking_for.is_some() => {
+                    if let Err(message) = link.offer(message) {
+                        deferred.push(Delivery::Agent(link, message));
+                    }
                     continue;
                 }
                 (
@@ -672,7 +776,9 @@ impl Hub {
                     }
                 }
                 Delivery::Frontend(_, link, item) => {
-                    if link.queue.push_control(item).is_ok() {
+                    if let Some(item) = link.send_now(item)
+                        && link.queue.push_control(item).is_ok()
+                    {
                         link.wake();
                     }
                 }

@@ -1,7 +1,11 @@
 //! The server's two gRPC services: `AgentService/Connect` (an agent's
 //! stream, the backend) and `ProxyService/Proxy` (a frontend's stream).
-//! Each call runs a reader (this handler's thread) and a writer (a scoped
-//! thread draining the call's queue), so reading never waits on writing.
+//! Both read the same way: the HTTP/2 connection's reader hands each packet
+//! to the hub as it arrives, sending it on from there when nothing has to
+//! wait; what would wait (a full queue), and every packet after it, goes in
+//! order through an [`Inbox`] to the call's own thread, which may wait. A
+//! writer (a scoped or pooled thread draining the call's queue) sends the
+//! other way, so reading never waits on writing.
 //!
 //! Owns: the metadata rules (exactly one `agentid`; `serverid` and
 //! `servercount` in the response headers before any packet) and the
@@ -11,40 +15,17 @@ use std::cell::Cell;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use super::hub::{Deferred, Hub, ToFrontend};
+use super::hub::{Deferred, FrontendGone, FrontendOut, Hub, ToFrontend};
 use crate::grpc::{Code, Inbound, ServerCall, Status};
 use crate::tunnel::identifiers::Identifiers;
 use crate::tunnel::inbox::{self, Inbox};
 use crate::tunnel::message::Message;
 use crate::tunnel::proto::Packet;
 use crate::tunnel::queue::{Pop, Queue};
-use crate::tunnel::router::{AgentKey, DialFailure};
+use crate::tunnel::router::{AgentKey, DialFailure, FrontendKey};
 
 pub const AGENT_PATH: &str = "/AgentService/Connect";
 pub const PROXY_PATH: &str = "/ProxyService/Proxy";
-
-/// Reads packets until the peer half-closes or the call breaks, handing
-/// each decoded message to `deliver`; undecodable packets are logged and
-/// skipped. Stops early when `deliver` returns false.
-fn read_packets(call: &ServerCall, what: &str, mut deliver: impl FnMut(Message) -> bool) {
-    loop {
-        match call.recv_decoded::<Packet>() {
-            Ok(Some(packet)) => match packet.and_then(Message::try_from) {
-                Ok(message) => {
-                    if !deliver(message) {
-                        return;
-                    }
-                }
-                Err(e) => log::warn!("{what}: skipping a packet: {e}"),
-            },
-            Ok(None) => return,
-            Err(status) => {
-                log::debug!("{what}: stream ended: {status:?}");
-                return;
-            }
-        }
-    }
-}
 
 /// Sends every queued item until the queue closes, a send fails, or
 /// `keep_going` (asked after each send) says to stop.
@@ -81,6 +62,80 @@ fn write_queue<T>(
 enum Backlog {
     Message(Message),
     Deferred(Deferred),
+}
+
+/// A Proxy stream's [`Backlog`].
+enum FrontendBacklog {
+    Message(Message),
+    Deferred(Deferred),
+    /// The frontend was closed meanwhile: its stream's thread stops.
+    Gone,
+}
+
+/// A Proxy stream's packets, on its connection's reader thread: routed at
+/// once when nothing has to wait, else queued in order for the stream's
+/// thread (see [`Inbox`]).
+fn frontend_tap(
+    hub: Arc<Hub>,
+    key: FrontendKey,
+    dials: Arc<AtomicUsize>,
+    inbox: Arc<Inbox<FrontendBacklog>>,
+) -> impl FnMut(Inbound<Packet>) + Send + 'static {
+    move |inbound| {
+        let message = match inbound {
+            Inbound::Message(packet) => match packet.and_then(Message::try_from) {
+                Ok(message) => message,
+                Err(e) => {
+                    log::warn!("frontend {key}: skipping a packet: {e}");
+                    return;
+                }
+            },
+            Inbound::End(end) => return inbox.end(end),
+        };
+        if matches!(message, Message::DialReq { .. }) {
+            dials.fetch_add(1, Ordering::AcqRel);
+        }
+        inbox.offer(FrontendBacklog::Message(message), |item| match item {
+            FrontendBacklog::Message(message) => match hub.from_frontend_nowait(key, message) {
+                Ok(None) => None,
+                Ok(Some(deferred)) => Some(FrontendBacklog::Deferred(deferred)),
+                Err(FrontendGone) => Some(FrontendBacklog::Gone),
+            },
+            other => Some(other),
+        });
+    }
+}
+
+/// A Proxy stream's writing side as the hub's delivering threads see it:
+/// what comes for the frontend while nothing is queued or being sent goes
+/// out on the delivering thread (the agent stream's reader: a DIAL_RSP,
+/// data) when the stream takes it at once; the rest waits in the queue for
+/// the call's writer, which always runs (so there is nothing to wake).
+struct ProxyOut(Arc<ServerCall>);
+
+impl FrontendOut for ProxyOut {
+    fn direct_fd(&self) -> Option<std::os::fd::RawFd> {
+        None
+    }
+
+    fn wake(self: Arc<Self>) {}
+
+    fn send_now(&self, item: ToFrontend) -> Option<ToFrontend> {
+        // A refused dial is the writer's: it may end the call.
+        let ToFrontend::Message(message) = item else {
+            return Some(item);
+        };
+        let (head, data) = message.clone().encode_parts();
+        match self.0.try_send_parts(&head, &data) {
+            Ok(true) => None,
+            Ok(false) => Some(ToFrontend::Message(message)),
+            // The call is over: its reader ends the frontend.
+            Err(status) => {
+                log::debug!("frontend stream: send failed: {status:?}");
+                None
+            }
+        }
+    }
 }
 
 /// The agent stream's consumer, on its connection's reader thread: each
@@ -183,11 +238,12 @@ pub fn agent_handler(
 pub fn proxy_handler(hub: Arc<Hub>) -> impl Fn(&Arc<ServerCall>) -> Status + Send + Sync + 'static {
     move |call: &Arc<ServerCall>| {
         let (key, queue) = hub.add_frontend();
+        hub.set_frontend_out(key, Arc::new(ProxyOut(call.clone())));
         hub.metrics
             .grpc_connections
             .add(&["ProxyService/Proxy"], 1.0);
         let what = format!("frontend {key}");
-        let dials = AtomicUsize::new(0);
+        let dials = Arc::new(AtomicUsize::new(0));
         let write_to_frontend = || {
             let exhausted = Cell::new(false);
             let message = |item| match item {
@@ -222,13 +278,22 @@ pub fn proxy_handler(hub: Arc<Hub>) -> impl Fn(&Arc<ServerCall>) -> Status + Sen
             };
             write_queue(call, &queue, &what, message, keep_going)
         };
+        // The client's packets are handed on by its connection's reader as
+        // they arrive (no thread wake-up per packet); what would wait goes
+        // to this thread through the inbox.
         let read_from_frontend = || {
-            read_packets(call, &what, |message| {
-                if matches!(message, Message::DialReq { .. }) {
-                    dials.fetch_add(1, Ordering::AcqRel);
-                }
-                hub.from_frontend(key, message)
+            let inbox = Arc::new(Inbox::new(inbox::BACKLOG));
+            call.recv_inline(frontend_tap(hub.clone(), key, dials.clone(), inbox.clone()));
+            let end = inbox.drain_until(|item| match item {
+                FrontendBacklog::Message(message) => hub.from_frontend(key, message),
+                FrontendBacklog::Deferred(deferred) => hub.finish_from_frontend(key, deferred),
+                FrontendBacklog::Gone => false,
             });
+            match end {
+                Some(Err(status)) => log::debug!("{what}: stream ended: {status:?}"),
+                Some(Ok(())) => {}
+                None => log::debug!("{what}: closed by the server"),
+            }
             hub.remove_frontend(key);
         };
         // The writer runs on a pooled thread beside this one (a wake-up, not
