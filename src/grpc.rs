@@ -771,14 +771,17 @@ impl Server {
     /// call threads. Close the connection (through [`h2::Connection::closer`])
     /// to stop early; `goaway` lets open calls finish.
     pub fn serve(&self, conn: &h2::Connection) {
-        // Joined (every call finished) when this returns.
-        let calls = crate::shutdown::WorkerSet::new();
+        // Calls run on reused threads (a connection per tunnel must not
+        // cost a thread start); joined (every call finished) when this
+        // returns.
+        let mut calls: Vec<crate::shutdown::Worker> = Vec::new();
         while let Some(stream) = conn.accept() {
             let Some(call) = self.prepare(stream).map(Arc::new) else {
                 continue;
             };
             let handler = self.routes.get(&call.path).cloned();
-            let spawned = calls.spawn("grpc-call", move || {
+            calls.retain(|c| !c.is_finished());
+            let spawned = crate::shutdown::Worker::pooled("grpc-call", move || {
                 let status = match handler {
                     Some(handler) => handler(&call),
                     None => {
@@ -787,8 +790,9 @@ impl Server {
                 };
                 call.finish(&status);
             });
-            if let Err(err) = spawned {
-                log::error!("starting a call thread: {err}");
+            match spawned {
+                Ok(worker) => calls.push(worker),
+                Err(err) => log::error!("starting a call thread: {err}"),
             }
         }
     }

@@ -549,6 +549,21 @@ pub fn connect_finish(socket: &std::net::TcpStream, timeout: Duration) -> io::Re
     }
 }
 
+/// Names the calling thread as the kernel shows it (`/proc/*/task/*/comm`,
+/// `top -H`; at most 15 bytes): a pooled thread takes the name of each job
+/// it runs. Best effort: a name with a NUL byte, or a failure, leaves it.
+pub fn set_thread_name(name: &str) {
+    let mut buf = [0u8; 16];
+    let len = name.len().min(15);
+    if name.as_bytes()[..len].contains(&0) {
+        return;
+    }
+    buf[..len].copy_from_slice(&name.as_bytes()[..len]);
+    // SAFETY: buf is NUL-terminated and outlives the call; PR_SET_NAME
+    // copies at most 16 bytes from it.
+    unsafe { libc::prctl(libc::PR_SET_NAME, buf.as_ptr() as libc::c_ulong, 0, 0, 0) };
+}
+
 /// Fills `buf` from the kernel's random source (getrandom(2): no /dev
 /// needed, so it works in an empty root).
 pub fn random_bytes(buf: &mut [u8]) -> io::Result<()> {

@@ -582,9 +582,11 @@ impl Connection {
             err: err.to_string(),
         };
         let w = shared.clone();
-        let writer = Worker::spawn("h2-writer", move || write_loop(&w)).map_err(io_err)?;
+        // Pooled: a connection per tunnel (kube-apiserver's gRPC frontend)
+        // must not cost two thread starts.
+        let writer = Worker::pooled("h2-writer", move || write_loop(&w)).map_err(io_err)?;
         let r = shared.clone();
-        let reader = match Worker::spawn("h2-reader", move || read_loop(&r, reader)) {
+        let reader = match Worker::pooled("h2-reader", move || read_loop(&r, reader)) {
             Ok(reader) => reader,
             Err(err) => {
                 let mut state = lock(&shared);
@@ -2563,7 +2565,9 @@ mod tests {
     fn recorder() -> (Tap, std::sync::mpsc::Receiver<(String, Tapped)>) {
         let (tx, rx) = std::sync::mpsc::channel();
         let tap = Box::new(move |t: Tapped| {
-            let thread = std::thread::current().name().unwrap_or("").to_string();
+            // The kernel's name: a pooled thread takes its job's.
+            let thread = std::fs::read_to_string("/proc/thread-self/comm").unwrap_or_default();
+            let thread = thread.trim_end().to_string();
             let _ = tx.send((thread, t));
         });
         (tap, rx)
