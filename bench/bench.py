@@ -199,10 +199,20 @@ class Tunnel:
 
 
 def start_squid():
+    """squid with a plain HTTP port and a TLS one (https_port: the client
+    speaks TLS to squid, as to our mTLS frontend); returns (process, port,
+    TLS port). Debian's squid is built with GnuTLS, whose https_port cannot
+    ask for client certificates: its TLS port authenticates the server
+    only (which changes the handshake, not the cost per byte)."""
     d = tempfile.mkdtemp(prefix="squid-", dir=work)
-    port = free_port()
+    port, tls_port = free_port(), free_port()
+    # squid drops to the proxy user: its own copy of the frontend's key.
+    for src, name in ((f"{C}/frontend/issued/proxy-frontend.crt", "cert.pem"),
+                      (f"{C}/frontend/private/proxy-frontend.key", "key.pem")):
+        shutil.copy(src, os.path.join(d, name))
     with open(os.path.join(d, "squid.conf"), "w") as f:
         f.write(f"""http_port 127.0.0.1:{port}
+https_port 127.0.0.1:{tls_port} tls-cert={d}/cert.pem tls-key={d}/key.pem
 acl CONNECT method CONNECT
 acl bench_dst dst 127.0.0.1
 http_access allow CONNECT bench_dst
@@ -218,10 +228,12 @@ netdb_filename none
 shutdown_lifetime 1 seconds
 max_filedescriptors 65536
 """)
-    shutil.chown(d, "proxy", "proxy") if os.getuid() == 0 else None
+    if os.getuid() == 0:
+        for name in ("", "cert.pem", "key.pem"):
+            shutil.chown(os.path.join(d, name), "proxy", "proxy")
     p = start(["squid", "-N", "-f", os.path.join(d, "squid.conf")], "squid")
-    wait_for("squid", lambda: p.poll() is None and tcp_up(port))
-    return p, port
+    wait_for("squid", lambda: p.poll() is None and tcp_up(port) and tcp_up(tls_port))
+    return p, port, tls_port
 
 
 def start_socat(sink):
@@ -291,9 +303,15 @@ def fmt_gbs(v):
     return f"{v:.2f} GB/s"
 
 
-def throughput(sink, squid, squid_pid, socat, uds, tls, grpc_uds, grpc_tls):
+def squid_tls_via(port):
+    """The load tool's way through squid's TLS port (the same client TLS
+    setup as to our mTLS frontend; squid does not ask for the certificate)."""
+    return ["--via", "connect-tls", "--proxy", f"127.0.0.1:{port}", *CLIENT_TLS]
+
+
+def throughput(sink, squid, squid_tls, squid_pid, socat, uds, tls, grpc_uds, grpc_tls):
     target = ["--target", f"127.0.0.1:{sink}"]
-    relays = {"squid": [squid_pid], "uds": [uds.server.pid, uds.agent.pid],
+    relays = {"squid": [squid_pid], "squid-tls": [squid_pid], "uds": [uds.server.pid, uds.agent.pid],
               "tls": [tls.server.pid, tls.agent.pid]}
     for conns, per, label in ((1, ONE_BYTES, f"1 connection, {ONE_BYTES // MiB} MiB"),
                               (16, PAR_BYTES, f"16 connections x {PAR_BYTES // MiB} MiB")):
@@ -304,6 +322,7 @@ def throughput(sink, squid, squid_pid, socat, uds, tls, grpc_uds, grpc_tls):
             "direct": ["send", "--via", "direct", *target, *n],
             "socat": ["send", "--via", "direct", "--target", f"127.0.0.1:{socat}", *n],
             "squid": ["send", "--via", "connect-tcp", "--proxy", f"127.0.0.1:{squid}", *target, *n],
+            "squid-tls": ["send", *squid_tls_via(squid_tls), *target, *n],
             "uds": ["send", *uds.via, *target, *n],
             "tls": ["send", *tls.via, *target, *n],
         }, REPS, relays)
@@ -311,6 +330,8 @@ def throughput(sink, squid, squid_pid, socat, uds, tls, grpc_uds, grpc_tls):
             "", f"direct {fmt_gbs(v['direct'])}; socat {fmt_gbs(v['socat'])}", v.ratio("socat", "direct"))
         row(f"{r}. ... squid HTTP CONNECT proxy", "", f"direct {fmt_gbs(v['direct'])}; squid {fmt_gbs(v['squid'])}",
             v.ratio("squid", "direct"))
+        row(f"{r}. ... squid HTTP CONNECT proxy over TLS (https_port)", "",
+            f"direct {fmt_gbs(v['direct'])}; squid TLS {fmt_gbs(v['squid-tls'])}", v.ratio("squid-tls", "direct"))
         for k, name in (("uds", "HTTP CONNECT over UDS (plain)"), ("tls", "HTTP CONNECT over mTLS TCP")):
             if conns == 1:
                 row(f"1. ... ours, {name}, vs direct", fmt_gbs(v[k]), f"direct {fmt_gbs(v['direct'])}",
@@ -320,12 +341,16 @@ def throughput(sink, squid, squid_pid, socat, uds, tls, grpc_uds, grpc_tls):
                     v.ratio(k, "direct"))
             row(f"{r}. ... ours, {name}, vs squid", fmt_gbs(v[k]), f"squid {fmt_gbs(v['squid'])}",
                 v.ratio(k, "squid"), ">= 1.00", v.ratio(k, "squid") >= 1)
-        (sq,) = v.cpu["squid"]
-        for k, name in (("uds", "HTTP CONNECT over UDS"), ("tls", "HTTP CONNECT over mTLS TCP")):
+        row(f"{r}. ... ours, HTTP CONNECT over mTLS TCP, vs squid over TLS (the same TLS work at the proxy)",
+            fmt_gbs(v["tls"]), f"squid TLS {fmt_gbs(v['squid-tls'])}", v.ratio("tls", "squid-tls"), ">= 1.00",
+            v.ratio("tls", "squid-tls") >= 1)
+        for k, name, peer in (("uds", "HTTP CONNECT over UDS", "squid"),
+                              ("tls", "HTTP CONNECT over mTLS TCP", "squid-tls")):
             server, agent = v.cpu[k]
+            (sq,) = v.cpu[peer]
             row(f"{r}. ... CPU per GiB relayed, {name}: proxy-server; proxy-agent (each a relay hop, "
-                f"the agent link TLS)", f"{server:.2f} s; {agent:.2f} s", f"squid {sq:.2f} s",
-                max(server, agent) / sq)
+                f"the agent link TLS)", f"{server:.2f} s; {agent:.2f} s",
+                f"{peer.replace('-tls', ' TLS')} {sq:.2f} s", max(server, agent) / sq)
 
     notes.append("Rows 1 and 2, CPU per GiB relayed: the CPU seconds each relay process spent per GiB it "
                  "moved (median over the repetitions; the ratio is our costlier hop against squid). Here all "
@@ -339,35 +364,52 @@ def throughput(sink, squid, squid_pid, socat, uds, tls, grpc_uds, grpc_tls):
         "direct": ["send", "--via", "direct", *target, "--bytes", ONE_BYTES],
         "grpc-uds": ["grpc", "--proxy", grpc_uds.proxy, *target, "--bytes", ONE_BYTES],
         "grpc-tls": ["grpc", "--proxy", grpc_tls.proxy, *CLIENT_TLS, *target, "--bytes", ONE_BYTES],
-    }, REPS)
+    }, REPS, {"grpc-uds": [grpc_uds.server.pid, grpc_uds.agent.pid],
+              "grpc-tls": [grpc_tls.server.pid, grpc_tls.agent.pid]})
     for k, name in (("grpc-uds", "over UDS (h2c)"), ("grpc-tls", "over mTLS TCP")):
         row(f"3. gRPC frontend throughput, 1 Proxy stream {name}, 32 KiB DATA packets, {ONE_BYTES // MiB} MiB",
             fmt_gbs(g[k]), f"direct {fmt_gbs(g['direct'])}", g.ratio(k, "direct"), ">= 0.35", g.ratio(k, "direct") >= 0.35)
+    for k, name in (("grpc-uds", "over UDS (h2c)"), ("grpc-tls", "over mTLS TCP")):
+        server, agent = g.cpu[k]
+        row(f"3. ... CPU per GiB relayed {name}: proxy-server; proxy-agent", f"{server:.2f} s; {agent:.2f} s",
+            "", None)
 
 
-def latency(sink, squid, uds, tls):
+def latency(sink, squid, squid_tls, uds, tls, grpc_uds, grpc_tls):
     log(f"latency: {REPS} x {LAT_N} sequential tunnels per variant, interleaved")
     target = ["--target", f"127.0.0.1:{sink}", "--n", LAT_N]
-    variants = {"squid": ["--via", "connect-tcp", "--proxy", f"127.0.0.1:{squid}"],
-                "uds": uds.via, "tls": tls.via}
+    variants = {"squid": ["latency", "--via", "connect-tcp", "--proxy", f"127.0.0.1:{squid}"],
+                "squid-tls": ["latency", *squid_tls_via(squid_tls)],
+                "uds": ["latency", *uds.via], "tls": ["latency", *tls.via],
+                "grpc-uds": ["grpc-latency", "--proxy", grpc_uds.proxy],
+                "grpc-tls": ["grpc-latency", "--proxy", grpc_tls.proxy, *CLIENT_TLS]}
     runs = {k: [] for k in variants}
     for i in range(REPS):
         # Alternate the order, so that no variant always runs first.
         for k, via in (list(variants.items())[::-1] if i % 2 else variants.items()):
-            runs[k].append(load("latency", *via, *target))
+            runs[k].append(load(*via, *target))
             log(f"  {k} #{i + 1}: median {runs[k][-1]['median_us']:.1f} us")
     med = {k: statistics.median(r["median_us"] for r in v) for k, v in runs.items()}
     p99 = {k: statistics.median(r["p99_us"] for r in v) for k, v in runs.items()}
+
+    def pair(scenario, k, peer, target=None):
+        name = peer.replace("-tls", " TLS")
+        met = None if target is None else med[k] < med[peer]
+        row(scenario, f"{med[k] / 1e3:.3f} ms", f"{name} {med[peer] / 1e3:.3f} ms", med[k] / med[peer], target or "", met)
+        row("4. ... p99", f"{p99[k] / 1e3:.3f} ms", f"{name} {p99[peer] / 1e3:.3f} ms", p99[k] / p99[peer])
+
     for k, name in (("uds", "over UDS"), ("tls", "over mTLS TCP (after the handshake)")):
-        row(f"4. Dial latency, CONNECT to first answer byte, {name}: median of {LAT_N}",
-            f"{med[k] / 1e3:.3f} ms", f"squid {med['squid'] / 1e3:.3f} ms",
-            med[k] / med["squid"], "< 1.00", med[k] < med["squid"])
-        row("4. ... p99", f"{p99[k] / 1e3:.3f} ms", f"squid {p99['squid'] / 1e3:.3f} ms",
-            p99[k] / p99["squid"])
+        pair(f"4. Dial latency, CONNECT to first answer byte, {name}: median of {LAT_N}", k, "squid", "< 1.00")
+    pair("4. ... over mTLS TCP, vs squid over TLS (after the handshake): median", "tls", "squid-tls", "< 1.00")
+    for k, name in (("grpc-uds", "over UDS (h2c)"), ("grpc-tls", "over mTLS TCP")):
+        pair(f"4. ... gRPC frontend (kube-apiserver's path), DIAL_REQ to DIAL_RSP, {name}, new connection "
+             f"each (not timed): median", k, "squid")
     notes.append(f"Row 4: {REPS} interleaved runs of {LAT_N} dials per variant; the figures are the medians of "
-                 "the runs' medians and p99s. Each run's median (us), squid / UDS / mTLS: "
-                 + ", ".join(f"{runs['squid'][i]['median_us']:.0f} / {runs['uds'][i]['median_us']:.0f} / "
-                             f"{runs['tls'][i]['median_us']:.0f}" for i in range(REPS)) + ".")
+                 "the runs' medians and p99s. squid does not speak gRPC: the gRPC rows compare the same step "
+                 "(asking for a tunnel until it is there) with squid's CONNECT, and have no target. Each run's "
+                 "median (us), " + " / ".join(variants) + ": "
+                 + ", ".join(" / ".join(f"{runs[k][i]['median_us']:.0f}" for k in variants)
+                             for i in range(REPS)) + ".")
 
 
 def head_of_line(sink, uds):
@@ -386,7 +428,7 @@ def idle_run(n, squid=False, uds=True):
     target = ["--target", f"127.0.0.1:{port}", "--n", n]
     try:
         if squid:
-            p, sport = start_squid()
+            p, sport, _ = start_squid()
             try:
                 return load("idle", "--via", "connect-tcp", "--proxy", f"127.0.0.1:{sport}", *target,
                             "--pids", p.pid)
@@ -637,14 +679,14 @@ def main():
     if only & {"throughput", "latency", "hol"} or not only:
         sink_p = start([LOAD, "sink"], "sink", stdout=subprocess.PIPE)
         sink = int(sink_p.stdout.readline())
-        squid_p, squid = start_squid()
+        squid_p, squid, squid_tls = start_squid()
         _, socat = start_socat(sink)
         tunnels = uds, tls, grpc_uds, grpc_tls = (Tunnel("http-connect", True), Tunnel("http-connect", False),
                                                   Tunnel("grpc", True), Tunnel("grpc", False))
     if want("throughput"):
-        throughput(sink, squid, squid_p.pid, socat, uds, tls, grpc_uds, grpc_tls)
+        throughput(sink, squid, squid_tls, squid_p.pid, socat, uds, tls, grpc_uds, grpc_tls)
     if want("latency"):
-        latency(sink, squid, uds, tls)
+        latency(sink, squid, squid_tls, uds, tls, grpc_uds, grpc_tls)
     if want("hol"):
         head_of_line(sink, uds)
     for t in tunnels:

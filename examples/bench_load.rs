@@ -10,6 +10,7 @@
 //! bench_load send --via connect-tls --proxy 127.0.0.1:8090 --ca CA --cert CRT --key KEY ...
 //! bench_load grpc --proxy /tmp/k.sock --target 127.0.0.1:PORT --bytes 1073741824
 //! bench_load latency --via connect-tcp --proxy 127.0.0.1:3128 --target 127.0.0.1:PORT --n 1000
+//! bench_load grpc-latency --proxy /tmp/k.sock --target 127.0.0.1:PORT --n 1000
 //! bench_load sink --hold              # accepts and holds connections (idle tunnels' far ends)
 //! bench_load idle --via connect-uds --proxy /tmp/k.sock --target 127.0.0.1:PORT --n 10000 --pids SERVER_PID,AGENT_PID
 //! ```
@@ -70,6 +71,7 @@ fn main() {
         "send" => send(&args),
         "grpc" => grpc_send(&args),
         "latency" => latency(&args),
+        "grpc-latency" => grpc_latency(&args),
         "idle" => idle(&args),
         _ => Err(format!(
             "usage: bench_load sink|send|grpc|latency|idle [--flag value]... (got {cmd:?})"
@@ -363,10 +365,10 @@ fn read_n(s: &mut dyn Stream, mut left: u64) -> Result<(), String> {
 /// `--proxy PATH|HOST:PORT --target ADDR --bytes B` (mTLS over TCP with
 /// `--ca --cert --key`): DIAL_REQ, then the transfer protocol in 32 KiB
 /// DATA packets; times the transfer from the first DATA to the answer byte.
-fn grpc_send(args: &Args) -> Result<(), String> {
+/// A `ProxyService/Proxy` call on a new HTTP/2 connection to `--proxy`
+/// (a Unix socket path, or HOST:PORT with mTLS from `--ca --cert --key`).
+fn grpc_call(args: &Args) -> Result<(grpc::Client, grpc::ClientCall), String> {
     let proxy = arg(args, "proxy")?;
-    let target = arg(args, "target")?;
-    let bytes = num(args, "bytes", 1 << 30)?;
     let h2 = H2Config::default();
     let some = Some(TIMEOUT);
     let transport = if proxy.starts_with('/') {
@@ -396,15 +398,24 @@ fn grpc_send(args: &Args) -> Result<(), String> {
     let call = client
         .call("/ProxyService/Proxy", &[])
         .map_err(|s| format!("{s:?}"))?;
+    Ok((client, call))
+}
+
+fn grpc_recv(call: &grpc::ClientCall) -> Result<Message, String> {
+    let bytes = call
+        .recv()
+        .map_err(|s| format!("{s:?}"))?
+        .ok_or("stream ended")?;
+    let packet = Packet::decode(bytes.as_slice()).map_err(|e| e.to_string())?;
+    Message::try_from(packet).map_err(|e| format!("{e:?}"))
+}
+
+fn grpc_send(args: &Args) -> Result<(), String> {
+    let target = arg(args, "target")?;
+    let bytes = num(args, "bytes", 1 << 30)?;
+    let (_client, call) = grpc_call(args)?;
     let send = |p: Packet| call.send(&p.encode_to_vec()).map_err(|s| format!("{s:?}"));
-    let recv = || -> Result<Message, String> {
-        let bytes = call
-            .recv()
-            .map_err(|s| format!("{s:?}"))?
-            .ok_or("stream ended")?;
-        let packet = Packet::decode(bytes.as_slice()).map_err(|e| e.to_string())?;
-        Message::try_from(packet).map_err(|e| format!("{e:?}"))
-    };
+    let recv = || grpc_recv(&call);
     send(Packet::dial_request("tcp", target, 42))?;
     let id = match recv()? {
         Message::DialRsp {
@@ -441,13 +452,43 @@ fn grpc_send(args: &Args) -> Result<(), String> {
     Ok(())
 }
 
+// --- grpc-latency: DIAL_REQ to DIAL_RSP ------------------------------------------------
+
+/// `--proxy P --target ADDR --n N`: N sequential dials through the gRPC
+/// frontend, each on a new connection as kube-apiserver opens one (not
+/// timed), timed from sending DIAL_REQ to receiving the DIAL_RSP; each
+/// tunnel is closed (CLOSE_REQ, CLOSE_RSP) before the next.
+fn grpc_latency(args: &Args) -> Result<(), String> {
+    let target = arg(args, "target")?;
+    let n = num(args, "n", 1000)?.max(1) as usize;
+    let mut samples = Vec::with_capacity(n);
+    for i in 0..n {
+        let (_client, call) = grpc_call(args)?;
+        let request = Packet::dial_request("tcp", target, i as i64 + 1).encode_to_vec();
+        let start = Instant::now();
+        call.send(&request).map_err(|s| format!("{s:?}"))?;
+        let id = match grpc_recv(&call)? {
+            Message::DialRsp {
+                error, connect_id, ..
+            } if error.is_empty() => connect_id,
+            other => return Err(format!("dial: {other:?}")),
+        };
+        samples.push(start.elapsed());
+        call.send(&Packet::close_request(id).encode_to_vec())
+            .map_err(|s| format!("{s:?}"))?;
+        while !matches!(grpc_recv(&call)?, Message::CloseRsp { .. }) {}
+    }
+    print_latency(samples);
+    Ok(())
+}
+
 // --- latency: CONNECT to the first answer byte ------------------------------------------
 
 /// `--via connect-* --n N`: N sequential tunnels; each is timed from
 /// writing CONNECT (after any TLS handshake) to the answer's first byte.
 fn latency(args: &Args) -> Result<(), String> {
     let dialer = Dialer::new(args)?;
-    let n = num(args, "n", 1000)? as usize;
+    let n = num(args, "n", 1000)?.max(1) as usize;
     let mut samples = Vec::with_capacity(n);
     let request = dialer.connect_request();
     for _ in 0..n {
@@ -460,14 +501,20 @@ fn latency(args: &Args) -> Result<(), String> {
         read_answer(&mut s, Some(&mut first))?;
         samples.push(first - start);
     }
+    print_latency(samples);
+    Ok(())
+}
+
+/// One JSON line: the count, median and p99 of `samples` (not empty).
+fn print_latency(mut samples: Vec<Duration>) {
     samples.sort();
+    let n = samples.len();
     let us = |d: Duration| d.as_secs_f64() * 1e6;
     println!(
         "{{\"n\": {n}, \"median_us\": {:.1}, \"p99_us\": {:.1}}}",
         us(samples[n / 2]),
         us(samples[(n * 99 / 100).min(n - 1)])
     );
-    Ok(())
 }
 
 // --- idle: N tunnels held open ------------------------------------------------------
