@@ -45,12 +45,13 @@
 //!   Unix and TLS streams into one reader and one writer half (TLS:
 //!   rustls's handshake, then `h2::records` frames, encrypts and decrypts
 //!   records in place with rustls's AEAD, one key per half, no lock),
-//!   [`h2::conn`] runs a connection on two threads (reader, writer; a
+//!   [`h2::conn`] runs a connection on two reused threads (reader, writer; a
 //!   sender writes its own frames when no batch is being written, its DATA
 //!   from where it lies, in one vectored write; over TLS the reader takes
 //!   large DATA payloads out of the records straight into their buffers).
 //! - [`grpc`]: gRPC on top of [`h2`]: message framing, metadata, status,
-//!   a client (calls) and a server (handlers by `:path`, one thread each).
+//!   a client (calls) and a server (handlers by `:path`, one reused thread
+//!   each).
 //!
 //! # Invariants
 //!
@@ -73,7 +74,8 @@
 //!   of them: a tunnel whose bounded queue stays full is closed instead.
 //! - Every thread has an owner that joins it ([`shutdown::Worker`], or a
 //!   [`shutdown::WorkerSet`], whose threads wait briefly for the next job
-//!   before ending: a thread start costs ~0.2 ms here); shutdown has one path, driven by SIGTERM/SIGINT
+//!   before ending: a thread start costs ~0.2 ms here; a pooled
+//!   `Worker` is a job on such a thread, waited for the same way); shutdown has one path, driven by SIGTERM/SIGINT
 //!   ([`shutdown::run_with_signals`]), and wakes blocked calls.
 //! - Input from the network, files or the kernel never panics; an `expect`
 //!   states the invariant that makes it unreachable.
