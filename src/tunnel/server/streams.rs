@@ -72,6 +72,29 @@ enum FrontendBacklog {
     Gone,
 }
 
+/// A stream's packet as a message. None for a packet that does not decode
+/// (logged as from `who`, and skipped) and at the stream's end, which goes
+/// to `inbox`.
+fn inbound_message<T>(
+    inbound: Inbound<Packet>,
+    inbox: &Inbox<T>,
+    who: impl FnOnce() -> String,
+) -> Option<Message> {
+    match inbound {
+        Inbound::Message(packet) => match packet.and_then(Message::try_from) {
+            Ok(message) => Some(message),
+            Err(e) => {
+                log::warn!("{}: skipping a packet: {e}", who());
+                None
+            }
+        },
+        Inbound::End(end) => {
+            inbox.end(end);
+            None
+        }
+    }
+}
+
 /// A Proxy stream's packets, on its connection's reader thread: routed at
 /// once when nothing has to wait, else queued in order for the stream's
 /// thread (see [`Inbox`]).
@@ -82,15 +105,8 @@ fn frontend_tap(
     inbox: Arc<Inbox<FrontendBacklog>>,
 ) -> impl FnMut(Inbound<Packet>) + Send + 'static {
     move |inbound| {
-        let message = match inbound {
-            Inbound::Message(packet) => match packet.and_then(Message::try_from) {
-                Ok(message) => message,
-                Err(e) => {
-                    log::warn!("frontend {key}: skipping a packet: {e}");
-                    return;
-                }
-            },
-            Inbound::End(end) => return inbox.end(end),
+        let Some(message) = inbound_message(inbound, &inbox, || format!("frontend {key}")) else {
+            return;
         };
         if matches!(message, Message::DialReq { .. }) {
             dials.fetch_add(1, Ordering::AcqRel);
@@ -148,15 +164,8 @@ fn agent_tap(
     inbox: Arc<Inbox<Backlog>>,
 ) -> impl FnMut(Inbound<Packet>) + Send + 'static {
     move |inbound| {
-        let message = match inbound {
-            Inbound::Message(packet) => match packet.and_then(Message::try_from) {
-                Ok(message) => message,
-                Err(e) => {
-                    log::warn!("agent {agent_id}: skipping a packet: {e}");
-                    return;
-                }
-            },
-            Inbound::End(end) => return inbox.end(end),
+        let Some(message) = inbound_message(inbound, &inbox, || format!("agent {agent_id}")) else {
+            return;
         };
         if message == Message::Drain {
             log::info!("agent {agent_id} is draining: new dials go to other agents");
