@@ -1313,6 +1313,45 @@ fn grpc_tunnels_one_connection_each_reuse_the_servers_threads() {
     );
 }
 
+/// A gRPC tunnel's DIAL_RSP goes out on the thread that delivers it, so a
+/// tunnel that has nothing else to receive holds no writer thread in
+/// proxy-server (a writer starts only when something must wait).
+#[test]
+fn an_idle_grpc_tunnel_holds_no_writer_thread() {
+    let quiet = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = quiet.local_addr().unwrap().port();
+    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let holder = held.clone();
+    std::thread::spawn(move || {
+        for conn in quiet.incoming().map_while(Result::ok) {
+            holder.lock().unwrap().push(conn);
+        }
+    });
+    let tunnel = Tunnel::start("grpc", "uds", &[], true);
+    let server = tunnel.server.child.pid();
+    let uds = tunnel.uds.clone().unwrap();
+    const TUNNELS: i64 = 30;
+    let tunnels: Vec<_> = (1..=TUNNELS)
+        .map(|seed| GrpcTunnel::dial(&uds, &format!("127.0.0.1:{port}"), seed).unwrap())
+        .collect();
+    // The name as the kernel keeps it (15 bytes).
+    let writers = threads_named(server, "grpc-frontend-w");
+    assert_eq!(
+        writers,
+        0,
+        "{TUNNELS} idle gRPC tunnels: {:?}",
+        thread_census(server)
+    );
+    // A tunnel with something to write still gets it.
+    let echo = echo_server();
+    let busy = GrpcTunnel::dial(&uds, &format!("127.0.0.1:{echo}"), 99).unwrap();
+    busy.send(&[7; 100_000]);
+    let mut got = Vec::new();
+    while got.len() < 100_000 && busy.recv_into(&mut got) {}
+    assert_eq!(got, vec![7; 100_000]);
+    drop(tunnels);
+}
+
 /// A tunnel through the gRPC frontend, as kube-apiserver opens one: its
 /// own HTTP/2 connection to the server's Unix socket, one Proxy call.
 struct GrpcTunnel {

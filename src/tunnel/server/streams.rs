@@ -3,9 +3,12 @@
 //! Both read the same way: the HTTP/2 connection's reader hands each packet
 //! to the hub as it arrives, sending it on from there when nothing has to
 //! wait; what would wait (a full queue), and every packet after it, goes in
-//! order through an [`Inbox`] to the call's own thread, which may wait. A
-//! writer (a scoped or pooled thread draining the call's queue) sends the
-//! other way, so reading never waits on writing.
+//! order through an [`Inbox`] to the call's own thread, which may wait.
+//! The other way, an agent stream has a writer (a scoped thread draining
+//! its queue), so reading never waits on writing; a Proxy stream's
+//! deliveries go out on the delivering thread when the stream takes them
+//! at once, and its writer (a pooled thread) starts only when something
+//! must wait.
 //!
 //! Owns: the metadata rules (exactly one `agentid`; `serverid` and
 //! `servercount` in the response headers before any packet) and the
@@ -125,16 +128,111 @@ fn frontend_tap(
 /// A Proxy stream's writing side as the hub's delivering threads see it:
 /// what comes for the frontend while nothing is queued or being sent goes
 /// out on the delivering thread (the agent stream's reader: a DIAL_RSP,
-/// data) when the stream takes it at once; the rest waits in the queue for
-/// the call's writer, which always runs (so there is nothing to wake).
-struct ProxyOut(Arc<ServerCall>);
+/// data) when the stream takes it at once. A writer (a pooled thread)
+/// starts only when something must wait in the queue, and then writes
+/// until the queue closes: an idle tunnel holds no writer thread.
+struct ProxyOut {
+    call: Arc<ServerCall>,
+    queue: Queue<ToFrontend>,
+    /// The stream's DIAL_REQs so far (its only dial refused as too many
+    /// pending ends the call).
+    dials: Arc<AtomicUsize>,
+    what: String,
+    writer: std::sync::Mutex<WriterSlot>,
+}
+
+enum WriterSlot {
+    Idle,
+    Running(crate::shutdown::Worker),
+    /// The handler is ending: no writer starts any more.
+    Ended,
+}
+
+impl ProxyOut {
+    /// The writer: sends what the queue holds, in turn with the delivering
+    /// threads, until it closes, a send fails, or a refused dial ends the
+    /// call.
+    fn write(&self) {
+        let exhausted = Cell::new(false);
+        let message = |item| match item {
+            ToFrontend::Message(m) => m,
+            ToFrontend::DialFailed { random, reason } => {
+                exhausted.set(reason == DialFailure::TooManyPending);
+                Message::DialRsp {
+                    error: reason.to_string(),
+                    connect_id: 0,
+                    random,
+                }
+            }
+        };
+        let keep_going = || {
+            if !exhausted.replace(false) {
+                return true;
+            }
+            log::info!(
+                "{} from {}: dial refused: {}",
+                self.what,
+                self.call.peer(),
+                DialFailure::TooManyPending
+            );
+            if self.dials.load(Ordering::Acquire) != 1 {
+                return true;
+            }
+            self.call.end(&Status::new(
+                Code::RESOURCE_EXHAUSTED,
+                DialFailure::TooManyPending.to_string(),
+            ));
+            self.queue.close_and_clear();
+            false
+        };
+        write_queue(&self.call, &self.queue, &self.what, message, keep_going)
+    }
+
+    /// No writer starts from now on; the one that runs, if any, comes back
+    /// to be joined.
+    fn end(&self) -> Option<crate::shutdown::Worker> {
+        let mut slot = self
+            .writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match std::mem::replace(&mut *slot, WriterSlot::Ended) {
+            WriterSlot::Running(worker) => Some(worker),
+            WriterSlot::Idle | WriterSlot::Ended => None,
+        }
+    }
+}
 
 impl FrontendOut for ProxyOut {
     fn direct_fd(&self) -> Option<std::os::fd::RawFd> {
         None
     }
 
-    fn wake(self: Arc<Self>) {}
+    fn wake(self: Arc<Self>) {
+        if self.queue.is_empty() && !self.queue.is_closed() {
+            return; // taken meanwhile: nothing to write
+        }
+        let mut slot = self
+            .writer
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !matches!(*slot, WriterSlot::Idle) {
+            return; // running, or the handler is ending
+        }
+        let out = self.clone();
+        match crate::shutdown::Worker::pooled("grpc-frontend-write", move || out.write()) {
+            Ok(worker) => *slot = WriterSlot::Running(worker),
+            Err(e) => {
+                *slot = WriterSlot::Ended;
+                drop(slot);
+                log::error!("{}: starting the writer thread: {e}", self.what);
+                self.call.end(&Status::new(
+                    Code::RESOURCE_EXHAUSTED,
+                    format!("cannot start a thread: {e}"),
+                ));
+                self.queue.close_and_clear();
+            }
+        }
+    }
 
     fn send_now(&self, item: ToFrontend) -> Option<ToFrontend> {
         // A refused dial is the writer's: it may end the call.
@@ -142,12 +240,12 @@ impl FrontendOut for ProxyOut {
             return Some(item);
         };
         let (head, data) = message.clone().encode_parts();
-        match self.0.try_send_parts(&head, &data) {
+        match self.call.try_send_parts(&head, &data) {
             Ok(true) => None,
             Ok(false) => Some(ToFrontend::Message(message)),
             // The call is over: its reader ends the frontend.
             Err(status) => {
-                log::debug!("frontend stream: send failed: {status:?}");
+                log::debug!("{}: send failed: {status:?}", self.what);
                 None
             }
         }
@@ -247,80 +345,38 @@ pub fn agent_handler(
 pub fn proxy_handler(hub: Arc<Hub>) -> impl Fn(&Arc<ServerCall>) -> Status + Send + Sync + 'static {
     move |call: &Arc<ServerCall>| {
         let (key, queue) = hub.add_frontend();
-        hub.set_frontend_out(key, Arc::new(ProxyOut(call.clone())));
+        let what = format!("frontend {key}");
+        let dials = Arc::new(AtomicUsize::new(0));
+        let out = Arc::new(ProxyOut {
+            call: call.clone(),
+            queue,
+            dials: dials.clone(),
+            what: what.clone(),
+            writer: std::sync::Mutex::new(WriterSlot::Idle),
+        });
+        hub.set_frontend_out(key, out.clone());
         hub.metrics
             .grpc_connections
             .add(&["ProxyService/Proxy"], 1.0);
-        let what = format!("frontend {key}");
-        let dials = Arc::new(AtomicUsize::new(0));
-        let write_to_frontend = || {
-            let exhausted = Cell::new(false);
-            let message = |item| match item {
-                ToFrontend::Message(m) => m,
-                ToFrontend::DialFailed { random, reason } => {
-                    exhausted.set(reason == DialFailure::TooManyPending);
-                    Message::DialRsp {
-                        error: reason.to_string(),
-                        connect_id: 0,
-                        random,
-                    }
-                }
-            };
-            let keep_going = || {
-                if !exhausted.replace(false) {
-                    return true;
-                }
-                log::info!(
-                    "{what} from {}: dial refused: {}",
-                    call.peer(),
-                    DialFailure::TooManyPending
-                );
-                if dials.load(Ordering::Acquire) != 1 {
-                    return true;
-                }
-                call.end(&Status::new(
-                    Code::RESOURCE_EXHAUSTED,
-                    DialFailure::TooManyPending.to_string(),
-                ));
-                queue.close_and_clear();
-                false
-            };
-            write_queue(call, &queue, &what, message, keep_going)
-        };
         // The client's packets are handed on by its connection's reader as
         // they arrive (no thread wake-up per packet); what would wait goes
         // to this thread through the inbox.
-        let read_from_frontend = || {
-            let inbox = Arc::new(Inbox::new(inbox::BACKLOG));
-            call.recv_inline(frontend_tap(hub.clone(), key, dials.clone(), inbox.clone()));
-            let end = inbox.drain_until(|item| match item {
-                FrontendBacklog::Message(message) => hub.from_frontend(key, message),
-                FrontendBacklog::Deferred(deferred) => hub.finish_from_frontend(key, deferred),
-                FrontendBacklog::Gone => false,
-            });
-            match end {
-                Some(Err(status)) => log::debug!("{what}: stream ended: {status:?}"),
-                Some(Ok(())) => {}
-                None => log::debug!("{what}: closed by the server"),
-            }
-            hub.remove_frontend(key);
-        };
-        // The writer runs on a pooled thread beside this one (a wake-up, not
-        // a thread start, per stream: kube-apiserver opens one per dial).
-        if let Err(e) = crate::shutdown::helpers().beside(
-            "grpc-frontend-write",
-            write_to_frontend,
-            read_from_frontend,
-        ) {
-            log::error!("{what}: starting the writer thread: {e}");
-            hub.remove_frontend(key);
-            hub.metrics
-                .grpc_connections
-                .add(&["ProxyService/Proxy"], -1.0);
-            return Status::new(
-                Code::RESOURCE_EXHAUSTED,
-                format!("cannot start a thread: {e}"),
-            );
+        let inbox = Arc::new(Inbox::new(inbox::BACKLOG));
+        call.recv_inline(frontend_tap(hub.clone(), key, dials, inbox.clone()));
+        let end = inbox.drain_until(|item| match item {
+            FrontendBacklog::Message(message) => hub.from_frontend(key, message),
+            FrontendBacklog::Deferred(deferred) => hub.finish_from_frontend(key, deferred),
+            FrontendBacklog::Gone => false,
+        });
+        match end {
+            Some(Err(status)) => log::debug!("{what}: stream ended: {status:?}"),
+            Some(Ok(())) => {}
+            None => log::debug!("{what}: closed by the server"),
+        }
+        // Closes the queue, so a running writer ends.
+        hub.remove_frontend(key);
+        if let Some(writer) = out.end() {
+            writer.join();
         }
         hub.metrics
             .grpc_connections
