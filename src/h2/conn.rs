@@ -1475,7 +1475,7 @@ fn read_frames(shared: &Shared, reader: &mut dyn super::transport::ReadHalf) -> 
     // and a connection that carries one small call (a gRPC tunnel's dial:
     // kube-apiserver opens a connection per tunnel) zeroed and faulted in
     // 256 KiB for it (a quarter of the server's CPU per gRPC dial, perf).
-    const FIRST_READ: usize = 16 * 1024;
+    const FIRST_READ: usize = 4 * 1024;
     let mut read_size = FIRST_READ;
     let exact = shared.secure;
     let mut direct: Option<frame::DirectData> = None;
