@@ -47,6 +47,7 @@ PAR_BYTES = 16 * MiB if QUICK else 64 * MiB       # row 2: per connection (16 of
 HOL_BYTES = 16 * MiB if QUICK else 64 * MiB       # row 6: per connection (15 of them)
 REPS = 1 if QUICK else 3
 LAT_N = 200 if QUICK else 1000
+IDLE_GRPC_N = 200 if QUICK else 1000
 IDLE_N = 1000 if QUICK else 10000
 WRK_SECS = 3 if QUICK else 10
 SIDECAR_RSS_AFTER = 5 if QUICK else 60
@@ -421,7 +422,7 @@ def head_of_line(sink, uds):
         v.ratio("stalled", "clean") >= 0.90)
 
 
-def idle_run(n, squid=False, uds=True):
+def idle_run(n, squid=False, uds=True, mode="http-connect"):
     """n idle tunnels through a fresh proxy-server and proxy-agent (or a fresh squid)."""
     hold = start([LOAD, "sink", "--hold"], "hold", stdout=subprocess.PIPE)
     port = int(hold.stdout.readline())
@@ -434,9 +435,10 @@ def idle_run(n, squid=False, uds=True):
                             "--pids", p.pid)
             finally:
                 stop(p)
-        t = Tunnel("http-connect", uds=uds)
+        t = Tunnel(mode, uds=uds)
+        via = ["--via", "grpc", "--proxy", t.proxy] if mode == "grpc" else t.via
         try:
-            return load("idle", *t.via, *target, "--pids", f"{t.server.pid},{t.agent.pid}")
+            return load("idle", *via, *target, "--pids", f"{t.server.pid},{t.agent.pid}")
         finally:
             t.close()
     finally:
@@ -479,6 +481,16 @@ def idle():
     per = (tls["rss_kib"] - tls["rss_kib_before"]) / n
     row(f"5. ... proxy-server RSS per tunnel over mTLS TCP (each client's TLS handshake on its tunnel's thread)",
         f"{per:.1f} KiB", f"squid {sq_per:.1f} KiB (plain)", per / sq_per if sq_per > 0 else None, "", None)
+    # kube-apiserver's path: an HTTP/2 connection and a Proxy call per
+    # tunnel (the load tool holds two threads per connection, so fewer).
+    m = min(n, IDLE_GRPC_N)
+    log(f"idle: {m} tunnels through the gRPC frontend")
+    g = idle_run(m, mode="grpc")["procs"][0]
+    per = (g["rss_kib"] - g["rss_kib_before"]) / m
+    row(f"5. ... gRPC frontend (UDS, a connection per tunnel, as kube-apiserver): {m} idle tunnels, "
+        f"proxy-server RSS per tunnel; threads per tunnel", f"{per:.1f} KiB; "
+        f"{(g['threads'] - g['threads_before']) / m:.2f}", f"squid {sq_per:.1f} KiB (CONNECT)",
+        per / sq_per if sq_per > 0 else None, "", None)
 
 
 WRK_LUA = """wrk.method = "POST"

@@ -13,6 +13,7 @@
 //! bench_load grpc-latency --proxy /tmp/k.sock --target 127.0.0.1:PORT --n 1000
 //! bench_load sink --hold              # accepts and holds connections (idle tunnels' far ends)
 //! bench_load idle --via connect-uds --proxy /tmp/k.sock --target 127.0.0.1:PORT --n 10000 --pids SERVER_PID,AGENT_PID
+//! bench_load idle --via grpc --proxy /tmp/k.sock --target 127.0.0.1:PORT --n 1000 --pids SERVER_PID,AGENT_PID
 //! ```
 //!
 //! Transfer protocol (so that every relay, with or without half-close, is
@@ -410,19 +411,25 @@ fn grpc_recv(call: &grpc::ClientCall) -> Result<Message, String> {
     Message::try_from(packet).map_err(|e| format!("{e:?}"))
 }
 
+/// DIAL_REQ for `target` on `call`; the connection id of its DIAL_RSP.
+fn grpc_dial(call: &grpc::ClientCall, target: &str, random: i64) -> Result<i64, String> {
+    let request = Packet::dial_request("tcp", target, random).encode_to_vec();
+    call.send(&request).map_err(|s| format!("{s:?}"))?;
+    match grpc_recv(call)? {
+        Message::DialRsp {
+            error, connect_id, ..
+        } if error.is_empty() => Ok(connect_id),
+        other => Err(format!("dial: {other:?}")),
+    }
+}
+
 fn grpc_send(args: &Args) -> Result<(), String> {
     let target = arg(args, "target")?;
     let bytes = num(args, "bytes", 1 << 30)?;
     let (_client, call) = grpc_call(args)?;
     let send = |p: Packet| call.send(&p.encode_to_vec()).map_err(|s| format!("{s:?}"));
     let recv = || grpc_recv(&call);
-    send(Packet::dial_request("tcp", target, 42))?;
-    let id = match recv()? {
-        Message::DialRsp {
-            error, connect_id, ..
-        } if error.is_empty() => connect_id,
-        other => return Err(format!("dial: {other:?}")),
-    };
+    let id = grpc_dial(&call, target, 42)?;
     let start = Instant::now();
     send(Packet::data(id, head(bytes, 0).to_vec()))?;
     // Encoded once and sent again and again, as the direct sender writes
@@ -464,15 +471,8 @@ fn grpc_latency(args: &Args) -> Result<(), String> {
     let mut samples = Vec::with_capacity(n);
     for i in 0..n {
         let (_client, call) = grpc_call(args)?;
-        let request = Packet::dial_request("tcp", target, i as i64 + 1).encode_to_vec();
         let start = Instant::now();
-        call.send(&request).map_err(|s| format!("{s:?}"))?;
-        let id = match grpc_recv(&call)? {
-            Message::DialRsp {
-                error, connect_id, ..
-            } if error.is_empty() => connect_id,
-            other => return Err(format!("dial: {other:?}")),
-        };
+        let id = grpc_dial(&call, target, i as i64 + 1)?;
         samples.push(start.elapsed());
         call.send(&Packet::close_request(id).encode_to_vec())
             .map_err(|s| format!("{s:?}"))?;
@@ -523,7 +523,9 @@ fn print_latency(mut samples: Vec<Duration>) {
 /// CONNECT tunnels to ADDR (a `sink --hold`); prints each pid's RSS,
 /// threads and descriptors before and with the tunnels open.
 fn idle(args: &Args) -> Result<(), String> {
-    let dialer = Dialer::new(args)?;
+    // `--via grpc`: each tunnel a Proxy call on its own HTTP/2 connection.
+    let grpc = arg(args, "via")? == "grpc";
+    let dialer = if grpc { None } else { Some(Dialer::new(args)?) };
     let n = num(args, "n", 10_000)? as usize;
     let pids: Vec<u32> = arg(args, "pids")?
         .split(',')
@@ -534,8 +536,20 @@ fn idle(args: &Args) -> Result<(), String> {
     let before: Vec<_> = pids.iter().map(|&p| status(p)).collect::<Result<_, _>>()?;
     let start = Instant::now();
     let mut clients = Vec::with_capacity(n);
+    let mut calls = Vec::new();
     for i in 0..n {
-        clients.push(dialer.open().map_err(|e| format!("tunnel {i}: {e}"))?);
+        let mut tunnel = || -> Result<(), String> {
+            match &dialer {
+                Some(dialer) => clients.push(dialer.open()?),
+                None => {
+                    let (client, call) = grpc_call(args)?;
+                    grpc_dial(&call, arg(args, "target")?, i as i64 + 1)?;
+                    calls.push((client, call));
+                }
+            }
+            Ok(())
+        };
+        tunnel().map_err(|e| format!("tunnel {i}: {e}"))?;
     }
     let opened = start.elapsed().as_secs_f64();
     std::thread::sleep(settle);
@@ -555,6 +569,7 @@ fn idle(args: &Args) -> Result<(), String> {
         procs.join(", ")
     );
     drop(clients);
+    drop(calls);
     Ok(())
 }
 
