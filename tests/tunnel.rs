@@ -1030,6 +1030,20 @@ fn thread_census(pid: u32) -> std::collections::BTreeMap<String, usize> {
     names
 }
 
+/// A destination that accepts and stays silent, holding its connections
+/// for the test's life; its port.
+fn quiet_destination() -> u16 {
+    let quiet = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = quiet.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for conn in quiet.incoming().map_while(Result::ok) {
+            held.push(conn);
+        }
+    });
+    port
+}
+
 /// An idle CONNECT tunnel holds one thread in proxy-server (its
 /// frontend's) and none in proxy-agent (the stream's pump reads its
 /// destination). The frontend's writer thread must not start for a tunnel
@@ -1040,16 +1054,7 @@ fn thread_census(pid: u32) -> std::collections::BTreeMap<String, usize> {
 /// for about one tunnel in fifteen).
 #[test]
 fn an_idle_tunnel_holds_one_server_thread_and_no_agent_thread() {
-    // A destination that accepts and stays silent.
-    let quiet = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = quiet.local_addr().unwrap().port();
-    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let holder = held.clone();
-    std::thread::spawn(move || {
-        for conn in quiet.incoming().map_while(Result::ok) {
-            holder.lock().unwrap().push(conn);
-        }
-    });
+    let port = quiet_destination();
     let tunnel = Tunnel::start("http-connect", "uds", &[], true);
     let server = tunnel.server.child.pid();
     let agent = tunnel.agent.as_ref().unwrap().child.pid();
@@ -1318,15 +1323,7 @@ fn grpc_tunnels_one_connection_each_reuse_the_servers_threads() {
 /// proxy-server (a writer starts only when something must wait).
 #[test]
 fn an_idle_grpc_tunnel_holds_no_writer_thread() {
-    let quiet = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = quiet.local_addr().unwrap().port();
-    let held = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let holder = held.clone();
-    std::thread::spawn(move || {
-        for conn in quiet.incoming().map_while(Result::ok) {
-            holder.lock().unwrap().push(conn);
-        }
-    });
+    let port = quiet_destination();
     let tunnel = Tunnel::start("grpc", "uds", &[], true);
     let server = tunnel.server.child.pid();
     let uds = tunnel.uds.clone().unwrap();
