@@ -779,22 +779,48 @@ impl Server {
             let Some(call) = self.prepare(stream).map(Arc::new) else {
                 continue;
             };
-            let handler = self.routes.get(&call.path).cloned();
             calls.retain(|c| !c.is_finished());
-            let spawned = crate::shutdown::Worker::pooled("grpc-call", move || {
-                let status = match handler {
-                    Some(handler) => handler(&call),
-                    None => {
-                        Status::new(Code::UNIMPLEMENTED, format!("unknown method {}", call.path))
-                    }
-                };
-                call.finish(&status);
-            });
+            let server = self.clone();
+            let spawned = crate::shutdown::Worker::pooled("grpc-call", move || server.run(&call));
             match spawned {
                 Ok(worker) => calls.push(worker),
                 Err(err) => log::error!("starting a call thread: {err}"),
             }
         }
+    }
+
+    /// Serves a new server connection on this thread, which reads it (see
+    /// [`h2::Connection::serve_here`]): each call starts on a reused
+    /// thread as its request arrives, with no thread waiting to accept it.
+    /// Returns once the connection has ended and every call finished.
+    pub fn serve_here(
+        &self,
+        transport: h2::Transport,
+        config: h2::Config,
+    ) -> Result<(), h2::Error> {
+        let mut calls: Vec<crate::shutdown::Worker> = Vec::new();
+        let result = h2::Connection::serve_here(transport, config, |stream| {
+            let Some(call) = self.prepare(stream).map(Arc::new) else {
+                return;
+            };
+            calls.retain(|c| !c.is_finished());
+            let server = self.clone();
+            match crate::shutdown::Worker::pooled("grpc-call", move || server.run(&call)) {
+                Ok(worker) => calls.push(worker),
+                Err(err) => log::error!("starting a call thread: {err}"),
+            }
+        });
+        drop(calls); // every call finished
+        result
+    }
+
+    /// Runs the call's handler, then ends the call with its status.
+    fn run(&self, call: &Arc<ServerCall>) {
+        let status = match self.routes.get(&call.path) {
+            Some(handler) => handler(call),
+            None => Status::new(Code::UNIMPLEMENTED, format!("unknown method {}", call.path)),
+        };
+        call.finish(&status);
     }
 
     /// Checks the request headers; answers bad requests itself.

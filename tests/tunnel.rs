@@ -1320,7 +1320,8 @@ fn grpc_tunnels_one_connection_each_reuse_the_servers_threads() {
 
 /// A gRPC tunnel's DIAL_RSP goes out on the thread that delivers it, so a
 /// tunnel that has nothing else to receive holds no writer thread in
-/// proxy-server (a writer starts only when something must wait).
+/// proxy-server (a writer starts only when something must wait), and its
+/// connection is read by the thread that accepted it.
 #[test]
 fn an_idle_grpc_tunnel_holds_no_writer_thread() {
     let port = quiet_destination();
@@ -1336,6 +1337,14 @@ fn an_idle_grpc_tunnel_holds_no_writer_thread() {
     assert_eq!(
         writers,
         0,
+        "{TUNNELS} idle gRPC tunnels: {:?}",
+        thread_census(server)
+    );
+    // Each connection is read by the thread that accepted it: no
+    // HTTP/2 reader thread of its own (one each before).
+    let readers = threads_named(server, "h2-reader");
+    assert!(
+        readers <= 2,
         "{TUNNELS} idle gRPC tunnels: {:?}",
         thread_census(server)
     );

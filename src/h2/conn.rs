@@ -492,7 +492,13 @@ impl Connection {
         Self::start(transport, config, Role::Server)
     }
 
-    fn start(transport: Transport, config: Config, role: Role) -> Result<Connection, Error> {
+    /// The connection's state and its writer; the reader half is the
+    /// caller's to run.
+    fn setup(
+        transport: Transport,
+        config: Config,
+        role: Role,
+    ) -> Result<(Connection, Box<dyn super::transport::ReadHalf>), Error> {
         let Transport {
             reader,
             writer,
@@ -585,21 +591,46 @@ impl Connection {
         // Pooled: a connection per tunnel (kube-apiserver's gRPC frontend)
         // must not cost two thread starts.
         let writer = Worker::pooled("h2-writer", move || write_loop(&w)).map_err(io_err)?;
-        let r = shared.clone();
-        let reader = match Worker::pooled("h2-reader", move || read_loop(&r, reader)) {
-            Ok(reader) => reader,
+        Ok((
+            Connection {
+                shared,
+                workers: vec![writer],
+            },
+            reader,
+        ))
+    }
+
+    fn start(transport: Transport, config: Config, role: Role) -> Result<Connection, Error> {
+        let (mut conn, reader) = Self::setup(transport, config, role)?;
+        let r = conn.shared.clone();
+        match Worker::pooled("h2-reader", move || read_loop(&r, reader, None)) {
+            Ok(reader) => conn.workers.push(reader),
             Err(err) => {
-                let mut state = lock(&shared);
-                state.close(&shared, Error::Closed);
-                drop(state);
-                drop(writer);
-                return Err(io_err(err));
+                return Err(Error::Io {
+                    peer: conn.shared.peer.clone(),
+                    err: err.to_string(),
+                });
             }
-        };
-        Ok(Connection {
-            shared,
-            workers: vec![reader, writer],
-        })
+        }
+        Ok(conn)
+    }
+
+    /// The server side, read on this thread: until the connection ends,
+    /// each stream the peer opens goes to `on_stream` (on this thread, as
+    /// the frames that opened it are handled: it must not wait for the
+    /// peer), in place of [`Connection::accept`]. Returns once the
+    /// connection has ended and its writer is done: a connection served
+    /// this way costs one thread fewer, and its first stream no thread
+    /// hand-off.
+    pub fn serve_here(
+        transport: Transport,
+        config: Config,
+        mut on_stream: impl FnMut(Stream),
+    ) -> Result<(), Error> {
+        let (conn, reader) = Self::setup(transport, config, Role::Server)?;
+        read_loop(&conn.shared, reader, Some(&mut on_stream));
+        drop(conn); // closes, and waits for the writer
+        Ok(())
     }
 
     /// The peer's address, for logs.
@@ -1358,8 +1389,15 @@ fn deliver_taps(pending: &mut Vec<(SharedTap, Tapped)>) {
     }
 }
 
-fn read_loop(shared: &Shared, mut reader: Box<dyn super::transport::ReadHalf>) {
-    let result = read_frames(shared, &mut *reader);
+/// What a reader run by [`Connection::serve_here`] hands each new stream to.
+type OnStream<'a> = Option<&'a mut dyn FnMut(Stream)>;
+
+fn read_loop(
+    shared: &Arc<Shared>,
+    mut reader: Box<dyn super::transport::ReadHalf>,
+    on_stream: OnStream<'_>,
+) {
+    let result = read_frames(shared, &mut *reader, on_stream);
     let mut state = lock(shared);
     let err = match result {
         Ok(()) => Error::Eof {
@@ -1393,6 +1431,28 @@ fn read_loop(shared: &Shared, mut reader: Box<dyn super::transport::ReadHalf>) {
     // socket down; nothing else for the reader to do.
 }
 
+/// The streams the peer opened in the last read, each to `on_stream`,
+/// outside the lock.
+fn hand_new_streams(shared: &Arc<Shared>, on_stream: &mut dyn FnMut(Stream)) {
+    loop {
+        let stream = {
+            let mut state = lock(shared);
+            let Some(id) = state.accept.pop_front() else {
+                return;
+            };
+            let Some(s) = state.streams.get(&id) else {
+                continue;
+            };
+            Stream {
+                shared: shared.clone(),
+                id,
+                cv: s.cv.clone(),
+            }
+        };
+        on_stream(stream);
+    }
+}
+
 enum Fatal {
     Io(Error),
     Protocol(frame::Error),
@@ -1411,7 +1471,11 @@ fn is_timeout(err: &io::Error) -> bool {
     )
 }
 
-fn read_frames(shared: &Shared, reader: &mut dyn super::transport::ReadHalf) -> Result<(), Fatal> {
+fn read_frames(
+    shared: &Arc<Shared>,
+    reader: &mut dyn super::transport::ReadHalf,
+    mut on_stream: OnStream<'_>,
+) -> Result<(), Fatal> {
     let io_err = |err: io::Error| {
         Fatal::Io(Error::Io {
             peer: shared.peer.clone(),
@@ -1531,6 +1595,9 @@ fn read_frames(shared: &Shared, reader: &mut dyn super::transport::ReadHalf) -> 
             deliver_taps(&mut r.taps);
         }
         r.wake_now();
+        if let Some(on_stream) = on_stream.as_deref_mut() {
+            hand_new_streams(shared, on_stream);
+        }
         handled?;
         // Answers to the peer's frames (PING ACKs, RST_STREAMs) are queued
         // without waiting; a peer that sends but never reads must not grow

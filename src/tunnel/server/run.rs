@@ -16,7 +16,7 @@ use super::refusal;
 use super::streams::{AGENT_PATH, PROXY_PATH, agent_handler, proxy_handler};
 use super::{Config, Frontend, Mode};
 use crate::grpc;
-use crate::h2::conn::{Config as H2Config, Connection};
+use crate::h2::conn::Config as H2Config;
 use crate::h2::transport::{TlsSetup, Transport};
 use crate::http;
 use crate::shutdown::{Shutdown, Worker};
@@ -74,9 +74,9 @@ fn serve_grpc(
             .max(Duration::from_millis(1)),
         ..h2.clone()
     };
-    match Connection::server(transport, h2) {
-        Ok(conn) => server.serve(&conn),
-        Err(e) => log::debug!("{peer}: {e}"),
+    // This thread reads the connection; each call starts as it arrives.
+    if let Err(e) = server.serve_here(transport, h2) {
+        log::debug!("{peer}: {e}");
     }
 }
 
