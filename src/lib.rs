@@ -45,7 +45,8 @@
 //!   Unix and TLS streams into one reader and one writer half (TLS:
 //!   rustls's handshake, then `h2::records` frames, encrypts and decrypts
 //!   records in place with rustls's AEAD, one key per half, no lock),
-//!   [`h2::conn`] runs a connection on two reused threads (reader, writer; a
+//!   [`h2::conn`] runs a connection on two reused threads (reader, writer,
+//!   or the writer only when the accepting thread reads it: `serve_here`; a
 //!   sender writes its own frames when no batch is being written, its DATA
 //!   from where it lies, in one vectored write; over TLS the reader takes
 //!   large DATA payloads out of the records straight into their buffers).
