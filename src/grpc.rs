@@ -776,16 +776,7 @@ impl Server {
         // returns.
         let mut calls: Vec<crate::shutdown::Worker> = Vec::new();
         while let Some(stream) = conn.accept() {
-            let Some(call) = self.prepare(stream).map(Arc::new) else {
-                continue;
-            };
-            calls.retain(|c| !c.is_finished());
-            let server = self.clone();
-            let spawned = crate::shutdown::Worker::pooled("grpc-call", move || server.run(&call));
-            match spawned {
-                Ok(worker) => calls.push(worker),
-                Err(err) => log::error!("starting a call thread: {err}"),
-            }
+            self.start_call(stream, &mut calls);
         }
     }
 
@@ -800,18 +791,24 @@ impl Server {
     ) -> Result<(), h2::Error> {
         let mut calls: Vec<crate::shutdown::Worker> = Vec::new();
         let result = h2::Connection::serve_here(transport, config, |stream| {
-            let Some(call) = self.prepare(stream).map(Arc::new) else {
-                return;
-            };
-            calls.retain(|c| !c.is_finished());
-            let server = self.clone();
-            match crate::shutdown::Worker::pooled("grpc-call", move || server.run(&call)) {
-                Ok(worker) => calls.push(worker),
-                Err(err) => log::error!("starting a call thread: {err}"),
-            }
+            self.start_call(stream, &mut calls)
         });
         drop(calls); // every call finished
         result
+    }
+
+    /// Checks a new stream's request and runs its call on a reused thread,
+    /// kept in `calls` (whose finished ones go) to be joined.
+    fn start_call(&self, stream: h2::Stream, calls: &mut Vec<crate::shutdown::Worker>) {
+        let Some(call) = self.prepare(stream).map(Arc::new) else {
+            return;
+        };
+        calls.retain(|c| !c.is_finished());
+        let server = self.clone();
+        match crate::shutdown::Worker::pooled("grpc-call", move || server.run(&call)) {
+            Ok(worker) => calls.push(worker),
+            Err(err) => log::error!("starting a call thread: {err}"),
+        }
     }
 
     /// Runs the call's handler, then ends the call with its status.

@@ -57,6 +57,11 @@ pub trait FrontendOut: Send + Sync {
             None => Some(item),
         }
     }
+    /// Whether [`FrontendOut::send_now`] may send anything: when not, an
+    /// item goes straight to the queue (no claim on it per packet).
+    fn sends_now(&self) -> bool {
+        self.direct_fd().is_some()
+    }
 }
 
 /// A frontend as the hub holds it: its queue, and its writing side once
@@ -99,7 +104,7 @@ impl FrontendLink {
     /// untouched when it must be queued (no writing side yet, or others
     /// ahead of it).
     fn send_now(&self, item: ToFrontend) -> Option<ToFrontend> {
-        let Some(out) = self.out.get() else {
+        let Some(out) = self.out.get().filter(|out| out.sends_now()) else {
             return Some(item);
         };
         if let Some(item) = self.queue.send_or(item, |item| out.send_now(item)) {
@@ -725,14 +730,14 @@ impl Hub {
                     deferred.push(delivery);
                     continue;
                 }
-                (Some(deferred), delivery @ Delivery::Agent(..))
-                    if blocking_for.is_some() && !deferred.is_empty() =>
-                {
-                    deferred.push(delivery);
-                    continue;
-                }
                 (Some(deferred), Delivery::Agent(link, message)) if blocking_for.is_some() => {
-                    if let Err(message) = link.offer(message) {
+                    // Behind what is deferred already, or what would wait.
+                    let message = if deferred.is_empty() {
+                        link.offer(message).err()
+                    } else {
+                        Some(message)
+                    };
+                    if let Some(message) = message {
                         deferred.push(Delivery::Agent(link, message));
                     }
                     continue;

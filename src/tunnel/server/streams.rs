@@ -207,6 +207,10 @@ impl FrontendOut for ProxyOut {
         None
     }
 
+    fn sends_now(&self) -> bool {
+        true
+    }
+
     fn wake(self: Arc<Self>) {
         if self.queue.is_empty() && !self.queue.is_closed() {
             return; // taken meanwhile: nothing to write
