@@ -1101,9 +1101,9 @@ fn an_idle_tunnel_holds_one_server_thread_and_no_agent_thread() {
     drop(socks);
 }
 
-#[test]
-fn a_client_that_stops_reading_does_not_stall_the_others() {
-    // A destination that sends as fast as it can until the peer goes.
+/// A destination that sends as fast as it can until the peer goes; its
+/// port.
+fn flood_server() -> u16 {
     let flood = TcpListener::bind("127.0.0.1:0").unwrap();
     let flood_port = flood.local_addr().unwrap().port();
     std::thread::spawn(move || {
@@ -1115,6 +1115,12 @@ fn a_client_that_stops_reading_does_not_stall_the_others() {
             });
         }
     });
+    flood_port
+}
+
+#[test]
+fn a_client_that_stops_reading_does_not_stall_the_others() {
+    let flood_port = flood_server();
     let echo = echo_server();
     let tunnel = Tunnel::start("http-connect", "uds", &[], true);
     // The stalled tunnel: connected, then never read.
@@ -1143,6 +1149,40 @@ fn a_client_that_stops_reading_does_not_stall_the_others() {
         .filter(|n| *n >= 1.0)
     });
     drop(stalled);
+}
+
+#[test]
+fn a_client_that_reads_slowly_is_not_mistaken_for_a_stuck_one() {
+    // Its queue at the server stays full (the destination sends far
+    // faster), but it takes a packet every few milliseconds, well within
+    // the grace the server gives a full queue: it keeps its tunnel.
+    let flood_port = flood_server();
+    let tunnel = Tunnel::start("http-connect", "uds", &[], true);
+    let (mut slow, head) = tunnel.connect_uds(&format!("127.0.0.1:{flood_port}"));
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let mut buf = vec![0u8; 16 * 1024];
+    let (mut got, mut pauses) = (0usize, 0);
+    let end = Instant::now() + Duration::from_millis(1500);
+    while Instant::now() < end {
+        let n = slow.read(&mut buf).expect("the slow tunnel stays open");
+        assert!(n > 0, "closed after {got} bytes");
+        assert!(buf[..n].iter().all(|b| *b == 0x5A));
+        got += n;
+        if got >= (pauses + 1) * 64 * 1024 {
+            // About 6 MB/s: 64 KiB, then a pause.
+            pauses += 1;
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+    assert!(pauses >= 20, "only {got} bytes in 1.5 s");
+    assert_eq!(
+        metric(
+            tunnel.health_port,
+            "konnectivity_network_proxy_server_slow_frontend_closes_total",
+        ),
+        Some(0.0),
+        "closed as too slow"
+    );
 }
 
 /// Bytes `[offset, offset + out.len())` of a deterministic stream per

@@ -15,11 +15,16 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 /// How long a reader that multiplexes many tunnels waits for room in one
-/// tunnel's full queue before it closes that tunnel as too slow. Long
-/// enough that a consumer starved of CPU for a moment is not mistaken for a
-/// stuck one; short enough that the other tunnels on the stream only ever
-/// pause this long, once, for a stuck one.
-pub const SLOW_GRACE: Duration = Duration::from_secs(1);
+/// tunnel's full queue before it closes that tunnel as too slow. The other
+/// tunnels on the stream wait meanwhile (their packets are behind it on
+/// the stream, and the protocol has no per-tunnel flow control to stop
+/// the stuck one's destination with), so this is how long, once, a stuck
+/// client holds them: 1 s cost 15 downloads 40% of their throughput in
+/// `make bench` (row 6, the stall beginning with them). Long enough still
+/// that a consumer that takes anything at all (a packet of up to 64 KiB
+/// every 250 ms: about 256 KiB/s) or is starved of CPU for a moment, with
+/// 8 MiB and its socket's buffer waiting, is not mistaken for a stuck one.
+pub const SLOW_GRACE: Duration = Duration::from_millis(250);
 /// The smallest per-tunnel queue, whatever `--xfr-channel-size` says:
 /// upstream's default of 10 packets is sized for blocking hand-offs. 128
 /// packets of at most 64 KiB from our own readers (32 KiB from upstream's
