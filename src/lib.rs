@@ -80,8 +80,10 @@
 //!   ([`shutdown::run_with_signals`]), and wakes blocked calls.
 //! - Input from the network, files or the kernel never panics; an `expect`
 //!   states the invariant that makes it unreachable.
-//! - An HTTP/2 connection has one writer of its socket at a time (the
-//!   writer thread, or a sender writing its own batch) and one reader; no
+//! - An HTTP/2 connection has one writer of its socket at a time (its
+//!   writer, a pooled job that runs while there is something to write and
+//!   is started again by one timer thread for keepalive and handshake
+//!   deadlines, or a sender writing its own batch) and one reader; no
 //!   lock is held across a blocking read; every receive
 //!   buffer is bounded by the flow-control window we advertised, and credit
 //!   goes back only as the application consumes data.

@@ -1360,8 +1360,9 @@ fn grpc_tunnels_one_connection_each_reuse_the_servers_threads() {
 
 /// A gRPC tunnel's DIAL_RSP goes out on the thread that delivers it, so a
 /// tunnel that has nothing else to receive holds no writer thread in
-/// proxy-server (a writer starts only when something must wait), and its
-/// connection is read by the thread that accepted it.
+/// proxy-server (a writer starts only when something must wait), its
+/// connection is read by the thread that accepted it, and the connection's
+/// HTTP/2 writer ends once it has nothing to write.
 #[test]
 fn an_idle_grpc_tunnel_holds_no_writer_thread() {
     let port = quiet_destination();
@@ -1388,6 +1389,11 @@ fn an_idle_grpc_tunnel_holds_no_writer_thread() {
         "{TUNNELS} idle gRPC tunnels: {:?}",
         thread_census(server)
     );
+    // Nor an HTTP/2 writer: each connection's writer ends soon after its
+    // last frame (its pooled thread a few seconds later), one each before.
+    poll("the idle connections' writers to end", DEADLINE, || {
+        (threads_named(server, "h2-writer") <= 2).then_some(())
+    });
     // A tunnel with something to write still gets it.
     let echo = echo_server();
     let busy = GrpcTunnel::dial(&uds, &format!("127.0.0.1:{echo}"), 99).unwrap();

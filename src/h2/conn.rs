@@ -1,11 +1,15 @@
 //! The HTTP/2 connection: stream states, flow control, SETTINGS, PING,
-//! GOAWAY and HPACK, run by two threads per connection.
+//! GOAWAY and HPACK, run by a reader thread per connection and a writer
+//! that runs only while it has work.
 //!
 //! Owns: the reader thread (socket -> frames -> state; it alone decodes
-//! HPACK), the writer thread (it writes what senders queued and did not
-//! write themselves, sends keepalive PINGs and closes a connection whose
-//! PING goes unanswered), and the [`Stream`] handles applications send and
-//! receive on. One batch is written at a time (`State::writing`): a sender
+//! HPACK), the writer (a pooled job that writes what senders queued and
+//! did not write themselves, sends keepalive PINGs, closes a connection
+//! whose PING goes unanswered, and ends a while after its last work: an
+//! idle connection, such as kube-apiserver's connection per tunnel, holds
+//! no writer thread; [`timer`] starts it again when a keepalive or
+//! handshake deadline comes), and the [`Stream`] handles applications
+//! send and receive on. One batch is written at a time (`State::writing`): a sender
 //! that finds no batch in progress writes its own frames, which spares a
 //! thread hand-off per message.
 //! Must not: know about gRPC; block on the socket while holding the state
@@ -19,7 +23,7 @@ use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::io::{self, IoSlice, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
 use std::time::{Duration, Instant};
 
 use super::frame::{self, ErrorCode, Frame, setting};
@@ -251,6 +255,11 @@ struct State {
     /// The writer sleeps on `writer_cv`: only then is a wake-up needed
     /// (a condvar notify is a syscall even without waiters).
     writer_waiting: bool,
+    /// A writer job runs (waiting or not): a kick then wakes it, rather
+    /// than starting another.
+    writer_running: bool,
+    /// The last writer job has flushed and closed the transport.
+    writer_done: bool,
     /// A thread (the writer thread, or a sender writing its own frames) is
     /// writing a batch taken from `out`: nobody else may write until it
     /// clears this, so batches reach the socket in order.
@@ -263,6 +272,11 @@ struct State {
 }
 
 struct Shared {
+    /// This connection, for starting its writer from where only a
+    /// reference is at hand.
+    me: Weak<Shared>,
+    /// The connection's id with [`timer`].
+    id: u64,
     state: Mutex<State>,
     /// Accept queue, stream slots, connection end.
     conn_cv: Condvar,
@@ -312,10 +326,30 @@ const CONTROL_FLOOD_LIMIT: usize = 4 * 1024 * 1024;
 const MAX_DATA_FRAME: u32 = 64 * 1024;
 
 impl State {
+    /// Output was queued (or the connection closed, or a deadline
+    /// changed): wakes the writer, or starts one when none runs.
     fn kick(&mut self, shared: &Shared) {
         if self.writer_waiting {
             self.writer_waiting = false;
             shared.writer_cv.notify_one();
+        } else if !self.writer_running && !self.writer_done {
+            self.start_writer(shared);
+        }
+    }
+
+    /// Starts a writer job on a pooled thread. If no thread can be had,
+    /// the connection cannot write: its socket is shut down, which ends
+    /// the reader, and whoever drops the connection finishes the writer's
+    /// work ([`Connection`]'s drop).
+    fn start_writer(&mut self, shared: &Shared) {
+        let Some(me) = shared.me.upgrade() else {
+            return;
+        };
+        self.writer_running = true;
+        if let Err(err) = crate::shutdown::helpers().spawn("h2-writer", move || write_loop(&me)) {
+            log::error!("HTTP/2 peer {}: starting its writer: {err}", shared.peer);
+            self.writer_running = false;
+            (shared.closer)();
         }
     }
 
@@ -379,6 +413,9 @@ impl State {
         self.closed = Some(err);
         shared.conn_cv.notify_all();
         shared.writer_cv.notify_all();
+        if !self.writer_running && !self.writer_done {
+            self.start_writer(shared);
+        }
     }
 
     fn notify_senders(&mut self) {
@@ -469,13 +506,13 @@ impl State {
             end_stream,
             self.peer.max_frame_size,
         );
-        shared.writer_cv.notify_one();
+        self.kick(shared);
         Ok(())
     }
 }
 
 /// One HTTP/2 connection (client or server). Dropping it closes the
-/// connection and joins its two threads.
+/// connection and waits for its reader and its writer to end.
 pub struct Connection {
     shared: Arc<Shared>,
     workers: Vec<Worker>,
@@ -567,11 +604,15 @@ impl Connection {
             last_read: Instant::now(),
             started: Instant::now(),
             writer_waiting: false,
+            writer_running: false,
+            writer_done: false,
             writing: false,
             spare: Vec::new(),
             tap_pending: Vec::new(),
         };
-        let shared = Arc::new(Shared {
+        let shared = Arc::new_cyclic(|me| Shared {
+            me: me.clone(),
+            id: timer::next_id(),
             state: Mutex::new(state),
             conn_cv: Condvar::new(),
             writer_cv: Condvar::new(),
@@ -583,18 +624,23 @@ impl Connection {
             writer: Mutex::new(Some(writer)),
             tapped: AtomicBool::new(false),
         });
-        let io_err = |err: io::Error| Error::Io {
-            peer: shared.peer.clone(),
-            err: err.to_string(),
-        };
-        let w = shared.clone();
-        // Pooled: a connection per tunnel (kube-apiserver's gRPC frontend)
-        // must not cost two thread starts.
-        let writer = Worker::pooled("h2-writer", move || write_loop(&w)).map_err(io_err)?;
+        // Our preface and SETTINGS are queued: the first writer job
+        // sends them (a pooled job: a connection per tunnel, as
+        // kube-apiserver opens them, must not cost a thread start).
+        {
+            let mut state = lock(&shared);
+            state.kick(&shared);
+            if !state.writer_running {
+                return Err(Error::Io {
+                    peer: shared.peer.clone(),
+                    err: "no thread for its writer".into(),
+                });
+            }
+        }
         Ok((
             Connection {
                 shared,
-                workers: vec![writer],
+                workers: Vec::new(),
             },
             reader,
         ))
@@ -775,6 +821,20 @@ impl Drop for Connection {
         for w in self.workers.drain(..) {
             w.join();
         }
+        // The last writer job flushes, then closes the transport; when no
+        // thread could be had for it, this thread does its work.
+        let shared = &self.shared;
+        let mut state = lock(shared);
+        while !state.writer_done {
+            if !state.writer_running {
+                state.writer_running = true;
+                drop(state);
+                write_loop(shared);
+                state = lock(shared);
+                continue;
+            }
+            state = wait(&shared.conn_cv, state, None);
+        }
     }
 }
 
@@ -804,7 +864,7 @@ fn graceful_goaway(shared: &Shared) {
     state.goaway_sent = true;
     let last = state.last_peer_id;
     frame::write_goaway(&mut state.out, last, ErrorCode::NO_ERROR, b"");
-    shared.writer_cv.notify_one();
+    state.kick(shared);
     shared.conn_cv.notify_all();
     state.maybe_finish(shared);
 }
@@ -1127,7 +1187,7 @@ impl Stream {
             return;
         }
         state.fail_stream(self.id, code);
-        shared.writer_cv.notify_one();
+        state.kick(shared);
         shared.conn_cv.notify_all();
     }
 }
@@ -1154,24 +1214,33 @@ impl Drop for Stream {
             .map(|e| if let Event::Data(d) = e { d.len() } else { 0 })
             .sum();
         state.release(&shared.config, None, unread as u32);
-        shared.writer_cv.notify_one();
+        state.kick(shared);
         shared.conn_cv.notify_all();
         state.maybe_finish(shared);
     }
 }
 
-// --- the writer thread ------------------------------------------------------
+// --- the writer ---------------------------------------------------------------
 
-/// The writer thread: writes whatever senders queued and did not write
-/// themselves (control frames, frames queued while another batch was being
-/// written), sends keepalive PINGs, and closes the transport at the end.
-fn write_loop(shared: &Shared) {
+/// How long a writer job that has nothing to write waits for more before
+/// it ends (a busy connection keeps its writer; an idle one lets it go).
+const WRITER_LINGER: Duration = Duration::from_millis(200);
+
+/// The writer: writes whatever senders queued and did not write themselves
+/// (control frames, frames queued while another batch was being written),
+/// sends keepalive PINGs, and closes the transport at the end. A job on a
+/// pooled thread, started by [`State::kick`] when output waits and by
+/// [`timer`] at the connection's next deadline; it ends after
+/// [`WRITER_LINGER`] without work, asking [`timer`] for that deadline.
+fn write_loop(shared: &Arc<Shared>) {
     let mut closing = false;
+    let mut idle_since: Option<Instant> = None;
     let mut state = lock(shared);
     loop {
         if !state.writing {
             if !state.out.is_empty() {
                 state = write_batch(shared, state);
+                idle_since = None;
                 continue;
             }
             if state.closed.is_some() {
@@ -1185,14 +1254,30 @@ fn write_loop(shared: &Shared) {
         if !state.writing && (!state.out.is_empty() || state.closed.is_some()) {
             continue;
         }
-        if state.writing && state.closed.is_some() && !closing {
-            // A sender is stuck writing to a closed connection: shutting
-            // the socket down ends its write.
-            closing = true;
-            drop(state);
-            (shared.closer)();
-            state = lock(shared);
-            continue;
+        if state.closed.is_some() {
+            if !closing {
+                // A sender is stuck writing to a closed connection:
+                // shutting the socket down ends its write.
+                closing = true;
+                drop(state);
+                (shared.closer)();
+                state = lock(shared);
+                continue;
+            }
+        } else {
+            // Nothing to write (a sender may be writing its own: it kicks
+            // the writer for whatever is queued behind it). Past the
+            // linger, end; the timer starts a writer at the deadline.
+            let now = Instant::now();
+            let since = *idle_since.get_or_insert(now);
+            let linger = (since + WRITER_LINGER).saturating_duration_since(now);
+            if linger.is_zero() && timeout.is_none_or(|t| timer::schedule(shared, now + t)) {
+                state.writer_running = false;
+                return;
+            }
+            if !linger.is_zero() {
+                timeout = Some(timeout.map_or(linger, |t| t.min(linger)));
+            }
         }
         state.writer_waiting = true;
         state = wait(&shared.writer_cv, state, timeout);
@@ -1208,6 +1293,147 @@ fn write_loop(shared: &Shared) {
             .take(),
     );
     (shared.closer)();
+    timer::forget(shared.id);
+    let mut state = lock(shared);
+    state.writer_done = true;
+    state.writer_running = false;
+    shared.conn_cv.notify_all();
+}
+
+/// Starts idle connections' writers when their deadlines (a keepalive
+/// PING due or unanswered, a handshake timeout) come: one thread for the
+/// process in place of a sleeping writer per connection. It runs while
+/// some connection waits for a deadline, and ends when none does (so a
+/// process with no connections holds no thread for it).
+mod timer {
+    use super::{Shared, lock};
+    use std::cmp::Reverse;
+    use std::collections::{BinaryHeap, HashMap};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, Weak};
+    use std::time::Instant;
+
+    #[derive(Default)]
+    struct Timer {
+        state: Mutex<TimerState>,
+        changed: Condvar,
+    }
+
+    #[derive(Default)]
+    struct TimerState {
+        /// Each waiting connection's deadline, by its id.
+        conns: HashMap<u64, (Instant, Weak<Shared>)>,
+        /// The deadlines in order; an entry no longer in `conns` (moved,
+        /// or its connection ended) is passed over.
+        due: BinaryHeap<Reverse<(Instant, u64)>>,
+        running: bool,
+    }
+
+    fn timer() -> &'static Timer {
+        static TIMER: std::sync::OnceLock<Timer> = std::sync::OnceLock::new();
+        TIMER.get_or_init(Timer::default)
+    }
+
+    fn lock_timer() -> MutexGuard<'static, TimerState> {
+        timer().state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A connection's id for [`schedule`] and [`forget`].
+    pub(super) fn next_id() -> u64 {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Starts `conn`'s writer at `at`, unless a start at or before `at` is
+    /// due already (that writer asks again). False when the timer's thread
+    /// cannot be started: the writer must then stay and wait itself.
+    pub(super) fn schedule(conn: &Arc<Shared>, at: Instant) -> bool {
+        let mut state = lock_timer();
+        if let Some((when, _)) = state.conns.get(&conn.id)
+            && *when <= at
+        {
+            return true;
+        }
+        if !state.running {
+            match std::thread::Builder::new()
+                .name("h2-timer".into())
+                .spawn(run)
+            {
+                Ok(_) => state.running = true,
+                Err(err) => {
+                    log::error!("starting the HTTP/2 timer thread: {err}");
+                    return false;
+                }
+            }
+        }
+        let earliest = state.due.peek().is_none_or(|Reverse((d, _))| at < *d);
+        state.conns.insert(conn.id, (at, Arc::downgrade(conn)));
+        state.due.push(Reverse((at, conn.id)));
+        drop(state);
+        if earliest {
+            timer().changed.notify_one();
+        }
+        true
+    }
+
+    /// Whether the connection `id` waits for a deadline.
+    #[cfg(test)]
+    pub(super) fn waits(id: u64) -> bool {
+        lock_timer().conns.contains_key(&id)
+    }
+
+    /// The connection `id` has ended: it waits for nothing any more.
+    pub(super) fn forget(id: u64) {
+        let mut state = lock_timer();
+        if state.conns.remove(&id).is_some() && state.conns.is_empty() {
+            drop(state);
+            timer().changed.notify_one();
+        }
+    }
+
+    fn run() {
+        let mut fired = Vec::new();
+        let mut state = lock_timer();
+        loop {
+            if state.conns.is_empty() {
+                state.due.clear();
+                state.running = false;
+                return;
+            }
+            let now = Instant::now();
+            while let Some(&Reverse((at, id))) = state.due.peek() {
+                if at > now {
+                    break;
+                }
+                state.due.pop();
+                if state.conns.get(&id).is_some_and(|(when, _)| *when == at) {
+                    fired.extend(state.conns.remove(&id).map(|(_, conn)| conn));
+                }
+            }
+            if fired.is_empty() {
+                let next = state.due.peek().map(|Reverse((at, _))| *at - now);
+                state = match next {
+                    Some(left) => {
+                        timer()
+                            .changed
+                            .wait_timeout(state, left)
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .0
+                    }
+                    None => timer()
+                        .changed
+                        .wait(state)
+                        .unwrap_or_else(PoisonError::into_inner),
+                };
+                continue;
+            }
+            drop(state);
+            for conn in fired.drain(..).filter_map(|c| c.upgrade()) {
+                lock(&conn).kick(&conn);
+            }
+            state = lock_timer();
+        }
+    }
 }
 
 /// Writes the queued output as one batch; called with `writing` clear and
@@ -1799,7 +2025,7 @@ fn handle_frame(shared: &Shared, r: &mut Reader, frame: Frame) -> Result<(), Fat
                 return Err(conn(ErrorCode::ENHANCE_YOUR_CALM, "SETTINGS flood"));
             }
             frame::write_settings_ack(&mut state.out);
-            shared.writer_cv.notify_one();
+            state.kick(shared);
         }
         Frame::PushPromise { .. } => {
             return Err(conn(
@@ -1815,14 +2041,14 @@ fn handle_frame(shared: &Shared, r: &mut Reader, frame: Frame) -> Result<(), Fat
                 return Err(conn(ErrorCode::ENHANCE_YOUR_CALM, "PING flood"));
             }
             frame::write_ping(&mut state.out, payload, true);
-            shared.writer_cv.notify_one();
+            state.kick(shared);
         }
         Frame::Ping { ack: true, payload } => {
             if state.ping_sent.is_some_and(|(_, p)| p == payload) {
                 state.ping_sent = None;
                 // The writer sleeps until the PING's timeout; wake it to
                 // schedule the next PING one interval after this ACK.
-                shared.writer_cv.notify_one();
+                state.kick(shared);
             }
         }
         Frame::GoAway {
@@ -1895,7 +2121,7 @@ fn handle_frame(shared: &Shared, r: &mut Reader, frame: Frame) -> Result<(), Fat
                     s.send_window += i64::from(increment);
                     if s.send_window > i64::from(frame::MAX_WINDOW) {
                         state.fail_stream(stream, ErrorCode::FLOW_CONTROL_ERROR);
-                        shared.writer_cv.notify_one();
+                        state.kick(shared);
                     } else if s.waiters > 0 {
                         r.wake_later(&s.cv);
                     }
@@ -2011,7 +2237,7 @@ fn headers_complete(shared: &Shared, r: &mut Reader, p: PendingBlock) -> Result<
     let mut state = lock(shared);
     let stream_error = |state: &mut State, code| {
         state.fail_stream(id, code);
-        shared.writer_cv.notify_one();
+        state.kick(shared);
         Ok(())
     };
     let peer_initiated = (id % 2 == 1) == (shared.role == Role::Server);
@@ -2831,6 +3057,41 @@ mod tests {
             start.elapsed()
         );
         assert_eq!(conn.closed(), None);
+    }
+
+    /// An idle connection holds no writer: its writer ends after
+    /// WRITER_LINGER, and the timer starts one for each keepalive PING,
+    /// which still closes the connection when it goes unanswered.
+    #[test]
+    fn an_idle_connections_writer_ends_and_the_timer_sends_its_pings() {
+        let config = Config {
+            keepalive_interval: Some(WRITER_LINGER * 3),
+            keepalive_timeout: WRITER_LINGER * 3,
+            ..Config::default()
+        };
+        let (conn, mut raw) = raw_pair(config, true);
+        let idle = || !lock(&conn.shared).writer_running;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !idle() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(idle(), "the writer still runs");
+        for _ in 0..2 {
+            let ping = raw.expect("PING", |f| matches!(f, Frame::Ping { ack: false, .. }));
+            let Frame::Ping { payload, .. } = ping else {
+                unreachable!()
+            };
+            raw.frame(kind::PING, flag::ACK, 0, &payload);
+        }
+        raw.expect("PING", |f| matches!(f, Frame::Ping { ack: false, .. }));
+        let err = conn.wait_closed(Some(Duration::from_secs(10)));
+        assert!(
+            matches!(err, Some(Error::KeepaliveTimeout { .. })),
+            "{err:?}"
+        );
+        let id = conn.shared.id;
+        drop(conn);
+        assert!(!timer::waits(id), "the timer forgets a closed connection");
     }
 
     #[test]
