@@ -1185,6 +1185,49 @@ fn a_client_that_reads_slowly_is_not_mistaken_for_a_stuck_one() {
     );
 }
 
+#[test]
+fn a_client_that_pauses_alone_on_its_agent_stream_keeps_its_tunnel() {
+    // A destination that sends 12 MiB of pattern at once, and a client
+    // that reads nothing for 1.5 s (past SLOW_GRACE), then all of it. Its
+    // queue at the server is full meanwhile, but no other tunnel's packet
+    // waits behind it (12 MiB also leaves the agent stream's reader room
+    // to read on): it gets the longer grace and keeps its tunnel.
+    const TOTAL: usize = 12 * 1024 * 1024;
+    let source = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = source.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        if let Ok((mut conn, _)) = source.accept() {
+            let mut chunk = vec![0u8; 64 * 1024];
+            let mut sent = 0;
+            while sent < TOTAL {
+                pattern_at(11, sent, &mut chunk);
+                if conn.write_all(&chunk).is_err() {
+                    return;
+                }
+                sent += chunk.len();
+            }
+            let mut rest = Vec::new();
+            let _ = conn.read_to_end(&mut rest);
+        }
+    });
+    let tunnel = Tunnel::start("http-connect", "uds", &[], true);
+    let (mut sock, head) = tunnel.connect_uds(&format!("127.0.0.1:{port}"));
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    std::thread::sleep(Duration::from_millis(1500));
+    let mut got = vec![0u8; TOTAL];
+    sock.read_exact(&mut got).expect("every byte after the pause");
+    let mut want = vec![0u8; TOTAL];
+    pattern_at(11, 0, &mut want);
+    assert!(got == want, "the bytes differ");
+    assert_eq!(
+        metric(
+            tunnel.health_port,
+            "konnectivity_network_proxy_server_slow_frontend_closes_total",
+        ),
+        Some(0.0)
+    );
+}
+
 /// Bytes `[offset, offset + out.len())` of a deterministic stream per
 /// seed: byte k is byte k % 8 of splitmix64(seed + k / 8). Writer and reader
 /// of a tunnel agree on every byte however the transfer is chunked.

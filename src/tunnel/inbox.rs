@@ -87,6 +87,14 @@ impl<T> Inbox<T> {
         self.ready.notify_all();
     }
 
+    /// Whether anything but `mine` waits here (an item `mine` does not
+    /// claim), or the reader may have more behind the bound (it waits for
+    /// room, so what it has not read yet is unknown).
+    pub fn others_wait(&self, mine: impl Fn(&T) -> bool) -> bool {
+        let state = self.lock();
+        state.backlog.len() >= self.bound || state.backlog.iter().any(|item| !mine(item))
+    }
+
     /// On the reader: the stream's end, after its last item.
     pub fn end(&self, end: Result<(), Status>) {
         self.lock().end = Some(end);
@@ -207,5 +215,21 @@ mod tests {
         let end = inbox.drain(|s| seen.push(s));
         assert_eq!(seen, ["a", "b"]);
         assert_eq!(end.unwrap_err().message, "gone");
+    }
+
+    #[test]
+    fn others_wait_when_an_item_is_not_mine_or_the_bound_is_reached() {
+        let inbox = Inbox::new(3);
+        let mine = |n: &u32| *n == 7;
+        assert!(!inbox.others_wait(mine), "empty");
+        inbox.offer(7, Some);
+        inbox.offer(7, Some);
+        assert!(!inbox.others_wait(mine), "only mine, under the bound");
+        inbox.offer(7, Some);
+        assert!(inbox.others_wait(mine), "at the bound the reader waits");
+        let inbox = Inbox::new(8);
+        inbox.offer(7, Some);
+        inbox.offer(9, Some);
+        assert!(inbox.others_wait(mine));
     }
 }

@@ -15,16 +15,24 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 /// How long a reader that multiplexes many tunnels waits for room in one
-/// tunnel's full queue before it closes that tunnel as too slow. The other
-/// tunnels on the stream wait meanwhile (their packets are behind it on
-/// the stream, and the protocol has no per-tunnel flow control to stop
-/// the stuck one's destination with), so this is how long, once, a stuck
-/// client holds them: 1 s cost 15 downloads 40% of their throughput in
-/// `make bench` (row 6, the stall beginning with them). Long enough still
-/// that a consumer that takes anything at all (a packet of up to 64 KiB
-/// every 250 ms: about 256 KiB/s) or is starved of CPU for a moment, with
-/// 8 MiB and its socket's buffer waiting, is not mistaken for a stuck one.
+/// tunnel's full queue, while other tunnels' packets wait behind it, before
+/// it closes that tunnel as too slow. They wait meanwhile (their packets
+/// are behind it on the stream, and the protocol has no per-tunnel flow
+/// control to stop the stuck one's destination with), so this is how
+/// long, once, a stuck client holds them: 1 s cost 15 downloads 40% of
+/// their throughput in `make bench` (row 6, the stall beginning with
+/// them). Long enough still that a consumer that takes anything at all (a
+/// packet of up to 64 KiB every 250 ms: about 256 KiB/s), with 8 MiB and
+/// its socket's buffer waiting, is not mistaken for a stuck one.
 pub const SLOW_GRACE: Duration = Duration::from_millis(250);
+/// The same wait while nothing else waits behind the full queue (only
+/// the stuck tunnel's own packets, and the reader still has room to read
+/// on): waiting holds nobody else up then, so a consumer that pauses (a
+/// destination writing to a slow disk, a client starved of CPU) gets this
+/// long. Checked every [`GRACE_CHECK`] as it waits: once others wait too,
+/// [`SLOW_GRACE`] applies.
+pub const LONE_GRACE: Duration = Duration::from_secs(5);
+const GRACE_CHECK: Duration = Duration::from_millis(50);
 /// The smallest per-tunnel queue, whatever `--xfr-channel-size` says:
 /// upstream's default of 10 packets is sized for blocking hand-offs. 128
 /// packets of at most 64 KiB from our own readers (32 KiB from upstream's
@@ -62,6 +70,12 @@ struct State<T> {
     /// The payload bytes queued, by [`Shared::weigh`].
     bytes: usize,
     closed: bool,
+    /// Items the consumer has taken, ever (for the stall clock).
+    taken: u64,
+    /// The stall clock: when a producer found the queue full with the
+    /// consumer at `taken` items; it runs while the consumer takes nothing
+    /// more ([`Queue::stalled_for`]).
+    full_since: Option<(Instant, u64)>,
     /// An item taken with [`Queue::pop_claim`] or [`Queue::send_or`] is
     /// being sent: nobody else may send until it is released, so items
     /// leave in order.
@@ -97,6 +111,17 @@ impl<T> State<T> {
     fn has_room(&self, max_bytes: usize) -> bool {
         self.items.len() < self.capacity && (max_bytes == 0 || self.bytes < max_bytes)
     }
+
+    /// A producer comes: when it finds the queue full, the stall clock
+    /// starts, unless it runs already with no item taken since.
+    fn note_fill(&mut self, max_bytes: usize) {
+        if self.has_room(max_bytes) {
+            return;
+        }
+        if self.full_since.is_none_or(|(_, taken)| taken != self.taken) {
+            self.full_since = Some((Instant::now(), self.taken));
+        }
+    }
 }
 
 impl<T> Queue<T> {
@@ -118,6 +143,8 @@ impl<T> Queue<T> {
                     items: VecDeque::new(),
                     bytes: 0,
                     capacity: capacity.max(1),
+                    taken: 0,
+                    full_since: None,
                     closed: false,
                     busy: false,
                 }),
@@ -140,6 +167,7 @@ impl<T> Queue<T> {
         if state.closed {
             return Err(Rejected::Closed(item));
         }
+        state.note_fill(self.shared.max_bytes);
         if !state.has_room(self.shared.max_bytes) {
             return Err(Rejected::Full(item));
         }
@@ -150,6 +178,14 @@ impl<T> Queue<T> {
         Ok(())
     }
 
+    /// How long the consumer has taken nothing while the queue was full;
+    /// None when it is not stalling.
+    pub fn stalled_for(&self) -> Option<Duration> {
+        let state = self.lock();
+        let (since, taken) = state.full_since?;
+        (taken == state.taken && !state.has_room(self.shared.max_bytes)).then(|| since.elapsed())
+    }
+
     /// Queues, waiting up to `timeout` for room.
     pub fn push_timeout(&self, item: T, timeout: Duration) -> Result<(), Rejected<T>> {
         let deadline = Instant::now() + timeout;
@@ -158,6 +194,7 @@ impl<T> Queue<T> {
             if state.closed {
                 return Err(Rejected::Closed(item));
             }
+            state.note_fill(self.shared.max_bytes);
             if state.has_room(self.shared.max_bytes) {
                 state.bytes += (self.shared.weigh)(&item);
                 state.items.push_back(item);
@@ -175,6 +212,31 @@ impl<T> Queue<T> {
                 .wait_timeout(state, deadline - now)
                 .unwrap_or_else(PoisonError::into_inner)
                 .0;
+        }
+    }
+
+    /// Queues, waiting for room as a reader that multiplexes many tunnels
+    /// may, while the consumer is not stuck: gives up once it has taken
+    /// nothing for [`SLOW_GRACE`] (by the stall clock, [`Queue::stalled_for`])
+    /// while `others_wait()` (other tunnels' packets wait behind this
+    /// one), or for [`LONE_GRACE`] (`others_wait` is asked again as it
+    /// waits).
+    pub fn push_graced(&self, item: T, others_wait: impl Fn() -> bool) -> Result<(), Rejected<T>> {
+        let mut item = item;
+        loop {
+            let stalled = self.stalled_for().unwrap_or(Duration::ZERO);
+            if stalled >= LONE_GRACE || (stalled >= SLOW_GRACE && others_wait()) {
+                return Err(Rejected::Full(item));
+            }
+            let slice = if stalled < SLOW_GRACE {
+                SLOW_GRACE - stalled
+            } else {
+                GRACE_CHECK.min(LONE_GRACE - stalled)
+            };
+            match self.push_timeout(item, slice) {
+                Err(Rejected::Full(back)) => item = back,
+                other => return other,
+            }
         }
     }
 
@@ -277,6 +339,7 @@ impl<T> Queue<T> {
                 break;
             };
             state.bytes -= (self.shared.weigh)(&queued);
+            state.taken += 1;
             drop(state);
             self.shared.writable.notify_one();
             send(queued);
@@ -321,6 +384,7 @@ impl<T> Queue<T> {
             if !(claim && state.busy) {
                 if let Some(item) = state.items.pop_front() {
                     state.bytes -= (self.shared.weigh)(&item);
+                    state.taken += 1;
                     state.busy |= claim;
                     drop(state);
                     self.shared.writable.notify_one();
@@ -609,5 +673,65 @@ mod tests {
         };
         q.close();
         blocked.join();
+    }
+
+    #[test]
+    fn the_stall_clock_runs_while_a_full_queue_is_not_taken_from() {
+        let q = Queue::new(2);
+        q.try_push(1).unwrap();
+        q.try_push(2).unwrap();
+        assert_eq!(q.stalled_for(), None, "full, but nobody found it so yet");
+        assert_eq!(q.try_push(3), Err(Rejected::Full(3)));
+        let first = q.stalled_for().expect("a producer found it full");
+        assert_eq!(q.try_push(4), Err(Rejected::Full(4)));
+        assert!(q.stalled_for().unwrap() >= first, "the same clock runs on");
+        assert_eq!(q.pop_timeout(None), Pop::Item(1));
+        assert_eq!(q.stalled_for(), None, "taken from: not stalling");
+        q.try_push(5).unwrap();
+        assert_eq!(q.stalled_for(), None, "full again, not found so yet");
+        assert_eq!(q.try_push(6), Err(Rejected::Full(6)));
+        assert!(q.stalled_for().is_some(), "a new clock");
+    }
+
+    #[test]
+    fn a_full_queue_waits_longer_while_nobody_else_waits() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        // Nobody else waits: a consumer that pauses past SLOW_GRACE (well
+        // within LONE_GRACE) still gets the item.
+        let q = Queue::new(1);
+        q.try_push(1).unwrap();
+        let consumer = {
+            let q = q.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(SLOW_GRACE * 2);
+                q.pop_timeout(None)
+            })
+        };
+        assert_eq!(q.push_graced(2, || false), Ok(()));
+        assert_eq!(consumer.join().unwrap(), Pop::Item(1));
+        assert_eq!(q.pop_timeout(None), Pop::Item(2));
+
+        // Others wait from the start: SLOW_GRACE, then the item comes back.
+        let q = Queue::new(1);
+        q.try_push(1).unwrap();
+        assert_eq!(q.push_graced(2, || true), Err(Rejected::Full(2)));
+
+        // Others come to wait while it waits: it gives up then, before a
+        // consumer that takes the first item only after LONE_GRACE / 2.
+        let others = Arc::new(AtomicBool::new(false));
+        let late = {
+            let (q, others) = (q.clone(), others.clone());
+            std::thread::spawn(move || {
+                std::thread::sleep(SLOW_GRACE * 2);
+                others.store(true, Ordering::SeqCst);
+                std::thread::sleep(LONE_GRACE / 2);
+                q.pop_timeout(None)
+            })
+        };
+        assert_eq!(
+            q.push_graced(3, || others.load(Ordering::SeqCst)),
+            Err(Rejected::Full(3))
+        );
+        assert_eq!(late.join().unwrap(), Pop::Item(1));
     }
 }

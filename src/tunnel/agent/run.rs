@@ -30,9 +30,7 @@ use crate::tunnel::inbox::{self, Inbox};
 use crate::tunnel::message::{Bytes, Message, data_head};
 use crate::tunnel::proto::Packet;
 use crate::tunnel::pump::{Pump, Reading};
-use crate::tunnel::queue::{
-    MIN_TUNNEL_QUEUE, Pop, Queue, Rejected, SLOW_GRACE, STREAM_QUEUE_BYTES,
-};
+use crate::tunnel::queue::{MIN_TUNNEL_QUEUE, Pop, Queue, Rejected, STREAM_QUEUE_BYTES};
 
 const AGENT_PATH: &str = "/AgentService/Connect";
 /// Bytes read from a destination per DATA packet.
@@ -182,6 +180,9 @@ struct Stream {
     /// The reader of this stream's destinations, stopped with the stream
     /// ([`crate::tunnel::pump`]).
     pump: Pump,
+    /// What the stream's reader could not hand on without waiting, in
+    /// order, for the stream's thread.
+    backlog: Arc<Inbox<Backlog>>,
 }
 
 /// A destination as its stream's pump reads it.
@@ -345,7 +346,17 @@ impl Stream {
                             return Some(rest);
                         }
                         Err(Rejected::Full(data)) => {
-                            dest.inner.queue.push_timeout(data, SLOW_GRACE)
+                            // Other tunnels' packets behind this one: in
+                            // this batch, or queued for the stream's thread.
+                            let others_wait = || {
+                                actions.as_slice().iter().any(
+                                    |a| !matches!(a, Action::Deliver(c, ..) if *c == connect_id),
+                                ) || self.backlog.others_wait(|item| {
+                                    matches!(item, Backlog::Message(Message::Data { connect_id: c, .. })
+                                        if *c == connect_id)
+                                })
+                            };
+                            dest.inner.queue.push_graced(data, others_wait)
                         }
                         other => other,
                     };
@@ -699,6 +710,7 @@ fn serve_stream(
         call: call.clone(),
         threads: WorkerSet::new(),
         pump: Pump::new("dest-pump"),
+        backlog: Arc::new(Inbox::new(inbox::BACKLOG)),
     });
     // Disconnected when the reader below is done: the writer's cue that
     // the call has ended.
@@ -737,7 +749,7 @@ fn serve_stream(
         });
         // Packets are handled on the connection's reader thread as they
         // arrive; what would wait goes on here, in order.
-        let inbox = Arc::new(Inbox::new(inbox::BACKLOG));
+        let inbox = stream.backlog.clone();
         let tap = {
             let (stream, inbox, server_id) = (stream.clone(), inbox.clone(), server_id.clone());
             move |inbound| {

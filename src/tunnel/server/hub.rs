@@ -20,7 +20,7 @@ use crate::tunnel::identifiers::{Identifiers, Strategy};
 use crate::tunnel::listen::Conn;
 use crate::tunnel::message::{Message, data_head};
 use crate::tunnel::pump::Pump;
-use crate::tunnel::queue::{MIN_TUNNEL_QUEUE, Queue, Rejected, SLOW_GRACE, STREAM_QUEUE_BYTES};
+use crate::tunnel::queue::{MIN_TUNNEL_QUEUE, Queue, Rejected, STREAM_QUEUE_BYTES};
 use crate::tunnel::router::{self, Action, AgentKey, DialFailure, FrontendKey, Router};
 
 /// Packets queued for one agent stream before frontend readers wait (and
@@ -363,6 +363,11 @@ enum Delivery {
 /// [`Hub::finish_from_frontend`]).
 pub struct Deferred(Vec<Delivery>);
 
+/// Whether packets other than tunnel `connect_id`'s wait behind it where
+/// an agent stream's packets queue for its call's thread (see
+/// [`Queue::push_graced`]).
+pub type OthersWait<'a> = &'a dyn Fn(i64) -> bool;
+
 /// The frontend is no longer registered (closed as too slow, or the
 /// server is shutting down): it must stop.
 #[derive(Debug)]
@@ -446,9 +451,14 @@ impl Hub {
         Some(state.agents.get(&agent)?.pump.clone())
     }
 
-    pub fn from_agent(&self, key: AgentKey, message: Message) {
+    /// A message from an agent stream, on a thread that may wait (its
+    /// call's): data for a full frontend queue waits as
+    /// [`Queue::push_graced`] says, `others` telling whether other
+    /// tunnels' packets wait behind it.
+    pub fn from_agent(&self, key: AgentKey, message: Message, others: OthersWait<'_>) {
         let actions = self.lock().router.from_agent(key, message, Instant::now());
-        self.execute(actions, None);
+        let deliveries = self.decide(actions);
+        self.deliver(deliveries, None, None, Some(others));
     }
 
     /// [`Hub::from_agent`] for a caller that must not wait at all (the
@@ -459,14 +469,14 @@ impl Hub {
         let actions = self.lock().router.from_agent(key, message, Instant::now());
         let deliveries = self.decide(actions);
         let mut deferred = Vec::new();
-        self.deliver(deliveries, None, Some(&mut deferred));
+        self.deliver(deliveries, None, Some(&mut deferred), None);
         (!deferred.is_empty()).then_some(Deferred(deferred))
     }
 
     /// Makes the deliveries [`Hub::from_agent_nowait`] left, waiting as
     /// [`Hub::from_agent`] does (a frontend that stays full is too slow).
-    pub fn finish(&self, deferred: Deferred) {
-        self.deliver(deferred.0, None, None);
+    pub fn finish(&self, deferred: Deferred, others: OthersWait<'_>) {
+        self.deliver(deferred.0, None, None, Some(others));
     }
 
     /// Registers a frontend; returns its key and the queue its writer reads.
@@ -586,14 +596,14 @@ impl Hub {
         };
         let deliveries = self.decide(actions);
         let mut deferred = Vec::new();
-        self.deliver(deliveries, Some(key), Some(&mut deferred));
+        self.deliver(deliveries, Some(key), Some(&mut deferred), None);
         Ok((!deferred.is_empty()).then_some(Deferred(deferred)))
     }
 
     /// Makes the deliveries [`Hub::from_frontend_nowait`] left, waiting as
     /// [`Hub::from_frontend`] does; false when the frontend must give up.
     pub fn finish_from_frontend(&self, key: FrontendKey, deferred: Deferred) -> bool {
-        self.deliver(deferred.0, Some(key), None)
+        self.deliver(deferred.0, Some(key), None, None)
     }
 
     /// DATA from a frontend's reader, borrowed from its read buffer: written
@@ -656,7 +666,7 @@ impl Hub {
     /// Returns false if that frontend must give up.
     fn execute(&self, actions: Vec<Action>, blocking_for: Option<FrontendKey>) -> bool {
         let deliveries = self.decide(actions);
-        self.deliver(deliveries, blocking_for, None)
+        self.deliver(deliveries, blocking_for, None, None)
     }
 
     /// The deliveries the router's decisions make (under the lock).
@@ -715,16 +725,21 @@ impl Hub {
     /// Queues `deliveries`. With `defer`, nothing waits: data for a full
     /// frontend queue, and every frontend delivery after it, go there; when
     /// a frontend calls (`blocking_for`), also data for a full agent
-    /// stream queue, and every delivery after it.
+    /// stream queue, and every delivery after it. Without, data for a full
+    /// frontend queue waits as [`Queue::push_graced`] says: the shorter
+    /// grace when later deliveries or (`others`, where the agent stream's
+    /// packets queue) other tunnels' packets wait behind it.
     fn deliver(
         &self,
         deliveries: Vec<Delivery>,
         blocking_for: Option<FrontendKey>,
         mut defer: Option<&mut Vec<Delivery>>,
+        others: Option<OthersWait<'_>>,
     ) -> bool {
         let mut keep_going = true;
         let mut too_slow = Vec::new();
-        for delivery in deliveries {
+        let mut rest = deliveries.into_iter();
+        while let Some(delivery) = rest.next() {
             let delivery = match (defer.as_deref_mut(), delivery) {
                 (Some(deferred), delivery @ Delivery::Frontend(..)) if !deferred.is_empty() => {
                     deferred.push(delivery);
@@ -773,9 +788,21 @@ impl Hub {
                     item @ ToFrontend::Message(Message::Data { .. }),
                 ) => {
                     if let Err(item) = link.offer(item) {
-                        match link.queue.push_timeout(item, SLOW_GRACE) {
+                        let connect_id = match &item {
+                            ToFrontend::Message(Message::Data { connect_id, .. }) => *connect_id,
+                            _ => 0,
+                        };
+                        let others_wait = || {
+                            rest.as_slice().iter().any(|d| !is_data_for(d, connect_id))
+                                || others.is_none_or(|others| others(connect_id))
+                        };
+                        match link.queue.push_graced(item, others_wait) {
                             Ok(()) => link.wake(),
-                            Err(Rejected::Full(_)) => too_slow.push(frontend),
+                            Err(Rejected::Full(_)) => {
+                                if !too_slow.contains(&frontend) {
+                                    too_slow.push(frontend);
+                                }
+                            }
                             Err(Rejected::Closed(_)) => {}
                         }
                     }
@@ -800,6 +827,15 @@ impl Hub {
         }
         keep_going
     }
+}
+
+/// Whether `delivery` is data for tunnel `connect_id`'s frontend.
+fn is_data_for(delivery: &Delivery, connect_id: i64) -> bool {
+    matches!(
+        delivery,
+        Delivery::Frontend(_, _, ToFrontend::Message(Message::Data { connect_id: c, .. }))
+            if *c == connect_id
+    )
 }
 
 #[cfg(test)]

@@ -323,9 +323,16 @@ pub fn agent_handler(
             scope.spawn(|| write_queue(call, &outbox, &what, |m| m, || true));
             let inbox = Arc::new(Inbox::new(inbox::BACKLOG));
             call.recv_inline(agent_tap(hub.clone(), key, agent_id.clone(), inbox.clone()));
+            // Whether other tunnels' packets wait behind `connect_id`'s.
+            let others = |connect_id: i64| {
+                inbox.others_wait(|item| {
+                    matches!(item, Backlog::Message(Message::Data { connect_id: c, .. })
+                        if *c == connect_id)
+                })
+            };
             let end = inbox.drain(|item| match item {
-                Backlog::Message(message) => hub.from_agent(key, message),
-                Backlog::Deferred(deferred) => hub.finish(deferred),
+                Backlog::Message(message) => hub.from_agent(key, message, &others),
+                Backlog::Deferred(deferred) => hub.finish(deferred, &others),
             });
             if let Err(status) = end {
                 log::debug!("{what}: stream ended: {status:?}");
