@@ -811,13 +811,16 @@ impl Server {
         }
     }
 
-    /// Runs the call's handler, then ends the call with its status.
+    /// Runs the call's handler, then ends the call with its status
+    /// (unless the handler detached it: see [`ServerCall::detach`]).
     fn run(&self, call: &Arc<ServerCall>) {
         let status = match self.routes.get(&call.path) {
             Some(handler) => handler(call),
             None => Status::new(Code::UNIMPLEMENTED, format!("unknown method {}", call.path)),
         };
-        call.finish(&status);
+        if !call.detached.load(std::sync::atomic::Ordering::Acquire) {
+            call.finish(&status);
+        }
     }
 
     /// Checks the request headers; answers bad requests itself.
@@ -852,6 +855,7 @@ impl Server {
                 ended: end_stream,
             }),
             stream,
+            detached: std::sync::atomic::AtomicBool::new(false),
         })
     }
 }
@@ -903,9 +907,27 @@ pub struct ServerCall {
     metadata: Metadata,
     send: Mutex<ServerSend>,
     recv: Mutex<ServerRecv>,
+    /// The handler returned before the call ended ([`ServerCall::detach`]):
+    /// whoever carries it on ends it.
+    detached: std::sync::atomic::AtomicBool,
 }
 
 impl ServerCall {
+    /// Called by a handler that returns while the call goes on without a
+    /// thread of its own (its packets handled on the connection's reader,
+    /// [`ServerCall::recv_inline`]): the status it returns is not sent;
+    /// [`ServerCall::complete`] ends the call later.
+    pub fn detach(&self) {
+        self.detached
+            .store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Ends a detached call with `status` (trailers; nothing when the call
+    /// has ended already).
+    pub fn complete(&self, status: &Status) {
+        self.finish(status);
+    }
+
     pub fn path(&self) -> &str {
         &self.path
     }

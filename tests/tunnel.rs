@@ -1215,7 +1215,8 @@ fn a_client_that_pauses_alone_on_its_agent_stream_keeps_its_tunnel() {
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     std::thread::sleep(Duration::from_millis(1500));
     let mut got = vec![0u8; TOTAL];
-    sock.read_exact(&mut got).expect("every byte after the pause");
+    sock.read_exact(&mut got)
+        .expect("every byte after the pause");
     let mut want = vec![0u8; TOTAL];
     pattern_at(11, 0, &mut want);
     assert!(got == want, "the bytes differ");
@@ -1404,8 +1405,9 @@ fn grpc_tunnels_one_connection_each_reuse_the_servers_threads() {
 /// A gRPC tunnel's DIAL_RSP goes out on the thread that delivers it, so a
 /// tunnel that has nothing else to receive holds no writer thread in
 /// proxy-server (a writer starts only when something must wait), its
-/// connection is read by the thread that accepted it, and the connection's
-/// HTTP/2 writer ends once it has nothing to write.
+/// connection is read by the thread that accepted it, the connection's
+/// HTTP/2 writer ends once it has nothing to write, and the call holds no
+/// thread while nothing waits.
 #[test]
 fn an_idle_grpc_tunnel_holds_no_writer_thread() {
     let port = quiet_destination();
@@ -1436,6 +1438,11 @@ fn an_idle_grpc_tunnel_holds_no_writer_thread() {
     // last frame (its pooled thread a few seconds later), one each before.
     poll("the idle connections' writers to end", DEADLINE, || {
         (threads_named(server, "h2-writer") <= 2).then_some(())
+    });
+    // Nor a thread for its call: the handler returns once the stream is
+    // set up (one each before, waiting for the stream's end).
+    poll("the idle calls' threads to end", DEADLINE, || {
+        (threads_named(server, "grpc-call") <= 2).then_some(())
     });
     // A tunnel with something to write still gets it.
     let echo = echo_server();

@@ -10,7 +10,7 @@
 //! Must not: decide what waits; the consumer's two functions do.
 
 use std::collections::VecDeque;
-use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 use crate::grpc::Status;
 
@@ -21,6 +21,23 @@ pub struct Inbox<T> {
     state: Mutex<State<T>>,
     ready: Condvar,
     bound: usize,
+    /// On demand ([`Inbox::on_demand`]): starts a drainer (which calls
+    /// [`Inbox::drain_ready`]) when something queues or the end comes and
+    /// none runs, in place of a thread that waits for them.
+    start: Mutex<Option<Starter>>,
+}
+
+type Starter = Arc<dyn Fn() + Send + Sync>;
+
+/// How [`Inbox::drain_ready`] stopped.
+pub enum Drained {
+    /// Nothing is left and the end has not come: a drainer starts again
+    /// when something queues.
+    Idle,
+    /// The stream's end, after everything before it.
+    End(Result<(), Status>),
+    /// The handler said stop: the inbox is closed.
+    Closed,
 }
 
 struct State<T> {
@@ -29,9 +46,12 @@ struct State<T> {
     /// queue behind it.
     busy: bool,
     end: Option<Result<(), Status>>,
-    /// The stream's thread stopped draining ([`Inbox::close`]): what the
+    /// The stream's thread stopped draining ([`Inbox::close`], or a
+    /// drain told to stop): what the
     /// reader offers from now on is dropped, and it never waits.
     closed: bool,
+    /// An on-demand drainer runs.
+    draining: bool,
 }
 
 impl<T> Inbox<T> {
@@ -42,10 +62,53 @@ impl<T> Inbox<T> {
                 busy: false,
                 end: None,
                 closed: false,
+                draining: false,
             }),
             ready: Condvar::new(),
             bound: bound.max(1),
+            start: Mutex::new(None),
         }
+    }
+
+    /// Drains on demand: `start` is called (on the reader, which must not
+    /// wait: it hands the work to another thread) whenever something
+    /// queues or the end comes while no drainer runs. Set before the
+    /// reader starts; [`Inbox::stop_on_demand`] drops it.
+    pub fn on_demand(&self, start: impl Fn() + Send + Sync + 'static) {
+        *self.start.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(start));
+    }
+
+    /// Stops taking items: what is queued and what the reader offers from
+    /// now on is dropped, and a reader waiting for room goes on.
+    pub fn close(&self) {
+        let mut state = self.lock();
+        state.closed = true;
+        state.draining = false;
+        state.backlog.clear();
+        drop(state);
+        self.ready.notify_all();
+    }
+
+    /// Drops the starter (and what it holds).
+    pub fn stop_on_demand(&self) {
+        self.start
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+    }
+
+    /// Claims the drainer's part when one is wanted and none runs.
+    fn wants_drainer(&self, state: &mut State<T>) -> Option<Starter> {
+        if state.draining || state.closed {
+            return None;
+        }
+        let start = self
+            .start
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()?;
+        state.draining = true;
+        Some(start)
     }
 
     fn lock(&self) -> MutexGuard<'_, State<T>> {
@@ -83,8 +146,12 @@ impl<T> Inbox<T> {
             return;
         }
         state.backlog.push_back(left);
+        let start = self.wants_drainer(&mut state);
         drop(state);
         self.ready.notify_all();
+        if let Some(start) = start {
+            start();
+        }
     }
 
     /// Whether anything but `mine` waits here (an item `mine` does not
@@ -97,8 +164,46 @@ impl<T> Inbox<T> {
 
     /// On the reader: the stream's end, after its last item.
     pub fn end(&self, end: Result<(), Status>) {
-        self.lock().end = Some(end);
+        let mut state = self.lock();
+        state.end = Some(end);
+        let start = self.wants_drainer(&mut state);
+        drop(state);
         self.ready.notify_all();
+        if let Some(start) = start {
+            start();
+        }
+    }
+
+    /// On an on-demand drainer ([`Inbox::on_demand`]): hands on every
+    /// queued item with `later` (which may wait) until nothing is left,
+    /// `later` says stop (the inbox closes, as in [`Inbox::drain_until`]),
+    /// or the end has come after the last item.
+    pub fn drain_ready(&self, mut later: impl FnMut(T) -> bool) -> Drained {
+        let mut state = self.lock();
+        loop {
+            if let Some(item) = state.backlog.pop_front() {
+                state.busy = true;
+                drop(state);
+                self.ready.notify_all(); // room for a waiting reader
+                let go_on = later(item);
+                state = self.lock();
+                state.busy = false;
+                if !go_on {
+                    state.closed = true;
+                    state.draining = false;
+                    state.backlog.clear();
+                    drop(state);
+                    self.ready.notify_all();
+                    return Drained::Closed;
+                }
+                continue;
+            }
+            state.draining = false;
+            return match state.end.take() {
+                Some(end) => Drained::End(end),
+                None => Drained::Idle,
+            };
+        }
     }
 
     /// On the stream's thread: hands on every queued item with `later`
@@ -231,5 +336,53 @@ mod tests {
         inbox.offer(7, Some);
         inbox.offer(9, Some);
         assert!(inbox.others_wait(mine));
+    }
+
+    #[test]
+    fn on_demand_a_drainer_starts_when_something_queues_or_the_end_comes() {
+        use std::sync::atomic::AtomicUsize;
+        let inbox = Arc::new(Inbox::new(8));
+        let starts = Arc::new(AtomicUsize::new(0));
+        {
+            let starts = starts.clone();
+            inbox.on_demand(move || {
+                starts.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+        inbox.offer(1, |_| None);
+        assert_eq!(starts.load(Ordering::SeqCst), 0, "handed on at once");
+        inbox.offer(2, Some);
+        inbox.offer(3, |_| panic!("queued behind 2"));
+        assert_eq!(starts.load(Ordering::SeqCst), 1, "one drainer for both");
+        let mut seen = Vec::new();
+        assert!(matches!(
+            inbox.drain_ready(|i| {
+                seen.push(i);
+                true
+            }),
+            Drained::Idle
+        ));
+        assert_eq!(seen, [2, 3]);
+        inbox.offer(4, |_| None);
+        assert_eq!(starts.load(Ordering::SeqCst), 1, "nothing waits");
+        inbox.end(Ok(()));
+        assert_eq!(starts.load(Ordering::SeqCst), 2, "the end wants a drainer");
+        assert!(matches!(inbox.drain_ready(|_| true), Drained::End(Ok(()))));
+
+        // Told to stop: closed, and nothing starts any more.
+        let inbox = Arc::new(Inbox::new(8));
+        let starts = Arc::new(AtomicUsize::new(0));
+        {
+            let starts = starts.clone();
+            inbox.on_demand(move || {
+                starts.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+        inbox.offer(1, Some);
+        assert!(matches!(inbox.drain_ready(|_| false), Drained::Closed));
+        inbox.offer(2, |_| panic!("closed"));
+        inbox.end(Ok(()));
+        assert_eq!(starts.load(Ordering::SeqCst), 1);
+        inbox.stop_on_demand();
     }
 }

@@ -3,7 +3,9 @@
 //! Both read the same way: the HTTP/2 connection's reader hands each packet
 //! to the hub as it arrives, sending it on from there when nothing has to
 //! wait; what would wait (a full queue), and every packet after it, goes in
-//! order through an [`Inbox`] to the call's own thread, which may wait.
+//! order through an [`Inbox`] to a thread that may wait: the agent call's
+//! own, and for a Proxy call a pooled job started only while something
+//! waits (its handler returns once the stream is set up).
 //! The other way, an agent stream has a writer (a scoped thread draining
 //! its queue), so reading never waits on writing; a Proxy stream's
 //! deliveries go out on the delivering thread when the stream takes them
@@ -21,7 +23,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use super::hub::{Deferred, FrontendGone, FrontendOut, Hub, ToFrontend};
 use crate::grpc::{Code, Inbound, ServerCall, Status};
 use crate::tunnel::identifiers::Identifiers;
-use crate::tunnel::inbox::{self, Inbox};
+use crate::tunnel::inbox::{self, Drained, Inbox};
 use crate::tunnel::message::Message;
 use crate::tunnel::proto::Packet;
 use crate::tunnel::queue::{Pop, Queue};
@@ -353,6 +355,13 @@ pub fn agent_handler(
 /// DIAL_RSP with the reason; when it was the stream's only dial (as
 /// kube-apiserver opens one stream per dial), the call then ends with
 /// RESOURCE_EXHAUSTED. A stream carrying other tunnels keeps them.
+///
+/// The handler returns once the stream is set up: its packets are handled
+/// on the connection's reader as they arrive, what must wait goes to a
+/// pooled job started only then ([`ProxyCall::drain`]), and the same job
+/// ends the call after the stream's end. An idle gRPC tunnel holds no
+/// thread of its own (its connection's reader is the thread that accepted
+/// it).
 pub fn proxy_handler(hub: Arc<Hub>) -> impl Fn(&Arc<ServerCall>) -> Status + Send + Sync + 'static {
     move |call: &Arc<ServerCall>| {
         let (key, queue) = hub.add_frontend();
@@ -369,29 +378,80 @@ pub fn proxy_handler(hub: Arc<Hub>) -> impl Fn(&Arc<ServerCall>) -> Status + Sen
         hub.metrics
             .grpc_connections
             .add(&["ProxyService/Proxy"], 1.0);
-        // The client's packets are handed on by its connection's reader as
-        // they arrive (no thread wake-up per packet); what would wait goes
-        // to this thread through the inbox.
         let inbox = Arc::new(Inbox::new(inbox::BACKLOG));
-        call.recv_inline(frontend_tap(hub.clone(), key, dials, inbox.clone()));
-        let end = inbox.drain_until(|item| match item {
+        let proxy = Arc::new(ProxyCall {
+            hub: hub.clone(),
+            key,
+            call: call.clone(),
+            out,
+            inbox: inbox.clone(),
+            what,
+        });
+        inbox.on_demand(move || proxy.clone().start_drain());
+        // The client's packets are handed on by its connection's reader as
+        // they arrive (no thread wake-up per packet).
+        call.recv_inline(frontend_tap(hub.clone(), key, dials, inbox));
+        call.detach();
+        Status::ok()
+    }
+}
+
+/// A Proxy call after its handler returned: what its connection's reader
+/// could not hand on without waiting, and the call's end.
+struct ProxyCall {
+    hub: Arc<Hub>,
+    key: FrontendKey,
+    call: Arc<ServerCall>,
+    out: Arc<ProxyOut>,
+    inbox: Arc<Inbox<FrontendBacklog>>,
+    what: String,
+}
+
+impl ProxyCall {
+    /// On the reader, when something waits in the inbox or the stream
+    /// ended: a pooled job takes it from there.
+    fn start_drain(self: Arc<Self>) {
+        let proxy = self.clone();
+        if let Err(e) = crate::shutdown::helpers().spawn("grpc-frontend", move || proxy.drain()) {
+            log::error!("{}: starting a thread: {e}", self.what);
+            // Nothing can wait for it: the call ends here.
+            self.inbox.close();
+            self.call.end(&Status::new(
+                Code::RESOURCE_EXHAUSTED,
+                format!("cannot start a thread: {e}"),
+            ));
+            self.inbox.stop_on_demand();
+            self.hub.remove_frontend(self.key);
+            let _ = self.out.end();
+        }
+    }
+
+    /// Hands on what waits, as [`Hub::from_frontend`] does (this thread
+    /// may wait); at the stream's end (or once the frontend was closed),
+    /// ends the tunnel and the call.
+    fn drain(&self) {
+        let (hub, key) = (&self.hub, self.key);
+        let end = self.inbox.drain_ready(|item| match item {
             FrontendBacklog::Message(message) => hub.from_frontend(key, message),
             FrontendBacklog::Deferred(deferred) => hub.finish_from_frontend(key, deferred),
             FrontendBacklog::Gone => false,
         });
         match end {
-            Some(Err(status)) => log::debug!("{what}: stream ended: {status:?}"),
-            Some(Ok(())) => {}
-            None => log::debug!("{what}: closed by the server"),
+            Drained::Idle => return,
+            Drained::End(Err(status)) => log::debug!("{}: stream ended: {status:?}", self.what),
+            Drained::End(Ok(())) => {}
+            Drained::Closed => log::debug!("{}: closed by the server", self.what),
         }
         // Closes the queue, so a running writer ends.
         hub.remove_frontend(key);
-        if let Some(writer) = out.end() {
+        if let Some(writer) = self.out.end() {
             writer.join();
         }
         hub.metrics
             .grpc_connections
             .add(&["ProxyService/Proxy"], -1.0);
-        Status::ok()
+        self.call.complete(&Status::ok());
+        // The starter holds this call: let it go.
+        self.inbox.stop_on_demand();
     }
 }
