@@ -498,7 +498,7 @@ def idle():
     row(f"5. ... gRPC frontend (UDS, a connection per tunnel, as kube-apiserver): {m} idle tunnels, "
         f"proxy-server RSS per tunnel; threads per tunnel", f"{per:.1f} KiB; "
         f"{(g['threads'] - g['threads_before']) / m:.2f}", f"squid {sq_per:.1f} KiB (CONNECT)",
-        per / sq_per if sq_per > 0 else None, "", None)
+        per / sq_per if sq_per > 0 else None, "< 20 KiB", per < 20)
 
 
 WRK_LUA = """wrk.method = "POST"
