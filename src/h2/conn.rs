@@ -260,6 +260,10 @@ struct State {
     writer_running: bool,
     /// The last writer job has flushed and closed the transport.
     writer_done: bool,
+    /// The reader of a plaintext connection is handling what it read, and
+    /// writes what that queues itself right after ([`flush_now`]): a kick
+    /// meanwhile need not wake or start the writer.
+    reader_flushes: bool,
     /// A thread (the writer thread, or a sender writing its own frames) is
     /// writing a batch taken from `out`: nobody else may write until it
     /// clears this, so batches reach the socket in order.
@@ -286,6 +290,9 @@ struct Shared {
     role: Role,
     peer: String,
     secure: bool,
+    /// A plaintext socket: the reader writes its answers itself
+    /// ([`flush_now`]).
+    plain_fd: Option<std::os::fd::RawFd>,
     closer: Box<dyn Fn() + Send + Sync>,
     /// The transport's writer half, used by whoever holds `State::writing`;
     /// taken (dropped: TLS close_notify) when the writer thread ends.
@@ -329,6 +336,9 @@ impl State {
     /// Output was queued (or the connection closed, or a deadline
     /// changed): wakes the writer, or starts one when none runs.
     fn kick(&mut self, shared: &Shared) {
+        if self.reader_flushes && self.closed.is_none() {
+            return;
+        }
         if self.writer_waiting {
             self.writer_waiting = false;
             shared.writer_cv.notify_one();
@@ -542,6 +552,7 @@ impl Connection {
             closer,
             peer,
             secure,
+            plain_fd,
         } = transport;
         let mut config = config;
         config.max_frame_size = config
@@ -606,6 +617,7 @@ impl Connection {
             writer_waiting: false,
             writer_running: false,
             writer_done: false,
+            reader_flushes: false,
             writing: false,
             spare: Vec::new(),
             tap_pending: Vec::new(),
@@ -620,14 +632,28 @@ impl Connection {
             role,
             peer,
             secure,
+            plain_fd,
             closer,
             writer: Mutex::new(Some(writer)),
             tapped: AtomicBool::new(false),
         });
-        // Our preface and SETTINGS are queued: the first writer job
-        // sends them (a pooled job: a connection per tunnel, as
+        // Our preface and SETTINGS are queued: over a plaintext socket the
+        // reader sends them as it starts ([`flush_now`]); else the first
+        // writer job does (a pooled job: a connection per tunnel, as
         // kube-apiserver opens them, must not cost a thread start).
-        {
+        // Over a plaintext socket no writer starts yet: the timer starts
+        // one at the first deadline (the client's handshake time, the
+        // first keepalive PING), as it does for an idle connection.
+        let first_deadline = [
+            (role == Role::Server).then_some(shared.config.handshake_timeout),
+            shared.config.keepalive_interval,
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        let timed = shared.plain_fd.is_some()
+            && first_deadline.is_none_or(|d| timer::schedule(&shared, Instant::now() + d));
+        if !timed {
             let mut state = lock(&shared);
             state.kick(&shared);
             if !state.writer_running {
@@ -1303,8 +1329,8 @@ fn write_loop(shared: &Arc<Shared>) {
 /// Starts idle connections' writers when their deadlines (a keepalive
 /// PING due or unanswered, a handshake timeout) come: one thread for the
 /// process in place of a sleeping writer per connection. It runs while
-/// some connection waits for a deadline, and ends when none does (so a
-/// process with no connections holds no thread for it).
+/// some connection waits for a deadline, and ends when none has for a few
+/// seconds (so a process with no connections holds no thread for it).
 mod timer {
     use super::{Shared, lock};
     use std::cmp::Reverse;
@@ -1394,13 +1420,29 @@ mod timer {
     fn run() {
         let mut fired = Vec::new();
         let mut state = lock_timer();
+        let mut idle_since = None;
         loop {
-            if state.conns.is_empty() {
-                state.due.clear();
-                state.running = false;
-                return;
-            }
             let now = Instant::now();
+            if state.conns.is_empty() {
+                // Ends once nobody has waited for a while (as an idle
+                // pooled thread does), not between one connection and the
+                // next.
+                state.due.clear();
+                let since = *idle_since.get_or_insert(now);
+                let left =
+                    (since + crate::shutdown::WorkerSet::IDLE).saturating_duration_since(now);
+                if left.is_zero() {
+                    state.running = false;
+                    return;
+                }
+                state = timer()
+                    .changed
+                    .wait_timeout(state, left)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+                continue;
+            }
+            idle_since = None;
             while let Some(&Reverse((at, id))) = state.due.peek() {
                 if at > now {
                     break;
@@ -1709,6 +1751,7 @@ fn read_frames(
         })
     };
     let closed = || lock(shared).closed.is_some();
+    flush_now(shared);
     if shared.role == Role::Server {
         // A client that connects and stays silent gets the handshake
         // timeout (the writer enforces it too, for reads without timeouts).
@@ -1810,7 +1853,11 @@ fn read_frames(
         if plain && n == read_size {
             read_size = (read_size * 2).min(READ_SIZE);
         }
-        lock(shared).last_read = Instant::now();
+        {
+            let mut state = lock(shared);
+            state.last_read = Instant::now();
+            state.reader_flushes = shared.plain_fd.is_some();
+        }
         let handled = (|| -> Result<(), Fatal> {
             if let Some(d) = direct.take_if(|d| d.is_complete()) {
                 handle_frame(shared, &mut r, d.into_frame()?)?;
@@ -1828,17 +1875,73 @@ fn read_frames(
         if let Some(on_stream) = on_stream.as_deref_mut() {
             hand_new_streams(shared, on_stream);
         }
+        let queued = flush_now(shared);
         handled?;
         // Answers to the peer's frames (PING ACKs, RST_STREAMs) are queued
         // without waiting; a peer that sends but never reads must not grow
         // the queue without bound.
-        if lock(shared).out.len() > CONTROL_FLOOD_LIMIT + shared.config.max_send_buffer {
+        if queued > CONTROL_FLOOD_LIMIT + shared.config.max_send_buffer {
             return Err(conn(
                 ErrorCode::ENHANCE_YOUR_CALM,
                 "peer does not read our frames",
             ));
         }
     }
+}
+
+/// On the reader, after it handled a read: over a plaintext socket, writes
+/// what is queued (our answers: SETTINGS and PING ACKs, WINDOW_UPDATEs,
+/// RST_STREAMs; whatever else waits) itself without waiting, when nobody
+/// is writing, rather than wake the writer for a few bytes; what the socket
+/// does not take now is the writer's. Returns the bytes left queued.
+fn flush_now(shared: &Shared) -> usize {
+    let mut state = lock(shared);
+    state.reader_flushes = false;
+    let Some(fd) = shared.plain_fd else {
+        return state.out.len();
+    };
+    if state.writing || state.out.is_empty() || state.closed.is_some() {
+        if !state.out.is_empty() || state.closed.is_some() {
+            state.kick(shared);
+        }
+        return state.out.len();
+    }
+    state.writing = true;
+    let mut batch = std::mem::take(&mut state.spare);
+    std::mem::swap(&mut state.out, &mut batch);
+    state.notify_senders();
+    drop(state);
+    let sent = crate::sys::send_now(fd, &batch);
+    let mut state = lock(shared);
+    state.writing = false;
+    match sent {
+        Ok(n) if n == batch.len() => {
+            batch.clear();
+            state.spare = batch;
+        }
+        Ok(n) => {
+            // The rest goes first, then what was queued meanwhile.
+            batch.drain(..n);
+            batch.extend_from_slice(&state.out);
+            state.out = batch;
+        }
+        Err(err) => {
+            state.close(
+                shared,
+                Error::Io {
+                    peer: shared.peer.clone(),
+                    err: format!("writing: {err}"),
+                },
+            );
+            drop(state);
+            (shared.closer)();
+            state = lock(shared);
+        }
+    }
+    if !state.out.is_empty() || state.closed.is_some() {
+        state.kick(shared);
+    }
+    state.out.len()
 }
 
 fn handle_frame(shared: &Shared, r: &mut Reader, frame: Frame) -> Result<(), Fatal> {
@@ -3061,6 +3164,26 @@ mod tests {
             start.elapsed()
         );
         assert_eq!(conn.closed(), None);
+    }
+
+    /// Over a plaintext socket the reader sends our SETTINGS and answers
+    /// the peer's SETTINGS and PINGs itself: no writer runs for them.
+    #[test]
+    fn a_plaintext_connections_reader_writes_its_answers_itself() {
+        let (conn, mut raw) = raw_pair(Config::default(), true);
+        for round in 0..3u8 {
+            raw.frame(kind::PING, 0, 0, &[round; 8]);
+            let ack = raw.expect("PING ACK", |f| matches!(f, Frame::Ping { ack: true, .. }));
+            assert_eq!(
+                ack,
+                Frame::Ping {
+                    ack: true,
+                    payload: [round; 8]
+                }
+            );
+        }
+        let state = lock(&conn.shared);
+        assert!(!state.writer_running && !state.writer_done, "no writer ran");
     }
 
     /// An idle connection holds no writer: its writer ends after

@@ -37,6 +37,7 @@ pub trait ReadHalf: Read + Send {
 /// A blocking socket that one reader and one writer use at once through
 /// shared references (as `&TcpStream` allows), without a second descriptor.
 pub trait Socket: Send + Sync + 'static {
+    fn fd(&self) -> std::os::fd::RawFd;
     fn read_shared(&self, buf: &mut [u8]) -> io::Result<usize>;
     /// [`ReadHalf::read_append`] on the socket.
     fn read_append_shared(&self, buf: &mut Vec<u8>, max: usize) -> io::Result<usize>;
@@ -48,6 +49,9 @@ pub trait Socket: Send + Sync + 'static {
 }
 
 impl Socket for TcpStream {
+    fn fd(&self) -> std::os::fd::RawFd {
+        self.as_raw_fd()
+    }
     fn read_shared(&self, buf: &mut [u8]) -> io::Result<usize> {
         crate::sys::read_polled(self.as_raw_fd(), buf, || self.read_timeout())
     }
@@ -76,6 +80,9 @@ impl Socket for TcpStream {
 }
 
 impl Socket for UnixStream {
+    fn fd(&self) -> std::os::fd::RawFd {
+        self.as_raw_fd()
+    }
     fn read_shared(&self, buf: &mut [u8]) -> io::Result<usize> {
         crate::sys::read_polled(self.as_raw_fd(), buf, || self.read_timeout())
     }
@@ -158,6 +165,9 @@ pub struct Transport {
     pub(crate) closer: Box<dyn Fn() + Send + Sync>,
     pub(crate) peer: String,
     pub(crate) secure: bool,
+    /// A plaintext socket, which the connection's reader may write its
+    /// answers to without waiting (`MSG_DONTWAIT`).
+    pub(crate) plain_fd: Option<std::os::fd::RawFd>,
 }
 
 impl Transport {
@@ -177,12 +187,14 @@ impl Transport {
         sock.set_timeouts(read_timeout, write_timeout)
             .map_err(Error::Socket)?;
         let peer = sock.peer();
+        let plain_fd = Some(sock.fd());
         Ok(Transport {
             reader: Box::new(SharedSocket(sock.clone())),
             writer: Box::new(SharedSocket(sock.clone())),
             closer: Box::new(move || sock.shutdown_both()),
             peer,
             secure: false,
+            plain_fd,
         })
     }
 
@@ -244,6 +256,7 @@ impl Transport {
             closer: Box::new(move || closer.shutdown_both()),
             peer,
             secure: true,
+            plain_fd: None,
         })
     }
 }

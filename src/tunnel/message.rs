@@ -50,6 +50,17 @@ impl Message {
         }
     }
 
+    /// Whether this is about established connection `id` (its DATA, or its
+    /// close either way).
+    pub fn is_for(&self, id: i64) -> bool {
+        match self {
+            Message::Data { connect_id, .. }
+            | Message::CloseReq { connect_id }
+            | Message::CloseRsp { connect_id, .. } => *connect_id == id,
+            _ => false,
+        }
+    }
+
     /// The packet type's name as upstream logs it.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -220,6 +231,28 @@ impl TryFrom<Packet> for Message {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_message_is_for_its_established_connection() {
+        let data = Message::Data {
+            connect_id: 7,
+            error: String::new(),
+            data: Bytes::from_static(b"x"),
+        };
+        assert!(data.is_for(7) && !data.is_for(8));
+        assert!(Message::CloseReq { connect_id: 7 }.is_for(7));
+        let close = Message::CloseRsp {
+            error: String::new(),
+            connect_id: 7,
+        };
+        assert!(close.is_for(7));
+        let dial = Message::DialRsp {
+            error: String::new(),
+            connect_id: 7,
+            random: 1,
+        };
+        assert!(!dial.is_for(7), "a dial's answer is not the connection's");
+    }
+
     use super::*;
     use prost::Message as _;
 

@@ -349,11 +349,14 @@ impl Stream {
                             // Other tunnels' packets behind this one: in
                             // this batch, or queued for the stream's thread.
                             let others_wait = || {
-                                actions.as_slice().iter().any(
-                                    |a| !matches!(a, Action::Deliver(c, ..) if *c == connect_id),
-                                ) || self.backlog.others_wait(|item| {
-                                    matches!(item, Backlog::Message(Message::Data { connect_id: c, .. })
-                                        if *c == connect_id)
+                                actions.as_slice().iter().any(|a| match a {
+                                    Action::Deliver(c, ..) => *c != connect_id,
+                                    Action::Close(d) | Action::CloseAfterFlush(d) => {
+                                        !Arc::ptr_eq(&d.inner, &dest.inner)
+                                    }
+                                    _ => true,
+                                }) || self.backlog.others_wait(|item| {
+                                    matches!(item, Backlog::Message(m) if m.is_for(connect_id))
                                 })
                             };
                             dest.inner.queue.push_graced(data, others_wait)

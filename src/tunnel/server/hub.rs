@@ -793,7 +793,9 @@ impl Hub {
                             _ => 0,
                         };
                         let others_wait = || {
-                            rest.as_slice().iter().any(|d| !is_data_for(d, connect_id))
+                            rest.as_slice()
+                                .iter()
+                                .any(|d| !is_for_tunnel(d, connect_id))
                                 || others.is_none_or(|others| others(connect_id))
                         };
                         match link.queue.push_graced(item, others_wait) {
@@ -829,12 +831,12 @@ impl Hub {
     }
 }
 
-/// Whether `delivery` is data for tunnel `connect_id`'s frontend.
-fn is_data_for(delivery: &Delivery, connect_id: i64) -> bool {
+/// Whether `delivery` is for tunnel `connect_id`'s frontend (its data, or
+/// its close).
+fn is_for_tunnel(delivery: &Delivery, connect_id: i64) -> bool {
     matches!(
         delivery,
-        Delivery::Frontend(_, _, ToFrontend::Message(Message::Data { connect_id: c, .. }))
-            if *c == connect_id
+        Delivery::Frontend(_, _, ToFrontend::Message(m)) if m.is_for(connect_id)
     )
 }
 

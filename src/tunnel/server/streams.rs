@@ -327,10 +327,8 @@ pub fn agent_handler(
             call.recv_inline(agent_tap(hub.clone(), key, agent_id.clone(), inbox.clone()));
             // Whether other tunnels' packets wait behind `connect_id`'s.
             let others = |connect_id: i64| {
-                inbox.others_wait(|item| {
-                    matches!(item, Backlog::Message(Message::Data { connect_id: c, .. })
-                        if *c == connect_id)
-                })
+                inbox
+                    .others_wait(|item| matches!(item, Backlog::Message(m) if m.is_for(connect_id)))
             };
             let end = inbox.drain(|item| match item {
                 Backlog::Message(message) => hub.from_agent(key, message, &others),
