@@ -1515,16 +1515,7 @@ fn write_batch_with<'a>(
     state.spare = batch;
     state.writing = false;
     if let Err(err) = result {
-        state.close(
-            shared,
-            Error::Io {
-                peer: shared.peer.clone(),
-                err: format!("writing: {err}"),
-            },
-        );
-        drop(state);
-        (shared.closer)();
-        state = lock(shared);
+        state = write_failed(shared, state, &err);
     }
     // Output queued meanwhile is the writer thread's (or the next sender's).
     if !state.out.is_empty() || state.closed.is_some() {
@@ -1925,23 +1916,31 @@ fn flush_now(shared: &Shared) -> usize {
             batch.extend_from_slice(&state.out);
             state.out = batch;
         }
-        Err(err) => {
-            state.close(
-                shared,
-                Error::Io {
-                    peer: shared.peer.clone(),
-                    err: format!("writing: {err}"),
-                },
-            );
-            drop(state);
-            (shared.closer)();
-            state = lock(shared);
-        }
+        Err(err) => state = write_failed(shared, state, &err),
     }
     if !state.out.is_empty() || state.closed.is_some() {
         state.kick(shared);
     }
     state.out.len()
+}
+
+/// Writing to the socket failed: the connection closes, and its socket is
+/// shut down (which ends the reader). Returns with the lock held again.
+fn write_failed<'a>(
+    shared: &'a Shared,
+    mut state: MutexGuard<'a, State>,
+    err: &io::Error,
+) -> MutexGuard<'a, State> {
+    state.close(
+        shared,
+        Error::Io {
+            peer: shared.peer.clone(),
+            err: format!("writing: {err}"),
+        },
+    );
+    drop(state);
+    (shared.closer)();
+    lock(shared)
 }
 
 fn handle_frame(shared: &Shared, r: &mut Reader, frame: Frame) -> Result<(), Fatal> {

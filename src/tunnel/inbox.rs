@@ -178,7 +178,34 @@ impl<T> Inbox<T> {
     /// queued item with `later` (which may wait) until nothing is left,
     /// `later` says stop (the inbox closes, as in [`Inbox::drain_until`]),
     /// or the end has come after the last item.
-    pub fn drain_ready(&self, mut later: impl FnMut(T) -> bool) -> Drained {
+    pub fn drain_ready(&self, later: impl FnMut(T) -> bool) -> Drained {
+        self.drain_loop(later, false)
+    }
+
+    /// On the stream's thread: hands on every queued item with `later`
+    /// (which may wait), until the end has come and nothing is left;
+    /// returns the end.
+    pub fn drain(&self, mut later: impl FnMut(T)) -> Result<(), Status> {
+        let end = self.drain_until(|item| {
+            later(item);
+            true
+        });
+        end.unwrap_or(Ok(()))
+    }
+
+    /// [`Inbox::drain`], until `later` returns false: then the inbox
+    /// closes (what is queued and what comes later is dropped, and a
+    /// reader waiting for room goes on) and None is returned.
+    pub fn drain_until(&self, later: impl FnMut(T) -> bool) -> Option<Result<(), Status>> {
+        match self.drain_loop(later, true) {
+            Drained::End(end) => Some(end),
+            Drained::Closed | Drained::Idle => None,
+        }
+    }
+
+    /// Hands on queued items until `later` says stop, the end comes, or
+    /// (unless `wait`, which waits for more) nothing is left.
+    fn drain_loop(&self, mut later: impl FnMut(T) -> bool, wait: bool) -> Drained {
         let mut state = self.lock();
         loop {
             if let Some(item) = state.backlog.pop_front() {
@@ -198,49 +225,13 @@ impl<T> Inbox<T> {
                 }
                 continue;
             }
-            state.draining = false;
-            return match state.end.take() {
-                Some(end) => Drained::End(end),
-                None => Drained::Idle,
-            };
-        }
-    }
-
-    /// On the stream's thread: hands on every queued item with `later`
-    /// (which may wait), until the end has come and nothing is left;
-    /// returns the end.
-    pub fn drain(&self, mut later: impl FnMut(T)) -> Result<(), Status> {
-        let end = self.drain_until(|item| {
-            later(item);
-            true
-        });
-        end.unwrap_or(Ok(()))
-    }
-
-    /// [`Inbox::drain`], until `later` returns false: then the inbox
-    /// closes (what is queued and what comes later is dropped, and a
-    /// reader waiting for room goes on) and None is returned.
-    pub fn drain_until(&self, mut later: impl FnMut(T) -> bool) -> Option<Result<(), Status>> {
-        let mut state = self.lock();
-        loop {
-            if let Some(item) = state.backlog.pop_front() {
-                state.busy = true;
-                drop(state);
-                self.ready.notify_all(); // room for a waiting reader
-                let go_on = later(item);
-                state = self.lock();
-                state.busy = false;
-                if !go_on {
-                    state.closed = true;
-                    state.backlog.clear();
-                    drop(state);
-                    self.ready.notify_all();
-                    return None;
-                }
-                continue;
-            }
             if let Some(end) = state.end.take() {
-                return Some(end);
+                state.draining = false;
+                return Drained::End(end);
+            }
+            if !wait {
+                state.draining = false;
+                return Drained::Idle;
             }
             state = self.wait(state);
         }
