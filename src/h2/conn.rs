@@ -337,8 +337,14 @@ impl State {
     /// changed): wakes the writer, or starts one when none runs.
     fn kick(&mut self, shared: &Shared) {
         if self.reader_flushes && self.closed.is_none() {
-            return;
+            return; // the reader writes it, right after its read
         }
+        self.wake_writer(shared);
+    }
+
+    /// Wakes the writer, or starts one when none runs (also while the
+    /// reader flushes: the timer's deadlines are the writer's).
+    fn wake_writer(&mut self, shared: &Shared) {
         if self.writer_waiting {
             self.writer_waiting = false;
             shared.writer_cv.notify_one();
@@ -637,13 +643,13 @@ impl Connection {
             writer: Mutex::new(Some(writer)),
             tapped: AtomicBool::new(false),
         });
-        // Our preface and SETTINGS are queued: over a plaintext socket the
-        // reader sends them as it starts ([`flush_now`]); else the first
-        // writer job does (a pooled job: a connection per tunnel, as
-        // kube-apiserver opens them, must not cost a thread start).
-        // Over a plaintext socket no writer starts yet: the timer starts
-        // one at the first deadline (the client's handshake time, the
-        // first keepalive PING), as it does for an idle connection.
+        // Our preface and SETTINGS are queued. Over a plaintext socket the
+        // reader sends them as it starts ([`flush_now`]), and no writer
+        // starts yet: the timer starts one at the first deadline (the
+        // client's handshake time, the first keepalive PING), as for an
+        // idle connection. Otherwise the first writer job sends them (a
+        // pooled job: a connection per tunnel, as kube-apiserver opens
+        // them, must not cost a thread start).
         let first_deadline = [
             (role == Role::Server).then_some(shared.config.handshake_timeout),
             shared.config.keepalive_interval,
@@ -1471,7 +1477,7 @@ mod timer {
             }
             drop(state);
             for conn in fired.drain(..).filter_map(|c| c.upgrade()) {
-                lock(&conn).kick(&conn);
+                lock(&conn).wake_writer(&conn);
             }
             state = lock_timer();
         }
