@@ -785,13 +785,9 @@ impl Hub {
                 Delivery::Frontend(
                     frontend,
                     link,
-                    item @ ToFrontend::Message(Message::Data { .. }),
+                    item @ ToFrontend::Message(Message::Data { connect_id, .. }),
                 ) => {
                     if let Err(item) = link.offer(item) {
-                        let connect_id = match &item {
-                            ToFrontend::Message(Message::Data { connect_id, .. }) => *connect_id,
-                            _ => 0,
-                        };
                         let others_wait = || {
                             rest.as_slice()
                                 .iter()
