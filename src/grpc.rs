@@ -7,8 +7,10 @@
 //! trailers with `grpc-status` and percent-encoded `grpc-message`, the
 //! 5-byte message prefix, the maximum message size (4 MiB by default, as
 //! upstream; larger is RESOURCE_EXHAUSTED), and the mapping of HTTP/2
-//! errors to status codes. [`Client`] opens calls; [`Server`] runs one
-//! thread per call and routes it by `:path`.
+//! errors to status codes. [`Client`] opens calls; [`Server`] runs each
+//! call's handler on a pooled thread and routes it by `:path` (a handler
+//! may return early and leave the call to others:
+//! [`ServerCall::detach`]).
 //! Must not: know the tunnel's messages (calls carry bytes; `prost`
 //! helpers encode and decode), or buffer more than one message per call.
 //! Deliberately absent: compression (a compressed message is refused with
@@ -728,10 +730,12 @@ fn http_status(http: &[u8]) -> Status {
 
 type Handler = dyn Fn(&Arc<ServerCall>) -> Status + Send + Sync;
 
-/// Routes calls by `:path` to handlers; each call runs on its own thread
-/// and ends with the status its handler returns. A handler may hand clones
-/// of its call to other threads (an agent stream that frontends send on);
-/// sends after the handler returned fail. Cheap to clone.
+/// Routes calls by `:path` to handlers; each call's handler runs on a
+/// pooled thread, and the call ends with the status it returns, unless it
+/// detached the call ([`ServerCall::detach`]: then [`ServerCall::complete`]
+/// ends it). A handler may hand clones of its call to other threads (an
+/// agent stream that frontends send on); sends after the call ended fail.
+/// Cheap to clone.
 #[derive(Clone)]
 pub struct Server {
     routes: Arc<HashMap<String, Arc<Handler>>>,

@@ -260,7 +260,8 @@ impl FrontendOut for ProxyOut {
 
 /// The agent stream's consumer, on its connection's reader thread: each
 /// packet goes to the hub at once; what would wait (a full frontend queue)
-/// and every packet after it queue for the call's thread, in order.
+/// and every packet after it queue for the call's thread (which waits for
+/// the stream's end), in order.
 fn agent_tap(
     hub: Arc<Hub>,
     key: AgentKey,
