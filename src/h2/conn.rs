@@ -60,7 +60,7 @@ pub struct Config {
     /// what is left of their header timeout after the TLS handshake). Once
     /// they have, the connection lives under keepalive.
     pub handshake_timeout: Duration,
-    /// Bytes queued for the writer thread before senders wait.
+    /// Bytes queued for the writer before senders wait.
     pub max_send_buffer: usize,
 }
 
@@ -264,7 +264,7 @@ struct State {
     /// writes what that queues itself right after ([`flush_now`]): a kick
     /// meanwhile need not wake or start the writer.
     reader_flushes: bool,
-    /// A thread (the writer thread, or a sender writing its own frames) is
+    /// A thread (the writer, or a sender writing its own frames) is
     /// writing a batch taken from `out`: nobody else may write until it
     /// clears this, so batches reach the socket in order.
     writing: bool,
@@ -295,7 +295,7 @@ struct Shared {
     plain_fd: Option<std::os::fd::RawFd>,
     closer: Box<dyn Fn() + Send + Sync>,
     /// The transport's writer half, used by whoever holds `State::writing`;
-    /// taken (dropped: TLS close_notify) when the writer thread ends.
+    /// taken (dropped: TLS close_notify) when the last writer job ends.
     writer: Mutex<Option<Box<dyn Write + Send>>>,
     /// A stream was ever tapped: the reader then looks for tap events.
     tapped: AtomicBool,
@@ -1523,7 +1523,7 @@ fn write_batch_with<'a>(
     if let Err(err) = result {
         state = write_failed(shared, state, &err);
     }
-    // Output queued meanwhile is the writer thread's (or the next sender's).
+    // Output queued meanwhile is the writer's (or the next sender's).
     if !state.out.is_empty() || state.closed.is_some() {
         state.kick(shared);
     }
