@@ -693,10 +693,10 @@ fn a_destination_that_reads_late_gets_every_byte_in_order_through_grpc() {
     // As above through the gRPC frontend. 20 MiB is more than the agent's
     // side holds (its stream's window, its queue, the socket buffers), so
     // the server's queue towards the agent fills and the frontend
-    // connection's reader hands the stream's packets to the call's thread,
-    // which waits for room (checked once by making that hand-over abort
-    // the server); the CLOSE_REQ right after the last byte comes after all
-    // of it.
+    // connection's reader hands the stream's packets to the call's drainer
+    // (a pooled job started then), which waits for room (checked once by
+    // making that hand-over abort the server); the CLOSE_REQ right after
+    // the last byte comes after all of it.
     const TOTAL: usize = 32 * 1024 * 1024;
     const GO_AFTER: usize = 20 * 1024 * 1024;
     let (port, go, done) = late_reader();

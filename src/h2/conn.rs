@@ -369,6 +369,17 @@ impl State {
         }
     }
 
+    /// Takes what is queued as the next batch to write, marking the
+    /// connection as being written (`writing`) and making room for the
+    /// senders that wait for it.
+    fn take_batch(&mut self) -> Vec<u8> {
+        self.writing = true;
+        let mut batch = std::mem::take(&mut self.spare);
+        std::mem::swap(&mut self.out, &mut batch);
+        self.notify_senders();
+        batch
+    }
+
     fn fail_stream(&mut self, id: u32, code: ErrorCode) {
         frame::write_rst_stream(&mut self.out, id, code);
         if let Some(s) = self.streams.get_mut(&id) {
@@ -1401,6 +1412,7 @@ mod timer {
         let earliest = state.due.peek().is_none_or(|Reverse((d, _))| at < *d);
         state.conns.insert(conn.id, (at, Arc::downgrade(conn)));
         state.due.push(Reverse((at, conn.id)));
+        state.compact();
         drop(state);
         if earliest {
             timer().changed.notify_one();
@@ -1417,9 +1429,29 @@ mod timer {
     /// The connection `id` has ended: it waits for nothing any more.
     pub(super) fn forget(id: u64) {
         let mut state = lock_timer();
-        if state.conns.remove(&id).is_some() && state.conns.is_empty() {
+        if state.conns.remove(&id).is_none() {
+            return;
+        }
+        state.compact();
+        if state.conns.is_empty() {
             drop(state);
             timer().changed.notify_one();
+        }
+    }
+
+    impl TimerState {
+        /// Rebuilds `due` from `conns` once passed-over entries (of ended
+        /// connections, of moved deadlines) outnumber the live ones: a
+        /// deadline can be an hour away (`--keepalive-time`), and
+        /// connections come and go faster than that.
+        fn compact(&mut self) {
+            if self.due.len() > 2 * self.conns.len() + 64 {
+                self.due = self
+                    .conns
+                    .iter()
+                    .map(|(id, (at, _))| Reverse((*at, *id)))
+                    .collect();
+            }
         }
     }
 
@@ -1499,10 +1531,7 @@ fn write_batch_with<'a>(
     mut state: MutexGuard<'a, State>,
     extra: &[&[u8]; 3],
 ) -> MutexGuard<'a, State> {
-    state.writing = true;
-    let mut batch = std::mem::take(&mut state.spare);
-    std::mem::swap(&mut state.out, &mut batch);
-    state.notify_senders();
+    let mut batch = state.take_batch();
     drop(state);
     let result = match shared
         .writer
@@ -1897,32 +1926,25 @@ fn flush_now(shared: &Shared) -> usize {
     let Some(fd) = shared.plain_fd else {
         return state.out.len();
     };
-    if state.writing || state.out.is_empty() || state.closed.is_some() {
-        if !state.out.is_empty() || state.closed.is_some() {
-            state.kick(shared);
+    if !state.writing && !state.out.is_empty() && state.closed.is_none() {
+        let mut batch = state.take_batch();
+        drop(state);
+        let sent = crate::sys::send_now(fd, &batch);
+        state = lock(shared);
+        state.writing = false;
+        match sent {
+            Ok(n) if n == batch.len() => {
+                batch.clear();
+                state.spare = batch;
+            }
+            Ok(n) => {
+                // The rest goes first, then what was queued meanwhile.
+                batch.drain(..n);
+                batch.extend_from_slice(&state.out);
+                state.out = batch;
+            }
+            Err(err) => state = write_failed(shared, state, &err),
         }
-        return state.out.len();
-    }
-    state.writing = true;
-    let mut batch = std::mem::take(&mut state.spare);
-    std::mem::swap(&mut state.out, &mut batch);
-    state.notify_senders();
-    drop(state);
-    let sent = crate::sys::send_now(fd, &batch);
-    let mut state = lock(shared);
-    state.writing = false;
-    match sent {
-        Ok(n) if n == batch.len() => {
-            batch.clear();
-            state.spare = batch;
-        }
-        Ok(n) => {
-            // The rest goes first, then what was queued meanwhile.
-            batch.drain(..n);
-            batch.extend_from_slice(&state.out);
-            state.out = batch;
-        }
-        Err(err) => state = write_failed(shared, state, &err),
     }
     if !state.out.is_empty() || state.closed.is_some() {
         state.kick(shared);

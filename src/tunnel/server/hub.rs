@@ -523,6 +523,13 @@ impl Hub {
         self.drop_frontend(key, false, Some(key));
     }
 
+    /// [`Hub::remove_frontend`] from a thread that must not wait (a
+    /// connection's reader): what the agents are told is queued for their
+    /// streams' writers rather than sent from here.
+    pub fn remove_frontend_nowait(&self, key: FrontendKey) {
+        self.drop_frontend(key, false, None);
+    }
+
     /// [`Hub::remove_frontend`], but what is already queued for the
     /// frontend is still delivered (its client closed its side only).
     pub fn remove_frontend_flushing(&self, key: FrontendKey) {

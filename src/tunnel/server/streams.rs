@@ -420,8 +420,9 @@ impl ProxyCall {
                 format!("cannot start a thread: {e}"),
             ));
             self.inbox.stop_on_demand();
-            self.hub.remove_frontend(self.key);
+            // This is the connection's reader: it must not wait.
             let _ = self.out.end();
+            self.hub.remove_frontend_nowait(self.key);
         }
     }
 
