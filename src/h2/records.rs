@@ -225,15 +225,29 @@ impl Unbuffered for UnbufferedServerConnection {
 }
 
 /// What a finished handshake leaves: bytes read past it (the start of the
-/// next record) and application data that arrived with its last flight.
+/// next record), application data that arrived with its last flight, and
+/// records encrypted after it that are still to be sent.
 struct Leftovers {
     ciphertext: Vec<u8>,
     plaintext: Vec<u8>,
+    /// A TLS 1.3 server's session tickets, when it asked for the client's
+    /// certificate: those can only be made once the client's Finished is
+    /// in, and are sent ahead of the first record the writer half sends.
+    unsent: Vec<u8>,
 }
 
 /// Runs the handshake on `io` until both sides may exchange application
-/// data and nothing is left to send.
-fn drive<U: Unbuffered>(conn: &mut U, io: &mut (impl Read + Write)) -> io::Result<Leftovers> {
+/// data and nothing is left to send, except, with `hold_tickets` (servers),
+/// what a TLS 1.3 handshake encrypts once it is over: the session tickets
+/// a server sends after the client's Finished. Written at once, they would
+/// cost the first request a write and its client a wake-up before the
+/// request is even read (the CONNECT frontend's dial); they go out with the
+/// first answer instead.
+fn drive<U: Unbuffered>(
+    conn: &mut U,
+    io: &mut (impl Read + Write),
+    hold_tickets: bool,
+) -> io::Result<Leftovers> {
     let mut incoming = vec![0u8; READ_FIRST];
     let mut used = 0;
     let mut outgoing = vec![0u8; READ_FIRST];
@@ -247,6 +261,7 @@ fn drive<U: Unbuffered>(conn: &mut U, io: &mut (impl Read + Write)) -> io::Resul
         let window = if done { 0 } else { used };
         let mut traffic = false;
         let mut need_read = false;
+        let mut transmit = false;
         let UnbufferedStatus { mut discard, state } = conn.process(&mut incoming[..window]);
         let state = match state {
             Ok(state) => state,
@@ -273,10 +288,10 @@ fn drive<U: Unbuffered>(conn: &mut U, io: &mut (impl Read + Write)) -> io::Resul
                     Err(e) => return Err(invalid(format!("TLS handshake: {e}"))),
                 }
             },
+            // Written below, once rustls no longer borrows the connection.
             ConnectionState::TransmitTlsData(data) => {
-                io.write_all(&outgoing[..out_used])?;
-                out_used = 0;
                 data.done();
+                transmit = true;
             }
             ConnectionState::BlockedHandshake if !done => need_read = true,
             ConnectionState::WriteTraffic(_) => traffic = true,
@@ -295,6 +310,14 @@ fn drive<U: Unbuffered>(conn: &mut U, io: &mut (impl Read + Write)) -> io::Resul
             }
             other => return Err(invalid(format!("TLS handshake: unexpected {other:?}"))),
         }
+        if transmit {
+            let over = !conn.common().is_handshaking()
+                && conn.common().protocol_version() == Some(ProtocolVersion::TLSv1_3);
+            if !(hold_tickets && over) {
+                io.write_all(&outgoing[..out_used])?;
+                out_used = 0;
+            }
+        }
         // rustls never asks for more than it was given; bounded anyway.
         let discard = discard.min(used);
         incoming.copy_within(discard..used, 0);
@@ -305,6 +328,7 @@ fn drive<U: Unbuffered>(conn: &mut U, io: &mut (impl Read + Write)) -> io::Resul
                 return Ok(Leftovers {
                     ciphertext: incoming,
                     plaintext,
+                    unsent: outgoing[..out_used].to_vec(),
                 });
             }
             // A TLS 1.3 server may send before the client's Finished; we
@@ -373,7 +397,7 @@ pub(crate) fn handshake(setup: TlsSetup, io: &mut (impl Read + Write)) -> io::Re
                 &mut c.enable_secret_extraction
             });
             let mut conn = UnbufferedServerConnection::new(config).map_err(tls_err)?;
-            let leftovers = drive(&mut conn, io)?;
+            let leftovers = drive(&mut conn, io, true)?;
             let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
             let (secrets, kernel) = conn.dangerous_into_kernel_connection().map_err(tls_err)?;
             (Kernel::Server(kernel), secrets, leftovers, alpn)
@@ -384,7 +408,7 @@ pub(crate) fn handshake(setup: TlsSetup, io: &mut (impl Read + Write)) -> io::Re
                 &mut c.enable_secret_extraction
             });
             let mut conn = UnbufferedClientConnection::new(config, name).map_err(tls_err)?;
-            let leftovers = drive(&mut conn, io)?;
+            let leftovers = drive(&mut conn, io, false)?;
             let alpn = conn.alpn_protocol().map(<[u8]>::to_vec);
             let (secrets, kernel) = conn.dangerous_into_kernel_connection().map_err(tls_err)?;
             (Kernel::Client(kernel), secrets, leftovers, alpn)
@@ -451,7 +475,11 @@ impl Session {
             // Well before the cipher's limit (AES-GCM: 2^24.5 records),
             // as rustls does for its own connections.
             rekey_at: limit.saturating_sub(limit / 16),
-            records: Vec::new(),
+            // The handshake's held tickets go out ahead of the first record.
+            records: match self.leftovers.unsent {
+                unsent if unsent.is_empty() => Vec::new(),
+                unsent => vec![unsent],
+            },
         };
         Ok((reader, writer))
     }
@@ -921,6 +949,43 @@ mod tests {
             session.split(ours).unwrap()
         });
         (side, theirs)
+    }
+
+    #[test]
+    fn a_tls13_server_that_asks_for_certificates_sends_its_tickets_with_its_first_write() {
+        let server = crate::tls::Reloader::new(&crate::tls::ServerFiles {
+            cert: data("server.crt"),
+            key: data("server.key"),
+            client_ca: Some(data("ca.crt")),
+            alpn: vec![b"h2".to_vec()],
+        })
+        .unwrap()
+        .server_config();
+        let identity = (data("client.crt"), data("client.key"));
+        let client = crate::tls::client_config(
+            &data("ca.crt"),
+            Some((&identity.0, &identity.1)),
+            vec![b"h2".to_vec()],
+        )
+        .unwrap();
+        // The second connection resumes with a ticket the first one got.
+        for kind in [rustls::HandshakeKind::Full, rustls::HandshakeKind::Resumed] {
+            let (side, sock) = pair(TlsSetup::Server(server.clone()));
+            let name = "localhost".try_into().unwrap();
+            let conn = rustls::ClientConnection::new(client.clone(), name).unwrap();
+            let mut peer = rustls::StreamOwned::new(conn, sock);
+            peer.write_all(b"hi").unwrap();
+            peer.flush().unwrap();
+            let (mut reader, mut writer) = side.join().unwrap();
+            assert_eq!(read_exactly(&mut reader, 2), b"hi");
+            assert_eq!(peer.conn.handshake_kind(), Some(kind));
+            // The server's handshake is over and nothing has come since.
+            let fd = std::os::fd::AsRawFd::as_raw_fd(&peer.sock);
+            let waiting = crate::sys::poll_readable(&[fd], Some(Duration::ZERO)).unwrap();
+            assert_eq!(waiting, [false], "{kind:?}: sent before the first write");
+            writer.write_all(b"ok").unwrap();
+            assert_eq!(read_exactly(&mut peer, 2), b"ok");
+        }
     }
 
     #[test]

@@ -45,6 +45,8 @@ pub trait Socket: Send + Sync + 'static {
     fn write_vectored_shared(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize>;
     fn shutdown_both(&self);
     fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()>;
+    /// Sets the write timeout alone.
+    fn set_write_timeout_only(&self, write: Option<Duration>) -> io::Result<()>;
     fn peer(&self) -> String;
 }
 
@@ -70,6 +72,9 @@ impl Socket for TcpStream {
     fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
         self.set_nodelay(true)?;
         self.set_read_timeout(read)?;
+        self.set_write_timeout(write)
+    }
+    fn set_write_timeout_only(&self, write: Option<Duration>) -> io::Result<()> {
         self.set_write_timeout(write)
     }
     fn peer(&self) -> String {
@@ -100,6 +105,9 @@ impl Socket for UnixStream {
     }
     fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
         self.set_read_timeout(read)?;
+        self.set_write_timeout(write)
+    }
+    fn set_write_timeout_only(&self, write: Option<Duration>) -> io::Result<()> {
         self.set_write_timeout(write)
     }
     fn peer(&self) -> String {
@@ -229,9 +237,12 @@ impl Transport {
         // The handshake's reads are bounded by the read timeout (the HTTP
         // CONNECT frontend's header timeout) or, where reads have none (h2
         // with keepalive), by the write timeout: a silent peer cannot hold
-        // it forever.
-        sock.set_timeouts(read_timeout.or(write_timeout), write_timeout)
-            .map_err(Error::Socket)?;
+        // it forever. With a deadline, each read and write is bounded by
+        // what is left of it instead.
+        if handshake_deadline.is_none() {
+            sock.set_timeouts(read_timeout.or(write_timeout), write_timeout)
+                .map_err(Error::Socket)?;
+        }
         let handshake_err = |err| Error::Handshake {
             peer: peer.clone(),
             err,
@@ -264,7 +275,8 @@ impl Transport {
 /// A socket whose every read and write must end by `deadline`: each one
 /// gets the time that is left as its timeout, and none starts after it.
 /// For TLS handshakes (`complete_io` loops on its own while a peer
-/// trickles bytes). It leaves the last timeouts set on the socket.
+/// trickles bytes). A read waits in poll(2) for what is left, with no
+/// socket option set; a write leaves its timeout set on the socket.
 pub(crate) struct Deadline<'a, S: Socket> {
     sock: &'a S,
     deadline: Instant,
@@ -280,13 +292,12 @@ impl<'a, S: Socket> Deadline<'a, S> {
         }
     }
 
-    fn arm(&self) -> io::Result<()> {
-        let left = self.deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(Self::expired());
+    /// The time left, or the deadline's error once there is none.
+    fn left(&self) -> io::Result<Duration> {
+        match self.deadline.saturating_duration_since(Instant::now()) {
+            left if left.is_zero() => Err(Self::expired()),
+            left => Ok(left),
         }
-        let write = self.write_timeout.map_or(left, |w| w.min(left));
-        self.sock.set_timeouts(Some(left), Some(write))
     }
 
     fn expired() -> io::Error {
@@ -314,14 +325,18 @@ impl<'a, S: Socket> Deadline<'a, S> {
 
 impl<S: Socket> Read for Deadline<'_, S> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.arm()?;
-        self.check(self.sock.read_shared(buf))
+        let left = self.left()?;
+        self.check(crate::sys::read_polled(self.sock.fd(), buf, || {
+            Ok(Some(left))
+        }))
     }
 }
 
 impl<S: Socket> Write for Deadline<'_, S> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.arm()?;
+        let left = self.left()?;
+        let write = self.write_timeout.map_or(left, |w| w.min(left));
+        self.sock.set_write_timeout_only(Some(write))?;
         self.check(self.sock.write_shared(buf))
     }
 

@@ -82,10 +82,6 @@ pub fn serve(hub: &Arc<Hub>, conn: Conn, tls: Option<&Reloader>, timeouts: &Time
     let Some(mut client) = open(conn, tls, timeouts, started) else {
         return;
     };
-    if client.secure {
-        // The handshake went about 20 KiB deep; the tunnel needs a third.
-        crate::sys::trim_stack();
-    }
     let mut buf = ReadBuf::new(CHUNK);
     let Some((request, mut head)) = read_head(&mut client, &mut buf, timeouts, started) else {
         return client.finish();
@@ -94,6 +90,11 @@ pub fn serve(hub: &Arc<Hub>, conn: Conn, tls: Option<&Reloader>, timeouts: &Time
     let Some(tunnel) = dial(hub, &mut client, &request, timeouts) else {
         return client.finish();
     };
+    if client.secure {
+        // The handshake went about 20 KiB deep; the tunnel needs a third.
+        // Trimmed once the dial is answered: not on the client's wait.
+        crate::sys::trim_stack();
+    }
     let early = head.split_off(request.head_len);
     drop((request, head));
     relay(hub, client, tunnel, buf, early);
