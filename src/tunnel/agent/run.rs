@@ -10,7 +10,6 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::io::Write;
 use std::net::{Shutdown as SocketShutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
@@ -321,7 +320,7 @@ impl Stream {
                     // and nothing is queued before it; never waits.
                     let fd = dest.inner.socket.as_raw_fd();
                     let sent = dest.inner.queue.send_or(data, |data| {
-                        match crate::sys::send_now(fd, &data) {
+                        match crate::sys::send_now_realigned(fd, &data) {
                             Ok(n) if n == data.len() => None,
                             Ok(n) => Some(data.slice(n..)),
                             // The destination's reader sees the error and
@@ -556,7 +555,7 @@ impl Stream {
         let spawned = self.threads.spawn("dest-write", move || {
             let inner = &dest.inner;
             while let Pop::Item(data) = inner.queue.pop_claim(None) {
-                let written = (&*inner.socket).write_all(&data);
+                let written = crate::sys::write_all_realigned(&*inner.socket, &data);
                 inner.queue.release();
                 if written.is_err() {
                     break;

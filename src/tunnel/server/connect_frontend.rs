@@ -487,7 +487,7 @@ impl ClientOut {
             let item = self.queue.pop_claim(None);
             let go_on = match &item {
                 Pop::Item(ToFrontend::Message(Message::Data { data, .. })) => {
-                    writer.write_all(data).is_ok()
+                    crate::sys::write_all_realigned(&mut writer, data).is_ok()
                 }
                 Pop::Item(ToFrontend::Message(Message::CloseRsp { .. })) => false,
                 Pop::Item(_) => true,

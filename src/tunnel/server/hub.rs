@@ -130,7 +130,7 @@ fn write_now(fd: RawFd, item: ToFrontend) -> Option<ToFrontend> {
     else {
         return Some(item);
     };
-    match crate::sys::send_now(fd, &data) {
+    match crate::sys::send_now_realigned(fd, &data) {
         Ok(n) if n == data.len() => None,
         Ok(n) => Some(ToFrontend::Message(Message::Data {
             connect_id,
