@@ -898,6 +898,18 @@ mod tests {
         crate::tls::client_config(&data("ca.crt"), None, vec![b"h2".to_vec()]).unwrap()
     }
 
+    /// Our server config, requiring a client certificate signed by the test CA.
+    fn server_asking_for_certificates(alpn: Vec<Vec<u8>>) -> Arc<rustls::ServerConfig> {
+        crate::tls::Reloader::new(&crate::tls::ServerFiles {
+            cert: data("server.crt"),
+            key: data("server.key"),
+            client_ca: Some(data("ca.crt")),
+            alpn,
+        })
+        .unwrap()
+        .server_config()
+    }
+
     /// A peer on rustls's own buffered connection, limited to `version`.
     fn their_client(
         version: &'static rustls::SupportedProtocolVersion,
@@ -953,14 +965,7 @@ mod tests {
 
     #[test]
     fn a_tls13_server_that_asks_for_certificates_sends_its_tickets_with_its_first_write() {
-        let server = crate::tls::Reloader::new(&crate::tls::ServerFiles {
-            cert: data("server.crt"),
-            key: data("server.key"),
-            client_ca: Some(data("ca.crt")),
-            alpn: vec![b"h2".to_vec()],
-        })
-        .unwrap()
-        .server_config();
+        let server = server_asking_for_certificates(vec![b"h2".to_vec()]);
         let identity = (data("client.crt"), data("client.key"));
         let client = crate::tls::client_config(
             &data("ca.crt"),
@@ -1246,14 +1251,7 @@ mod tests {
     #[test]
     fn a_failed_handshake_tells_the_peer_why() {
         // A server that requires a client certificate, a client without.
-        let server = crate::tls::Reloader::new(&crate::tls::ServerFiles {
-            cert: data("server.crt"),
-            key: data("server.key"),
-            client_ca: Some(data("ca.crt")),
-            alpn: vec![],
-        })
-        .unwrap()
-        .server_config();
+        let server = server_asking_for_certificates(vec![]);
         let (ours, theirs) = UnixStream::pair().unwrap();
         for s in [&ours, &theirs] {
             s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
