@@ -81,7 +81,11 @@ impl<T> Inbox<T> {
     /// Stops taking items: what is queued and what the reader offers from
     /// now on is dropped, and a reader waiting for room goes on.
     pub fn close(&self) {
-        let mut state = self.lock();
+        self.close_locked(self.lock());
+    }
+
+    /// [`Inbox::close`] with the lock held already (released here).
+    fn close_locked(&self, mut state: MutexGuard<'_, State<T>>) {
         state.closed = true;
         state.draining = false;
         state.backlog.clear();
@@ -216,11 +220,7 @@ impl<T> Inbox<T> {
                 state = self.lock();
                 state.busy = false;
                 if !go_on {
-                    state.closed = true;
-                    state.draining = false;
-                    state.backlog.clear();
-                    drop(state);
-                    self.ready.notify_all();
+                    self.close_locked(state);
                     return Drained::Closed;
                 }
                 continue;
