@@ -12,7 +12,8 @@
 //! The refusals are logged at most every [`REFUSAL_LOG_INTERVAL`], with
 //! the limit and how many were refused.
 //!
-//! Owns: sockets until a connection thread takes one. Must not: speak any
+//! Owns: sockets until a connection thread takes one (with its [`Held`],
+//! which a `serve` closure may keep past its return). Must not: speak any
 //! protocol; the role's `serve` closure does.
 
 use std::collections::HashMap;
@@ -155,7 +156,24 @@ impl Drop for Listener {
 
 /// What a connection thread runs: the connection and a handle to mark it
 /// closing-allowed. It returns when the connection is done.
-pub type Serve = Arc<dyn Fn(Conn) + Send + Sync>;
+pub type Serve = Arc<dyn Fn(Conn, Held) + Send + Sync>;
+
+/// An accepted connection's place among the open connections: it counts
+/// towards the cap, and [`Listeners::close_all`] shuts its socket down,
+/// until this is dropped. The thread that serves the connection drops it
+/// when it returns, unless it hands the connection (and this) on to
+/// whatever serves it from then on.
+pub struct Held {
+    open: Arc<Open>,
+    id: u64,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        lock(&self.open.closers).remove(&self.id);
+        self.open.count.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 /// Answers a connection over the cap and closes it; must be bounded in
 /// time (it runs on one of [`REFUSERS`] threads).
@@ -436,9 +454,11 @@ struct Accepted {
 
 impl Accepted {
     fn run(self) {
-        (self.serve)(self.conn);
-        lock(&self.open.closers).remove(&self.id);
-        self.open.count.fetch_sub(1, Ordering::AcqRel);
+        let held = Held {
+            open: self.open,
+            id: self.id,
+        };
+        (self.serve)(self.conn, held);
     }
 
     /// Closes a connection that no thread can serve.

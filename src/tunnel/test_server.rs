@@ -142,7 +142,12 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), String> {
     log::info!("http-test-server listening on {}", listener.describe());
     let mut listeners = Listeners::new(1024, shutdown);
     listeners
-        .spawn("test-server", listener, Arc::new(serve), Arc::new(|| {}))
+        .spawn(
+            "test-server",
+            listener,
+            Arc::new(|conn, _held| serve(conn)),
+            Arc::new(|| {}),
+        )
         .map_err(|e| e.to_string())?;
     while !shutdown.wait_timeout(Duration::from_secs(3600)) {}
     listeners.join();

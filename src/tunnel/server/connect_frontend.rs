@@ -9,7 +9,10 @@
 //! delivering thread straight into a plaintext client's socket when it
 //! takes it at once, else through the tunnel's queue, drained by a pooled
 //! writer thread started when something first waits there ([`ClientOut`]).
-//! This thread stays for the tunnel's life and ends it.
+//! A TLS client's thread stays for the tunnel's life and ends it; a
+//! plaintext tunnel holds no thread once it is established: the thread
+//! that dialled goes back to the pool, and whoever finishes last (the pump
+//! that sees the client's end, or the writer) ends it ([`Ending`]).
 //!
 //! Owns: the connection's socket and its two halves. Must not: decide
 //! routing; the hub does.
@@ -27,7 +30,7 @@ use crate::shutdown::Latch;
 use crate::tls::Reloader;
 use crate::tunnel::ReadBuf;
 use crate::tunnel::connect::{self, ConnectRequest, ESTABLISHED};
-use crate::tunnel::listen::Conn;
+use crate::tunnel::listen::{Conn, Held};
 use crate::tunnel::message::Message;
 use crate::tunnel::queue::{Pop, Queue};
 use crate::tunnel::router::{DialFailure, FrontendKey};
@@ -71,12 +74,14 @@ pub fn status_for(reason: &DialFailure) -> u16 {
 ///
 /// Each phase is a function of its own that is never inlined, so that its
 /// locals (the request head's parse, the dial's error paths, a TLS
-/// handshake) are off the stack before the next phase runs. This thread
-/// stays for the tunnel's life as its reader, and what it once touched
-/// stays resident: with 10,000 idle tunnels, every stack page the setup
-/// touched costs 40 MiB. Its deepest path is a send to the agent that
-/// writes the agent connection's TLS records itself.
-pub fn serve(hub: &Arc<Hub>, conn: Conn, tls: Option<&Reloader>, timeouts: &Timeouts) {
+/// handshake) are off the stack before the next phase runs. For a TLS
+/// client this thread stays for the tunnel's life as its reader, and what
+/// it once touched stays resident: with 10,000 idle tunnels, every stack
+/// page the setup touched costs 40 MiB. Its deepest path is a send to the
+/// agent that writes the agent connection's TLS records itself. A
+/// plaintext client's tunnel keeps `held` (the connection counts as open)
+/// after this returns, until its [`Ending`] has run.
+pub fn serve(hub: &Arc<Hub>, conn: Conn, held: Held, tls: Option<&Reloader>, timeouts: &Timeouts) {
     // The header timeout runs from here: TLS handshake plus request head.
     let started = Instant::now();
     let Some(mut client) = open(conn, tls, timeouts, started) else {
@@ -97,7 +102,7 @@ pub fn serve(hub: &Arc<Hub>, conn: Conn, tls: Option<&Reloader>, timeouts: &Time
     }
     let early = head.split_off(request.head_len);
     drop((request, head));
-    relay(hub, client, tunnel, buf, early);
+    relay(hub, client, tunnel, buf, early, held);
 }
 
 /// A client's connection, between the phases of [`serve`].
@@ -334,13 +339,22 @@ fn dial(
 
 /// Copies bytes both ways until either side ends: `early` (bytes the client
 /// sent after its head) first. The agent stream's pump reads a plaintext
-/// client (this thread waits for it to be done), this thread a TLS one; what comes
-/// for it is written by the thread that delivers it when the socket takes
-/// it at once (plaintext clients), else by a pooled writer thread started
-/// when something first has to wait ([`ClientOut`]), or by this thread
-/// once the client is done sending.
+/// client, and this thread returns at once: the tunnel holds no thread of
+/// its own (its end is [`ClientReading::ended`]'s). This thread reads a
+/// TLS client (or a plaintext one when there is no pump). What comes for
+/// the client is written by the thread that delivers it when the socket
+/// takes it at once (plaintext clients), else by a pooled writer thread
+/// started when something first has to wait ([`ClientOut`]), or by
+/// whoever ends the reading, once the client is done sending.
 #[inline(never)]
-fn relay(hub: &Arc<Hub>, client: Client, tunnel: Tunnel, mut buf: ReadBuf, early: Vec<u8>) {
+fn relay(
+    hub: &Arc<Hub>,
+    client: Client,
+    tunnel: Tunnel,
+    mut buf: ReadBuf,
+    early: Vec<u8>,
+    held: Held,
+) {
     let Client {
         mut reader,
         writer,
@@ -371,27 +385,41 @@ fn relay(hub: &Arc<Hub>, client: Client, tunnel: Tunnel, mut buf: ReadBuf, early
         writer: std::sync::Mutex::new(Some(writer)),
         closer: Arc::from(closer),
         done: Latch::default(),
+        then: std::sync::Mutex::new(None),
     });
     hub.set_frontend_out(key, out.clone());
-    // A plaintext client is read by its agent stream's pump; this thread
-    // waits for the pump to be done with it.
-    let pumped = match secure {
-        false => hub.pump_for(key, connect_id).and_then(|pump| {
-            let reading = Arc::new(ClientReading {
-                conn: control.clone(),
-                hub: hub.clone(),
-                key,
-                connect_id,
-                ended: Latch::default(),
-            });
-            pump.add(reading.clone()).ok().map(|()| reading)
-        }),
-        true => None,
+    let ending = Ending {
+        hub: hub.clone(),
+        key,
+        out: out.clone(),
+        established,
+        held,
     };
-    if let Some(reading) = &pumped {
-        reading.ended.wait();
-    }
-    while pumped.is_none() {
+    // A plaintext client is read by its agent stream's pump.
+    let ending = match secure {
+        false => match hub.pump_for(key, connect_id) {
+            Some(pump) => {
+                let reading = Arc::new(ClientReading {
+                    conn: control.clone(),
+                    hub: hub.clone(),
+                    key,
+                    connect_id,
+                    ending: std::sync::Mutex::new(Some(ending)),
+                });
+                match pump.add(reading.clone()) {
+                    Ok(()) => return,
+                    // Not added: `ended` is not called, the ending is back.
+                    Err(_) => match reading.take_ending() {
+                        Some(ending) => ending,
+                        None => return,
+                    },
+                }
+            }
+            None => ending,
+        },
+        true => ending,
+    };
+    loop {
         match buf.read_from(&mut reader, CHUNK) {
             Ok([]) => {
                 log::debug!("CONNECT {peer}: client closed connection {connect_id}");
@@ -409,20 +437,65 @@ fn relay(hub: &Arc<Hub>, client: Client, tunnel: Tunnel, mut buf: ReadBuf, early
             }
         }
     }
-    // The client is done (or gone): close the tunnel at the agent. Data
-    // already queued for the client is still written: by this thread,
-    // unless a writer runs already.
-    hub.remove_frontend_flushing(key);
-    let writer = out.take_writer();
-    if let Some(writer) = writer {
-        out.write(writer);
-    }
+    // This thread may wait: it writes what is queued for the client itself
+    // (or waits for the writer that does) before the connection goes.
+    let out = ending.out.clone();
+    ending.run(true);
     out.done.wait();
-    hub.metrics.http_connections.add(&[], -1.0);
-    hub.metrics
-        .connection_duration
-        .observe(&[], established.elapsed().as_secs_f64());
-    (out.closer)();
+}
+
+/// What is left to do once a client is done sending (or gone), and what
+/// the connection holds until then.
+struct Ending {
+    hub: Arc<Hub>,
+    key: FrontendKey,
+    out: Arc<ClientOut>,
+    established: Instant,
+    /// The connection's place among the open ones, given up last.
+    held: Held,
+}
+
+impl Ending {
+    /// Closes the tunnel at the agent; data already queued for the client
+    /// is still written: by a writer that runs already, else here when
+    /// `may_wait` or nothing is queued (a closed, empty queue is done at
+    /// once), else by a pooled writer thread. The connection goes when the
+    /// writing is over.
+    fn run(self, may_wait: bool) {
+        let Ending {
+            hub,
+            key,
+            out,
+            established,
+            held,
+        } = self;
+        hub.remove_frontend_flushing(key);
+        if let Some(writer) = out.take_writer() {
+            // Closed (by the removal) and empty: nothing to write, and no
+            // wait for the queue either.
+            if may_wait || (out.queue.is_closed() && out.queue.is_empty()) {
+                out.write(writer);
+            } else {
+                let writing = out.clone();
+                let spawned =
+                    crate::shutdown::helpers().spawn("conn-write", move || writing.write(writer));
+                if let Err(e) = spawned {
+                    log::error!("CONNECT: starting the writer thread: {e}");
+                    out.end();
+                }
+            }
+        }
+        // Not `out` itself: this waits inside it.
+        let closer = out.closer.clone();
+        out.after_done(Box::new(move || {
+            hub.metrics.http_connections.add(&[], -1.0);
+            hub.metrics
+                .connection_duration
+                .observe(&[], established.elapsed().as_secs_f64());
+            closer();
+            drop(held);
+        }));
+    }
 }
 
 /// A plaintext client as its agent stream's pump reads it.
@@ -431,8 +504,17 @@ struct ClientReading {
     hub: Arc<Hub>,
     key: FrontendKey,
     connect_id: i64,
-    /// Set when the pump is done with the client.
-    ended: Latch,
+    /// Taken (and run) when the pump is done with the client.
+    ending: std::sync::Mutex<Option<Ending>>,
+}
+
+impl ClientReading {
+    fn take_ending(&self) -> Option<Ending> {
+        self.ending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+    }
 }
 
 impl crate::tunnel::pump::Reading for ClientReading {
@@ -445,11 +527,15 @@ impl crate::tunnel::pump::Reading for ClientReading {
             .data_from_frontend(self.key, self.connect_id, bytes)
     }
 
+    /// On the pump's thread, which must not wait on the client: what is
+    /// queued for it goes to a writer thread.
     fn ended(&self, why: &str) {
         if !why.is_empty() {
             log::debug!("CONNECT: reading connection {}: {why}", self.connect_id);
         }
-        self.ended.set();
+        if let Some(ending) = self.take_ending() {
+            ending.run(false);
+        }
     }
 }
 
@@ -465,9 +551,10 @@ struct ClientOut {
     /// when something waits in the queue, or the reader when it is done.
     writer: std::sync::Mutex<Option<Box<dyn Write + Send>>>,
     closer: Arc<dyn Fn() + Send + Sync>,
-    /// Set when the writing has ended, or will not start (the reader waits
-    /// for it before the connection goes).
+    /// Set when the writing has ended, or will not start.
     done: Latch,
+    /// Runs once `done` is set ([`ClientOut::after_done`]).
+    then: std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 impl ClientOut {
@@ -509,7 +596,31 @@ impl ClientOut {
         self.queue.close_and_clear();
         let _ = self.queue.pop_claim(None);
         (self.closer)();
-        self.done.set();
+        let then = {
+            let mut then = self.lock_then();
+            self.done.set();
+            then.take()
+        };
+        if let Some(then) = then {
+            then();
+        }
+    }
+
+    /// Runs `then` once the writing has ended: now, if it has.
+    fn after_done(&self, then: Box<dyn FnOnce() + Send>) {
+        let mut slot = self.lock_then();
+        if self.done.is_set() {
+            drop(slot);
+            then();
+        } else {
+            *slot = Some(then);
+        }
+    }
+
+    fn lock_then(&self) -> std::sync::MutexGuard<'_, Option<Box<dyn FnOnce() + Send>>> {
+        self.then
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 

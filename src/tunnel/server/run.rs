@@ -180,7 +180,7 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), Error> {
         .spawn_refusing(
             "agent",
             agent_listener,
-            Arc::new(move |conn| {
+            Arc::new(move |conn, _held| {
                 serve_grpc(
                     conn,
                     Some(&cluster),
@@ -236,7 +236,7 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), Error> {
         Mode::Grpc => {
             let server = grpc::Server::new().route(PROXY_PATH, proxy_handler(hub.clone()));
             let h2 = h2_config(config.frontend_keepalive_time);
-            Arc::new(move |conn| {
+            Arc::new(move |conn, _held| {
                 serve_grpc(conn, frontend_tls.as_ref(), &h2, &server, header_timeout)
             })
         }
@@ -252,8 +252,8 @@ pub fn run(config: &Config, shutdown: &Shutdown) -> Result<(), Error> {
                 header: config.header_timeout,
                 ..Timeouts::default()
             };
-            Arc::new(move |conn| {
-                connect_frontend::serve(&hub, conn, frontend_tls.as_ref(), &timeouts)
+            Arc::new(move |conn, held| {
+                connect_frontend::serve(&hub, conn, held, frontend_tls.as_ref(), &timeouts)
             })
         }
     };
