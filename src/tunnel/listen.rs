@@ -1,5 +1,7 @@
 //! The server's listeners: TCP or Unix sockets, one owned thread per
-//! connection, a shared cap on open connections, and the shutdown path
+//! connection (which may hand the connection on, with its [`Held`], and
+//! return: a plaintext CONNECT tunnel once its agent stream's pump reads
+//! it), a shared cap on open connections, and the shutdown path
 //! (stop accepting; on [`Listeners::close_all`], shut every socket down so
 //! that blocked reads return). A listener is held by one pooled thread at
 //! a time, its leader, which accepts a connection, hands the listener on
