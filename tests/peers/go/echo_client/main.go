@@ -97,7 +97,10 @@ func call(ctx context.Context, conn *grpc.ClientConn, mode string, msg []byte) (
 	if err != nil {
 		return nil, nil, err
 	}
-	if err := stream.SendMsg(&msg); err != nil {
+	// io.EOF: the server ended the call before taking the message (it
+	// may answer without reading, as the probe mode does); the answer
+	// and the status are RecvMsg's.
+	if err := stream.SendMsg(&msg); err != nil && err != io.EOF {
 		return nil, nil, err
 	}
 	var reply []byte
