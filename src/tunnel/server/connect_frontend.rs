@@ -476,23 +476,15 @@ impl Ending {
             if may_wait || (out.queue.is_closed() && out.queue.is_empty()) {
                 out.write(writer);
             } else {
-                let writing = out.clone();
-                let spawned =
-                    crate::shutdown::helpers().spawn("conn-write", move || writing.write(writer));
-                if let Err(e) = spawned {
-                    log::error!("CONNECT: starting the writer thread: {e}");
-                    out.end();
-                }
+                out.clone().write_elsewhere(writer);
             }
         }
-        // Not `out` itself: this waits inside it.
-        let closer = out.closer.clone();
+        // The socket was shut down when the writing ended (`ClientOut::end`).
         out.after_done(Box::new(move || {
             hub.metrics.http_connections.add(&[], -1.0);
             hub.metrics
                 .connection_duration
                 .observe(&[], established.elapsed().as_secs_f64());
-            closer();
             drop(held);
         }));
     }
@@ -606,6 +598,17 @@ impl ClientOut {
         }
     }
 
+    /// [`ClientOut::write`] on a pooled writer thread; when none can be
+    /// had, nobody can write: the connection ends (its reader wakes).
+    fn write_elsewhere(self: Arc<Self>, writer: Box<dyn Write + Send>) {
+        let out = self.clone();
+        let spawned = crate::shutdown::helpers().spawn("conn-write", move || out.write(writer));
+        if let Err(e) = spawned {
+            log::error!("CONNECT: starting the writer thread: {e}");
+            self.end();
+        }
+    }
+
     /// Runs `then` once the writing has ended: now, if it has.
     fn after_done(&self, then: Box<dyn FnOnce() + Send>) {
         let mut slot = self.lock_then();
@@ -639,13 +642,7 @@ impl super::hub::FrontendOut for ClientOut {
         let Some(writer) = self.take_writer() else {
             return; // being written already, or done
         };
-        let out = self.clone();
-        let spawned = crate::shutdown::helpers().spawn("conn-write", move || out.write(writer));
-        if let Err(e) = spawned {
-            // Nobody can write: end the connection (its reader wakes).
-            log::error!("CONNECT: starting the writer thread: {e}");
-            self.end();
-        }
+        self.write_elsewhere(writer);
     }
 }
 
