@@ -196,8 +196,15 @@ def drive(stream):
 
 class Agents(pb_grpc.AgentServiceServicer):
     def Connect(self, request_iterator, context):
-        n = next(numbers)
-        sid = server_ids[(n - 1) % len(server_ids)]
+        # Numbering and "first of its id" are decided together, before the
+        # agent sees this stream's metadata: the agent may open its next
+        # stream (a duplicate of this id) as soon as it has, and that
+        # stream's handler must not be taken for the first.
+        with lock:
+            n = next(numbers)
+            sid = server_ids[(n - 1) % len(server_ids)]
+            first_of_id = sid not in probed
+            probed.add(sid)
         md = dict(context.invocation_metadata())
         context.send_initial_metadata((("serverid", sid), ("servercount", str(server_count))))
         log(f"STREAM {n} {sid}")
@@ -222,9 +229,6 @@ class Agents(pb_grpc.AgentServiceServicer):
 
         stream = Duplex.server(P, request_iterator, watch=watch, on_end=on_end)
         context.add_callback(stream.close_send)
-        with lock:
-            first_of_id = sid not in probed
-            probed.add(sid)
         task = None
         if mode == "drive" and n == 1:
             task = (drive, "PASS drive")
