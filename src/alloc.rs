@@ -87,8 +87,9 @@ impl Default for Allocator {
 /// runs at a third of its speed on AMD Zen when the destination lies 1 to
 /// 31 bytes past the source modulo 4096 (a C reader of a Unix socket:
 /// 2.0-2.8 GB/s of its CPU there, 5.6-7.9 at 0, 33 to 64 or 4080), and
-/// socket data sits in page fragments that mostly start a page: a buffer that starts 16 bytes into a page (where dlmalloc
-/// puts a fresh chunk's memory, after its header) met that at every read.
+/// socket data sits in page fragments that mostly start a page: a buffer
+/// that starts 16 bytes into a page (where dlmalloc puts a fresh chunk's
+/// memory, after its header) met that at every read.
 /// proxy-server read its gRPC clients' Unix sockets into a buffer at page
 /// offset 16 on every read in instrumented runs, and the agent its TLS
 /// link the same way. Smaller allocations (TLS records, frames, messages)

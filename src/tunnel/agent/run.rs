@@ -110,7 +110,8 @@ struct DestInner {
     queue: Queue<Bytes>,
     /// Whether the writer thread was started: only when something had to
     /// be queued (most data is written by the stream's reader at once),
-    /// so an idle or quiet destination holds one thread, its reader.
+    /// so an idle or quiet destination holds no thread of its own (the
+    /// stream's pump reads it).
     writer_started: Mutex<bool>,
     /// Shared with the destination's reader and writer threads (one
     /// descriptor per destination).

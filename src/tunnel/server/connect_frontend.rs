@@ -540,7 +540,7 @@ struct ClientOut {
     direct: Option<Conn>,
     queue: Queue<ToFrontend>,
     /// The writer half, until a thread takes it to write: a pooled one
-    /// when something waits in the queue, or the reader when it is done.
+    /// when something waits in the queue, or the tunnel's [`Ending`].
     writer: std::sync::Mutex<Option<Box<dyn Write + Send>>>,
     closer: Arc<dyn Fn() + Send + Sync>,
     /// Set when the writing has ended, or will not start.

@@ -40,8 +40,8 @@ pub enum ToFrontend {
 /// A frontend's writing side as the threads that deliver to it see it,
 /// once its tunnel is established ([`Hub::set_frontend_out`]): its writer
 /// thread starts only when something must wait in its queue, so an idle
-/// tunnel holds one thread (its reader), and data for a plaintext client
-/// goes from the delivering thread straight to the client's socket.
+/// tunnel holds no writer thread, and data for a plaintext client goes
+/// from the delivering thread straight to the client's socket.
 pub trait FrontendOut: Send + Sync {
     /// The client's plaintext socket, written to without waiting (and only
     /// when nothing is queued or being written); None: every item queues.
@@ -435,8 +435,9 @@ impl Hub {
             }
             (link, state.router.remove_agent(key))
         };
-        // Its pump lets its clients go (their threads end their tunnels);
-        // outside the hub's lock, which the pump's thread may be taking.
+        // Its pump lets its clients go (each reading's end closes its
+        // tunnel, here); outside the hub's lock, which those ends and the
+        // pump's thread take.
         if let Some(link) = link {
             link.pump.stop();
         }
